@@ -1,0 +1,123 @@
+"""Chat data for causal-LM fine-tuning: render with the tokenizer's chat template, train on assistant tokens.
+
+Assistant spans are found by rendering the conversation up to each assistant turn, so any chat template
+works without `{% generation %}` markers; tokens are marked as targets through the tokenizer's character
+offsets, never by comparing token ids with pad or eos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from recipes.core.data import DataError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizeStats:
+    samples: int = 0
+    truncated: int = 0
+    dropped_without_targets: int = 0
+
+
+def check_messages(messages: Any, row: int) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"row {row}: 'messages' must be a non-empty list of {{role, content}} dicts, got {messages!r:.120}")
+    for turn in messages:
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise DataError(
+                f"row {row}: every message needs string 'role' and 'content' keys, got {turn!r:.120}; "
+                "format each turn as {\"role\": \"user\" | \"assistant\" | \"system\", \"content\": \"...\"}"
+            )
+    if not any(turn["role"] == "assistant" for turn in messages):
+        raise DataError(f"row {row}: the conversation has no assistant turn, so there is nothing to train on")
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of every assistant reply in it."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise DataError(
+                "the tokenizer's chat template renders a conversation differently from its prefixes, so the "
+                "assistant tokens cannot be located; use a template that renders turns incrementally"
+            )
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def tokenize_conversation(tokenizer: Any, messages: list[dict], max_seq_length: int) -> tuple[list[int], list[int], bool]:
+    """input_ids, labels (IGNORE_INDEX outside assistant replies) and whether truncation happened."""
+    text, spans = assistant_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [
+        token if any(start <= first < end for start, end in spans) else IGNORE_INDEX
+        for token, (first, _) in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
+    truncated = len(ids) > max_seq_length
+    return ids[:max_seq_length], labels[:max_seq_length], truncated
+
+
+def tokenize_batch(batch: dict[str, list], indices: list[int], tokenizer: Any, max_seq_length: int, column: str) -> dict:
+    """datasets.map(batched=True) body: adds input_ids, labels, num_targets, truncated."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "num_targets": [], "truncated": []}
+    for row, messages in zip(indices, batch[column], strict=True):
+        check_messages(messages, row)
+        ids, labels, truncated = tokenize_conversation(tokenizer, messages, max_seq_length)
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["num_targets"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
+        out["truncated"].append(truncated)
+    return out
+
+
+def tokenize_dataset(data: Any, tokenizer: Any, max_seq_length: int, column: str = "messages") -> tuple[Any, TokenizeStats]:
+    """Tokenise a split; samples whose targets were all truncated away are dropped and counted."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "the tokenizer has no chat template, so chat data cannot be rendered; use an instruct/chat "
+            "checkpoint or set tokenizer.chat_template before saving the tokenizer"
+        )
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("a fast tokenizer is needed to locate assistant tokens (offset mapping); load one with use_fast=True")
+    tokenized = data.map(
+        tokenize_batch,
+        batched=True,
+        with_indices=True,
+        remove_columns=data.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length, "column": column},
+        desc="Tokenizing",
+    )
+    stats = TokenizeStats(samples=len(tokenized), truncated=sum(tokenized["truncated"]))
+    kept = tokenized.filter(lambda n: n > 0, input_columns="num_targets")
+    stats.dropped_without_targets = len(tokenized) - len(kept)
+    return kept.remove_columns("truncated"), stats
+
+
+class PadCollator:
+    """Right-pads a list of tokenised samples to the longest one; padding is never a target."""
+
+    def __init__(self, pad_token_id: int | None):
+        self.pad_token_id = 0 if pad_token_id is None else pad_token_id
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            input_ids[i, :n] = torch.tensor(s["input_ids"])
+            labels[i, :n] = torch.tensor(s["labels"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,48 @@
+"""What a run leaves behind to check it against its plan: plan.json, metrics.jsonl, config.yaml."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from recipes.core.config import save_config
+
+
+class RunRecords:
+    """Writes the run records; only the main process writes, the others hold a no-op instance."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool):
+        self.dir = Path(output_dir)
+        self.enabled = enabled
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # A new run starts a new metrics file rather than appending to an old run's.
+            (self.dir / "metrics.jsonl").write_text("")
+
+    def write_config(self, config: Any) -> None:
+        if self.enabled:
+            save_config(config, self.dir / "config.yaml")
+
+    def write_plan(self, plan: dict) -> None:
+        if self.enabled:
+            (self.dir / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

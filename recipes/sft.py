@@ -1,0 +1,203 @@
+"""Supervised fine-tuning of a causal LM on chat data, on any topology `accelerate launch` sets up.
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/sft.py \
+        --config recipes/configs/sft_smollm2.yaml [--field value ...]
+
+Loss is on assistant tokens only, averaged over all target tokens of an optimizer step on all ranks, so
+gradient accumulation and data parallelism give exactly the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+from recipes.core.accumulation import accumulation_windows, backward_scale, per_sample_token_loss, summed_token_loss
+from recipes.core.chat import PadCollator, tokenize_dataset
+from recipes.core.config import TrainingConfig, field, parse_config
+from recipes.core.data import first_n, load_split, require_columns
+from recipes.core.optim import make_optimizer
+from recipes.core.records import RunRecords
+from recipes.core.runtime import init_distributed, make_accelerator, resolve_gradient_accumulation
+from recipes.core.steps import make_plan
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    messages_column: str = field("messages", "Column holding a list of {role, content} chat turns.")
+    max_seq_length: int = field(512, "Tokens per sample after the chat template; longer samples are truncated.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(SFTConfig, argv)
+
+    # ---------------------------------------------------------------- compute
+    state = init_distributed()
+    ga = resolve_gradient_accumulation(
+        cfg.gradient_accumulation_steps, cfg.global_batch_size, cfg.per_device_train_batch_size, state.num_processes
+    )
+    accelerator = make_accelerator(ga, cfg.mixed_precision)
+    set_seed(cfg.seed)
+    records = RunRecords(cfg.output_dir, enabled=accelerator.is_main_process)
+    log = accelerator.print
+
+    # ---------------------------------------------------------------- data
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    with accelerator.main_process_first():  # rank 0 tokenises and caches; the others read the cache
+        train_set, eval_set, train_stats = load_data(cfg, tokenizer)
+    log(
+        f"train samples: {len(train_set)} ({train_stats.truncated} truncated to {cfg.max_seq_length} tokens, "
+        f"{train_stats.dropped_without_targets} dropped with no assistant token left)"
+    )
+    collate = PadCollator(tokenizer.pad_token_id)
+    train_loader = DataLoader(
+        train_set, batch_size=cfg.per_device_train_batch_size, shuffle=True, collate_fn=collate,
+        drop_last=cfg.dataloader_drop_last, num_workers=cfg.dataloader_num_workers,
+    )
+    eval_loader = (
+        DataLoader(eval_set, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate) if eval_set else None
+    )
+
+    # ---------------------------------------------------------------- model and optimizer
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model_name_or_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+    )
+    optimizer = make_optimizer(model, cfg)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+
+    # ---------------------------------------------------------------- plan and schedule
+    plan = make_plan(
+        num_samples=len(train_set), world_size=accelerator.num_processes,
+        micro_batch_size=cfg.per_device_train_batch_size, gradient_accumulation_steps=ga,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
+        warmup_ratio=cfg.warmup_ratio, learning_rate=cfg.learning_rate, drop_last=cfg.dataloader_drop_last,
+        tokens_per_sample=sum(train_set["num_targets"]) / len(train_set),
+    )
+    if len(train_loader) != plan.batches_per_epoch_per_rank:
+        raise RuntimeError(
+            f"plan expects {plan.batches_per_epoch_per_rank} batches per rank, the prepared dataloader has "
+            f"{len(train_loader)}: the step arithmetic does not match this Accelerate version"
+        )
+    # Kept out of accelerator.prepare: a prepared scheduler steps once per process per optimizer step.
+    scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_optimizer_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    records.write_config(cfg)
+    records.write_plan(plan.to_dict())
+    log(plan.summary())
+
+    # ---------------------------------------------------------------- train
+    def evaluate(step: int) -> None:
+        if eval_loader is None:
+            return
+        eval_loss = evaluate_loss(accelerator, model, eval_loader)
+        records.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
+        log(f"step {step}: eval_loss {eval_loss:.4f}")
+
+    evaluate(step=0)
+    step, model_dp = 0, accelerator.num_processes
+    progress = tqdm(total=plan.total_optimizer_steps, disable=not accelerator.is_main_process, desc="train")
+    for epoch in range(plan.num_epochs):
+        train_loader.set_epoch(epoch)
+        for window_index, window in enumerate(accumulation_windows(train_loader, ga)):
+            started = time.perf_counter()
+            window_tokens = accelerator.reduce(
+                torch.stack([b["labels"][:, 1:].ne(-100).sum() for b in window]).sum(), reduction="sum"
+            ).item()
+            lr = scheduler.get_last_lr()[0]
+            # Align Accelerate's counter so that the window's last micro-batch, and only it, syncs.
+            accelerator.step = ga - len(window)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            grad_norm = None
+            for batch in window:
+                with accelerator.accumulate(model):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    summed, _ = summed_token_loss(logits, batch["labels"])
+                    accelerator.backward(summed * backward_scale(window_tokens, model_dp, ga))
+                    loss_sum += summed.detach()
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+            scheduler.step()
+            step += 1
+            loss = accelerator.reduce(loss_sum, reduction="sum").item() / window_tokens
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if step % cfg.logging_steps == 0 or step == plan.total_optimizer_steps:
+                records.log({
+                    "step": step, "epoch": round(epoch + (window_index + 1) / plan.optimizer_steps_per_epoch, 4),
+                    "lr": lr, "loss": loss, "grad_norm": _scalar(grad_norm), "tokens": window_tokens,
+                    "step_time": time.perf_counter() - started,
+                })
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step != plan.total_optimizer_steps:
+                evaluate(step)
+            if step == plan.total_optimizer_steps:
+                break
+    progress.close()
+    evaluate(step)
+
+    # ---------------------------------------------------------------- save
+    final_dir = f"{cfg.output_dir}/final"
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    accelerator.unwrap_model(model).save_pretrained(
+        final_dir, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+        save_function=accelerator.save, safe_serialization=True,
+    )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(final_dir)
+    accelerator.wait_for_everyone()
+    log(f"fine-tuned model saved to {final_dir}")
+    accelerator.end_training()
+
+
+def load_data(cfg: SFTConfig, tokenizer) -> tuple:
+    """Tokenised train and eval splits (eval is None when eval_split is null) and the train stats."""
+    train_raw = first_n(load_split(cfg.dataset_name, cfg.train_split, cfg.dataset_config_name), cfg.max_train_samples)
+    require_columns(train_raw, [cfg.messages_column], f"split {cfg.train_split!r} of {cfg.dataset_name}")
+    train_set, stats = tokenize_dataset(train_raw, tokenizer, cfg.max_seq_length, cfg.messages_column)
+    eval_set = None
+    if cfg.eval_split:
+        eval_raw = first_n(load_split(cfg.dataset_name, cfg.eval_split, cfg.dataset_config_name), cfg.max_eval_samples)
+        require_columns(eval_raw, [cfg.messages_column], f"split {cfg.eval_split!r} of {cfg.dataset_name}")
+        eval_set, _ = tokenize_dataset(eval_raw, tokenizer, cfg.max_seq_length, cfg.messages_column)
+    return train_set, eval_set, stats
+
+
+def plan_inputs(cfg: SFTConfig) -> tuple[int, float]:
+    """Training samples and mean target tokens per sample, exactly as the run will count them."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    train_set, _, _ = load_data(cfg, tokenizer)
+    return len(train_set), sum(train_set["num_targets"]) / len(train_set)
+
+
+@torch.no_grad()
+def evaluate_loss(accelerator, model, loader) -> float:
+    """Token-averaged loss over the whole eval split; duplicates from uneven sharding are dropped."""
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    for batch in loader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses, counts = per_sample_token_loss(logits, batch["labels"])
+        losses, counts = accelerator.gather_for_metrics((losses, counts))
+        total_loss += losses.sum().item()
+        total_tokens += counts.sum().item()
+    model.train()
+    return total_loss / total_tokens
+
+
+def _scalar(value) -> float | None:
+    return None if value is None else float(value)
+
+
+if __name__ == "__main__":
+    main()
