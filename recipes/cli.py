@@ -1,6 +1,8 @@
 """`recipes` command: plan a run before launching it, and prepare the default models.
 
     recipes plan --config recipes/configs/sft_smollm2.yaml --num-processes 16 [--num-samples N] [--json]
+    recipes plan ... [--accelerate-config A] [--deepspeed-config D] [--gpu H100-SXM] [--calibrate K]
+    recipes doctor --accelerate-config A [--deepspeed-config D] [--config R] [--hostfile H]
     recipes prepare [--model NAME]
 """
 
@@ -28,10 +30,27 @@ def main(argv: list[str] | None = None) -> int:
     plan = commands.add_parser("plan", help="print the step, batch and schedule plan of a recipe config")
     plan.add_argument("--config", required=True, help="recipe YAML")
     plan.add_argument("--recipe", choices=sorted(RECIPES), help="recipe the config is for (default: from the file name)")
-    plan.add_argument("--num-processes", type=int, default=1, help="world size (total processes over all machines)")
+    plan.add_argument(
+        "--num-processes", type=int, help="world size (default: from --accelerate-config, else 1)"
+    )
     plan.add_argument("--num-samples", type=int, help="plan for this many training samples instead of reading the data")
     plan.add_argument("--tokens-per-sample", type=float, help="mean target tokens per sample, with --num-samples")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--accelerate-config", help="accelerate YAML: world size, machines, DeepSpeed config")
+    plan.add_argument("--deepspeed-config", help="DeepSpeed JSON (default: the one the accelerate config names)")
+    plan.add_argument("--gpu", help="accelerator for wall clock and memory fit, e.g. H100-SXM, A100-80GB, CPU")
+    plan.add_argument("--utilization", type=float, help="fraction of dense peak FLOP/s reached (default 0.4)")
+    plan.add_argument("--seq-len", type=float, help="mean tokens per sequence processed (default: max_seq_length)")
+    plan.add_argument("--calibrate", type=int, metavar="K", help="time K real steps here and extrapolate")
+
+    doctor = commands.add_parser("doctor", help="check that accelerate, DeepSpeed and recipe configs agree")
+    doctor.add_argument("--accelerate-config", required=True, help="accelerate YAML")
+    doctor.add_argument("--deepspeed-config", help="DeepSpeed JSON (default: the one the accelerate config names)")
+    doctor.add_argument("--config", help="recipe YAML")
+    doctor.add_argument("--recipe", choices=sorted(RECIPES), help="recipe the config is for (default: from the file name)")
+    doctor.add_argument("--hostfile", help="DeepSpeed hostfile (hostname slots=N per line)")
+    doctor.add_argument("--gpu", help="accelerator the run targets, to check its precision support")
+    doctor.add_argument("--num-samples", type=int, help="training samples, for the checks that need the epoch length")
 
     prepare = commands.add_parser("prepare", help="fetch and convert the default models into .cache/models")
     prepare.add_argument("--model", action="append", help="model name (repeatable); default: all")
@@ -41,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plan":
             return _plan(args, overrides)
+        if args.command == "doctor" and not overrides:
+            return _doctor(args)
         if overrides:
             parser.error(f"unrecognized arguments: {' '.join(overrides)}")
         return _prepare(args)
@@ -58,18 +79,77 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
         num_samples, tokens_per_sample = args.num_samples, args.tokens_per_sample
     else:
         num_samples, tokens_per_sample = module.plan_inputs(cfg)
+    from recipes.core.topology import read_topology
+
+    topology = read_topology(args.accelerate_config, args.deepspeed_config)
     plan = make_plan(
-        num_samples=num_samples, world_size=args.num_processes, micro_batch_size=cfg.per_device_train_batch_size,
+        num_samples=num_samples, world_size=args.num_processes or topology.world_size,
+        pipeline_stages=topology.pipeline_stages, micro_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, global_batch_size=cfg.global_batch_size,
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
         warmup_ratio=cfg.warmup_ratio, learning_rate=cfg.learning_rate, drop_last=cfg.dataloader_drop_last,
         tokens_per_sample=tokens_per_sample,
     )
+    estimate = _estimate(args, cfg, module, plan.to_dict(), topology, overrides)
     if args.json:
-        print(json.dumps(plan.to_dict()))
+        print(json.dumps({**plan.to_dict(), **({"estimate": estimate} if estimate else {})}))
     else:
         print(plan_table(plan.to_dict()))
+        if estimate:
+            from recipes.core.estimate import estimate_table
+
+            print("\n" + estimate_table(estimate))
     return 0
+
+
+def _estimate(args, cfg, module, plan: dict, topology, overrides: list[str]) -> dict | None:
+    """Compute, time and memory estimate; skipped with a note when the model config cannot be read."""
+    from recipes.core.calibrate import calibrate
+    from recipes.core.estimate import DEFAULT_UTILIZATION, estimate_run, model_shape
+    from recipes.core.hardware import get_device
+
+    asked = args.gpu or args.accelerate_config or args.deepspeed_config or args.calibrate
+    try:
+        shape = model_shape(cfg.model_name_or_path, cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        if asked:
+            raise ConfigError(f"cannot read the model config of {cfg.model_name_or_path!r}: {err}") from None
+        print(f"note: no compute/memory estimate, cannot read the model config of {cfg.model_name_or_path!r}", file=sys.stderr)
+        return None
+    seq_len = args.seq_len or getattr(cfg, "max_seq_length", None) or getattr(cfg, "max_length", None)
+    if not seq_len:
+        raise ConfigError("pass --seq-len (mean tokens per sequence) for the compute estimate")
+    estimate = estimate_run(
+        plan, shape, topology.deepspeed_precision or {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision),
+        seq_len, zero_stage=topology.zero_stage, offload_optimizer=topology.offload_optimizer,
+        offload_param=topology.offload_param, device=get_device(args.gpu) if args.gpu else None,
+        utilization=args.utilization or DEFAULT_UTILIZATION,
+    )
+    estimate["seq_len_source"] = "--seq-len" if args.seq_len else "max_seq_length, an upper bound (--seq-len for the mean)"
+    if args.calibrate:
+        estimate.update(calibrate(
+            module.__file__, args.config, overrides, args.calibrate, plan, accelerate_config=args.accelerate_config,
+        ))
+    return estimate
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from recipes.core.doctor import diagnose, report
+
+    fields = defaults = None
+    if args.config:
+        module_name, class_name = RECIPES[args.recipe or _recipe_from_filename(args.config)]
+        config_class = getattr(importlib.import_module(module_name), class_name)
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        defaults = dataclasses.asdict(config_class())
+    findings = diagnose(
+        args.accelerate_config, args.deepspeed_config, args.config, fields, defaults, args.hostfile, args.gpu,
+        args.num_samples,
+    )
+    print(report(findings) if findings else "doctor: no problems found")
+    return 1 if findings else 0
 
 
 def plan_table(plan: dict) -> str:

@@ -23,6 +23,8 @@ from recipes.core.accumulation import accumulation_windows, backward_scale, per_
 from recipes.core.chat import PadCollator, tokenize_dataset
 from recipes.core.config import TrainingConfig, field, parse_config
 from recipes.core.data import first_n, load_split, require_columns
+from recipes.core.doctor import preflight
+from recipes.core.errors import run_recipe
 from recipes.core.optim import make_optimizer
 from recipes.core.records import RunRecords
 from recipes.core.runtime import init_distributed, make_accelerator, resolve_gradient_accumulation
@@ -40,10 +42,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- compute
     state = init_distributed()
+    preflight(cfg, state.num_processes)  # the doctor's checks: a bad config combination fails here, in seconds
     ga = resolve_gradient_accumulation(
         cfg.gradient_accumulation_steps, cfg.global_batch_size, cfg.per_device_train_batch_size, state.num_processes
     )
-    accelerator = make_accelerator(ga, cfg.mixed_precision)
+    accelerator = make_accelerator(
+        ga, cfg.mixed_precision, max_grad_norm=cfg.max_grad_norm, micro_batch_size=cfg.per_device_train_batch_size
+    )
     set_seed(cfg.seed)
     records = RunRecords(cfg.output_dir, enabled=accelerator.is_main_process)
     log = accelerator.print
@@ -143,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             if step == plan.total_optimizer_steps:
                 break
     progress.close()
+    records.log({"step": step, "lr_after_training": scheduler.get_last_lr()[0]})
     evaluate(step)
 
     # ---------------------------------------------------------------- save
@@ -200,4 +206,4 @@ def _scalar(value) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

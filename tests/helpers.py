@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,7 @@ def launch(
         cmd = [sys.executable, str(REPO / script), *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / accelerate_config)]
+        cmd += ["--main_process_port", str(free_port())]  # tests may run next to other launches
         if num_processes is not None:
             cmd += ["--num_processes", str(num_processes)]
         cmd += [str(REPO / script), *args]
@@ -85,6 +87,12 @@ def launch(
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def offline_env() -> dict:

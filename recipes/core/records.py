@@ -11,11 +11,16 @@ from recipes.core.config import save_config
 
 
 class RunRecords:
-    """Writes the run records; only the main process writes, the others hold a no-op instance."""
+    """Writes the run records; only the main process writes, the others hold a no-op instance.
 
-    def __init__(self, output_dir: str | Path, enabled: bool):
+    Given an Accelerator with trackers (see core/tracking.py), each record's numbers also go to them,
+    logged at the record's optimizer step.
+    """
+
+    def __init__(self, output_dir: str | Path, enabled: bool, accelerator: Any = None):
         self.dir = Path(output_dir)
         self.enabled = enabled
+        self.accelerator = accelerator
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
             # A new run starts a new metrics file rather than appending to an old run's.
@@ -33,6 +38,10 @@ class RunRecords:
         if self.enabled:
             with open(self.dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+            if self.accelerator is not None and self.accelerator.log_with:
+                numbers = {k: _plain(v) for k, v in record.items() if k != "step" and v is not None}
+                numbers = {k: v for k, v in numbers.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                self.accelerator.log(numbers, step=record.get("step"))
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:

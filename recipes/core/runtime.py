@@ -12,6 +12,8 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import GradientAccumulationPlugin
 
+from recipes.core.config import ConfigError
+from recipes.core.deepspeed_support import apply_recipe_values
 from recipes.core.steps import gradient_accumulation_for
 
 
@@ -36,23 +38,48 @@ def resolve_gradient_accumulation(
     gradient_accumulation_steps: int, global_batch_size: int | None, micro_batch_size: int, dp_size: int
 ) -> int:
     if global_batch_size:
-        return gradient_accumulation_for(global_batch_size, micro_batch_size, dp_size)
+        try:
+            return gradient_accumulation_for(global_batch_size, micro_batch_size, dp_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     return gradient_accumulation_steps
 
 
-def make_accelerator(gradient_accumulation_steps: int, mixed_precision: str, **kwargs) -> Accelerator:
+def make_accelerator(
+    gradient_accumulation_steps: int,
+    mixed_precision: str,
+    *,
+    max_grad_norm: float | None = None,
+    micro_batch_size: int | None = None,
+    **kwargs,
+) -> Accelerator:
     """An Accelerator whose accumulation the recipe drives window by window.
 
     sync_with_dataloader is off because the recipe reads each accumulation window ahead (to count its
     tokens); the end-of-dataloader flag would otherwise force a sync on every micro-batch of the last
     window. The recipe aligns `accelerator.step` at the start of each window instead.
+
+    Under DeepSpeed the recipe's accumulation, clipping (max_grad_norm), micro batch and precision are
+    written into the DeepSpeed config, whose "auto" entries Accelerate would otherwise fill on its own.
     """
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not has_gpu() and not using_deepspeed(),
         mixed_precision=mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=gradient_accumulation_steps, sync_with_dataloader=False
         ),
-        dataloader_config=DataLoaderConfiguration(split_batches=False, even_batches=True),
+        dataloader_config=DataLoaderConfiguration(split_batches=False, even_batches=True, use_seedable_sampler=True),
         **kwargs,
     )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        apply_recipe_values(
+            plugin.deepspeed_config,
+            config_file=os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "(from the accelerate config)"),
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            max_grad_norm=max_grad_norm,
+            micro_batch_size=micro_batch_size,
+            world_size=accelerator.num_processes,
+            mixed_precision=mixed_precision,
+        )
+    return accelerator

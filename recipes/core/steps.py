@@ -85,8 +85,9 @@ def linear_warmup_decay_lr(step: int, peak_lr: float, warmup_steps: int, total_s
     the peak is reached by step `warmup_steps + 1`. Past the last step the value is 0.
     """
     done = step - 1
+    # Same operation order as transformers' lambda times the base LR, so values match bit for bit.
     if done < warmup_steps:
-        return peak_lr * done / max(1, warmup_steps)
+        return peak_lr * (done / max(1, warmup_steps))
     return peak_lr * max(0.0, (total_steps - done) / max(1, total_steps - warmup_steps))
 
 

@@ -1,0 +1,313 @@
+"""Compute, time and memory estimates of a run, before it starts.
+
+Everything but `model_shape` is a pure function of numbers. `model_shape` reads only the model's
+config and builds the model on the meta device, so a 70B model is counted in seconds without weights.
+
+Formulas (printed with every estimate, so nobody has to guess which one was used):
+- training FLOPs = 6 x N x D + 12 x n_layer x d_attn x seq_len x D  (N non-embedding parameters,
+  D processed tokens; the second term is attention scores and their use, forward + backward,
+  as in PaLM, Chowdhery et al. 2022, appendix B)
+- wall clock = FLOPs / (devices x dense peak FLOP/s x utilisation)
+- model states per device (ZeRO paper, Rajbhandari et al. 2019): mixed-precision Adam keeps 2 bytes of
+  16-bit parameters + 2 bytes of 16-bit gradients + 12 bytes of fp32 master weights, momentum and
+  variance per parameter; fp32 training 4 + 4 + 8. Stage 1 partitions the optimizer states over the
+  data-parallel ranks, stage 2 also the gradients, stage 3 also the parameters; offloaded parts
+  leave the device.
+- activations per device = n_layer x s x b x h x (34 + 5 x a x s / h) bytes for 16-bit activations,
+  x2 for fp32 (Korthikanti et al. 2022, no recomputation), + 4 x s x b x V for the fp32 logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+FLOPS_FORMULA = "6 x non-embedding params x tokens + 12 x layers x attention dim x seq len x tokens"
+MEMORY_FORMULA = (
+    "ZeRO accounting: bf16/fp16 2 (params) + 2 (grads) + 12 (fp32 Adam states) bytes/param, fp32 4 + 4 + 8; "
+    "stage 1 splits optimizer states, 2 also grads, 3 also params over data-parallel ranks"
+)
+ACTIVATION_FORMULA = "layers x s x b x h x (34 + 5 a s / h) bytes (x2 in fp32) + 4 s b V (fp32 logits)"
+DEFAULT_UTILIZATION = 0.4  # model FLOPs utilisation of a well-tuned dense training job on GPUs
+
+# bytes per parameter: (parameters, gradients, optimizer states) for Adam
+STATE_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12), "fp16": (2, 2, 12)}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    total_params: int
+    embedding_params: int  # token and position embeddings, plus the output head when it is not tied
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    attention_dim: int  # query heads x head dim
+    vocab_size: int
+
+    @property
+    def non_embedding_params(self) -> int:
+        return self.total_params - self.embedding_params
+
+
+def model_shape(model_name_or_path: str, trust_remote_code: bool = False) -> ModelShape:
+    """Parameter counts of a Hub id or local model directory from its config alone."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    return shape_from_config(config, trust_remote_code)
+
+
+def shape_from_config(config, trust_remote_code: bool = False) -> ModelShape:
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation, no download
+        archs = getattr(config, "architectures", None) or []
+        # An encoder checkpoint (no *ForCausalLM architecture) is counted without an LM head it never had.
+        causal = not archs or any(arch.endswith("ForCausalLM") for arch in archs)
+        try:
+            model = (AutoModelForCausalLM if causal else AutoModel).from_config(
+                config, trust_remote_code=trust_remote_code
+            )
+        except ValueError:
+            model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    params = {id(p): p for p in model.parameters()}
+    embedding = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and id(head.weight) in params:
+        embedding[id(head.weight)] = head.weight  # counted once when tied to the input embeddings
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return ModelShape(
+        total_params=sum(p.numel() for p in params.values()),
+        embedding_params=sum(p.numel() for p in embedding.values()),
+        num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        num_heads=heads,
+        attention_dim=heads * head_dim,
+        vocab_size=text.vocab_size,
+    )
+
+
+def training_flops(shape: ModelShape, tokens: float, seq_len: float) -> float:
+    """FLOPs of forward + backward over `tokens` processed tokens in sequences of `seq_len`."""
+    return (
+        6 * shape.non_embedding_params * tokens
+        + 12 * shape.num_layers * shape.attention_dim * seq_len * tokens
+    )
+
+
+def wall_clock_seconds(flops: float, num_devices: int, peak_flops: float, utilization: float) -> float:
+    if not 0 < utilization <= 1:
+        raise ValueError(f"utilization must be in (0, 1], got {utilization}")
+    return flops / (num_devices * peak_flops * utilization)
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """Bytes per device (the `offloaded_*` parts live in host RAM or NVMe instead)."""
+
+    parameters: float
+    gradients: float
+    optimizer_states: float
+    activations: float
+    offloaded: float
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer_states + self.activations
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def model_state_bytes(
+    num_params: int,
+    dp_size: int,
+    zero_stage: int,
+    precision: str,
+    offload_optimizer: str | None = None,
+    offload_param: str | None = None,
+) -> tuple[float, float, float, float]:
+    """(parameters, gradients, optimizer states, offloaded) bytes per device for Adam under ZeRO."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    param_b, grad_b, optim_b = STATE_BYTES[precision]
+    params = param_b * num_params / (dp_size if zero_stage >= 3 else 1)
+    grads = grad_b * num_params / (dp_size if zero_stage >= 2 else 1)
+    optim = optim_b * num_params / (dp_size if zero_stage >= 1 else 1)
+    offloaded = 0.0
+    if offload_optimizer in ("cpu", "nvme"):
+        offloaded, optim = offloaded + optim, 0.0
+    if offload_param in ("cpu", "nvme") and zero_stage == 3:
+        offloaded, params = offloaded + params, 0.0
+    return params, grads, optim, offloaded
+
+
+def activation_bytes(shape: ModelShape, micro_batch_size: int, seq_len: float, precision: str) -> float:
+    s, b, h, a = seq_len, micro_batch_size, shape.hidden_size, shape.num_heads
+    per_layer = s * b * h * (34 + 5 * a * s / h) * (2 if precision == "fp32" else 1)
+    return shape.num_layers * per_layer + 4 * s * b * shape.vocab_size
+
+
+def device_memory(
+    shape: ModelShape,
+    dp_size: int,
+    zero_stage: int,
+    precision: str,
+    micro_batch_size: int,
+    seq_len: float,
+    offload_optimizer: str | None = None,
+    offload_param: str | None = None,
+) -> DeviceMemory:
+    params, grads, optim, offloaded = model_state_bytes(
+        shape.total_params, dp_size, zero_stage, precision, offload_optimizer, offload_param
+    )
+    return DeviceMemory(
+        params, grads, optim, activation_bytes(shape, micro_batch_size, seq_len, precision), offloaded
+    )
+
+
+def fit_warning(memory: DeviceMemory, device_name: str, device_bytes: float, zero_stage: int) -> str | None:
+    """None when the estimate fits on the device, else what to change."""
+    if memory.total <= device_bytes:
+        return None
+    hint = f"a higher ZeRO stage (now {zero_stage})" if zero_stage < 3 else "offloading to CPU"
+    return (
+        f"does not fit: needs {memory.total / 1e9:.1f} GB per device, a {device_name} has "
+        f"{device_bytes / 1e9:.0f} GB; use {hint}, more data-parallel devices, a smaller "
+        "per_device_train_batch_size or max_seq_length, or gradient checkpointing"
+    )
+
+
+def estimate_run(
+    plan: dict,
+    shape: ModelShape,
+    precision: str,
+    seq_len: float,
+    *,
+    zero_stage: int = 0,
+    offload_optimizer: str | None = None,
+    offload_param: str | None = None,
+    device=None,
+    utilization: float = DEFAULT_UTILIZATION,
+) -> dict:
+    """Tokens, FLOPs, wall clock (with a `hardware.Device`) and per-device memory of a plan."""
+    tokens = plan["samples_per_step"] * plan["total_optimizer_steps"] * seq_len
+    flops = training_flops(shape, tokens, seq_len)
+    memory = device_memory(
+        shape,
+        plan["data_parallel_size"],
+        zero_stage,
+        precision,
+        plan["micro_batch_size"],
+        seq_len,
+        offload_optimizer,
+        offload_param,
+    )
+    out = {
+        "model_params": shape.total_params,
+        "non_embedding_params": shape.non_embedding_params,
+        "precision": precision,
+        "seq_len": seq_len,
+        "trained_target_tokens": plan.get("approx_total_tokens"),
+        "processed_tokens": tokens,
+        "training_flops": flops,
+        "flops_formula": FLOPS_FORMULA,
+        "zero_stage": zero_stage,
+        "offload_optimizer": offload_optimizer,
+        "offload_param": offload_param,
+        "memory_per_device": memory.to_dict(),
+        "memory_formula": MEMORY_FORMULA,
+        "activation_formula": ACTIVATION_FORMULA,
+    }
+    if device is not None:
+        peak = device.peak_flops.get(precision)
+        if peak is None:
+            raise ValueError(
+                f"{device.name} has no {precision} peak in the accelerator table; choose another --gpu"
+            )
+        seconds = wall_clock_seconds(flops, plan["world_size"], peak, utilization)
+        fits = memory.total <= device.memory_bytes
+        out.update(
+            {
+                "gpu": device.name,
+                "peak_flops_per_device": peak,
+                "utilization": utilization,
+                "wall_clock_seconds": seconds,
+                "wall_clock": format_seconds(seconds),
+                "device_memory": None if device.memory_bytes == float("inf") else device.memory_bytes,
+                "fits": fits,
+                "warning": fit_warning(memory, device.name, device.memory_bytes, zero_stage),
+            }
+        )
+    return out
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def estimate_table(est: dict) -> str:
+    """The estimate as aligned `name  value` rows, each number with the assumption behind it."""
+    mem = est["memory_per_device"]
+    rows = [
+        ("model parameters", f"{est['model_params']:,} ({est['non_embedding_params']:,} non-embedding)"),
+        ("precision", est["precision"]),
+        ("trained target tokens", _num(est["trained_target_tokens"])),
+        ("processed tokens", f"{_num(est['processed_tokens'])} (sequences of {est['seq_len']:g} tokens: "
+            f"{est.get('seq_len_source', 'given')})"),
+        ("training FLOPs", f"{est['training_flops']:.3e} = {est['flops_formula']}"),
+    ]
+    if "wall_clock_seconds" in est:
+        rows.append(
+            (
+                "wall clock",
+                f"{est['wall_clock']} at {est['utilization']:.0%} of {est['peak_flops_per_device'] / 1e12:g} TFLOP/s "
+                f"dense {est['precision']} peak per {est['gpu']} (--utilization to change)",
+            )
+        )
+    if "calibrated_wall_clock_seconds" in est:
+        rows.append(
+            (
+                "calibrated wall clock",
+                f"{format_seconds(est['calibrated_wall_clock_seconds'])} of step time ({est['seconds_per_step']:.3f} s "
+                f"per step measured over {est['calibration_steps']} steps after a warm-up step)",
+            )
+        )
+    offload = ", ".join(
+        f"{k} offloaded to {est[f'offload_{k}']}" for k in ("optimizer", "param") if est[f"offload_{k}"]
+    )
+    rows += [
+        (
+            f"memory per device (ZeRO-{est['zero_stage']})",
+            f"params {_gb(mem['parameters'])} + grads {_gb(mem['gradients'])} + optimizer "
+            f"{_gb(mem['optimizer_states'])} + activations {_gb(mem['activations'])} = {_gb(mem['total'])}"
+            + (f"; {offload}: {_gb(mem['offloaded'])} in host memory" if offload else ""),
+        ),
+        ("memory formula", est["memory_formula"]),
+        ("activation formula", est["activation_formula"]),
+    ]
+    if "fits" in est:
+        capacity = (
+            f" of {_gb(est['device_memory'])}" if est["device_memory"] else " (host memory, not checked)"
+        )
+        rows.append(
+            ("fits", f"yes: {_gb(mem['total'])}{capacity}" if est["fits"] else f"WARNING: {est['warning']}")
+        )
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _gb(value: float) -> str:
+    return f"{value / 1e9:.2f} GB"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"

@@ -1,0 +1,281 @@
+"""A Hugging Face decoder-only causal LM as a DeepSpeed pipeline: split, configure, export.
+
+The model becomes the module list [embedding, decoder layer 0..L-1, final norm, LM head]; stages pass
+(hidden_states, attention_mask) to each other and every decoder layer rebuilds its causal mask and
+rotary (cos, sin) from them, exactly as the model's own forward does. Tied input/output embeddings
+become one TiedLayerSpec on the first and last stage, whose gradients DeepSpeed sums.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+# DeepSpeed picks its accelerator when it is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask  # noqa: E402
+
+from recipes.core.accumulation import summed_token_loss  # noqa: E402
+from recipes.core.config import ConfigError  # noqa: E402
+from recipes.core.pipeline_plan import check_pipeline_stages  # noqa: E402
+
+# Decoder-only families whose modules follow model.{embed_tokens, layers, norm, rotary_emb} + lm_head and
+# whose decoder layers take (hidden_states, attention_mask, position_embeddings, position_ids).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+TIED_KEY = "embed_tokens"
+
+
+class PipelineConfigError(ConfigError):
+    """A model or DeepSpeed config the pipeline recipe cannot run; the message says how to fix it."""
+
+
+def check_architecture(config) -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise PipelineConfigError(
+            f"the pipeline splitter does not know model_type {config.model_type!r}; supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}. Use recipes/sft.py (data parallel / ZeRO) for this model"
+        )
+
+
+class _Source:
+    """Holds the loaded model while the stages take their modules from it; repr stays short because
+    DeepSpeed prints layer specs with their arguments."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def release(self) -> None:
+        # Modules of other stages are freed once nothing but the specs refers to them.
+        self.model = None
+
+    def __repr__(self) -> str:
+        return "pretrained"
+
+
+class EmbeddingPipe(nn.Module):
+    def __init__(self, source: _Source):
+        super().__init__()
+        self.embed_tokens = source.model.model.embed_tokens
+
+    def forward(self, inputs):
+        input_ids, attention_mask = inputs
+        return self.embed_tokens(input_ids), attention_mask
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"model.embed_tokens.{k}": v for k, v in self.embed_tokens.state_dict().items()}
+
+
+class DecoderLayerPipe(nn.Module):
+    def __init__(self, source: _Source, index: int):
+        super().__init__()
+        model = source.model
+        self.layer = model.model.layers[index]
+        self.rotary_emb = model.model.rotary_emb
+        self.config = model.config
+        self.index = index
+        self.mask_fn = create_sliding_window_causal_mask if _is_sliding(model.config, index) else create_causal_mask
+
+    def forward(self, inputs):
+        hidden, attention_mask = inputs
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = self.mask_fn(
+            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
+            position_ids=position_ids,
+        )
+        cos_sin = self.rotary_emb(hidden, position_ids=position_ids)
+        hidden = self.layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=position_ids)
+        return hidden, attention_mask
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"model.layers.{self.index}.{k}": v for k, v in self.layer.state_dict().items()}
+
+
+class FinalNormPipe(nn.Module):
+    def __init__(self, source: _Source):
+        super().__init__()
+        self.norm = source.model.model.norm
+
+    def forward(self, inputs):
+        hidden, _ = inputs
+        return self.norm(hidden)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"model.norm.{k}": v for k, v in self.norm.state_dict().items()}
+
+
+class LMHeadPipe(nn.Module):
+    def __init__(self, source: _Source):
+        super().__init__()
+        self.lm_head = source.model.lm_head
+
+    def forward(self, hidden):
+        return self.lm_head(hidden)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"lm_head.{k}": v for k, v in self.lm_head.state_dict().items()}
+
+
+def _tied_head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
+    return F.linear(hidden, embedding.embed_tokens.weight)
+
+
+def _is_sliding(config, index: int) -> bool:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return layer_types[index] == "sliding_attention"
+    return getattr(config, "sliding_window", None) is not None
+
+
+class TokenLoss:
+    """Last-stage loss: the micro-batch's summed token loss times `scale`.
+
+    For training, scale = dp x micro-batches / (target tokens of the step on all dp ranks): the engine
+    divides by its micro-batch count and averages over dp ranks, which leaves exactly the step's
+    token-mean loss and its gradient. For evaluation scale = 1 returns plain sums.
+    """
+
+    __name__ = "token_loss"
+
+    def __init__(self):
+        self.scale = 1.0
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        summed, _ = summed_token_loss(logits, labels)
+        return summed * self.scale
+
+
+def layer_specs(source: _Source) -> list[LayerSpec]:
+    """[embedding, decoder layers, final norm, LM head] as specs; tied embeddings share one TiedLayerSpec key."""
+    config = source.model.config
+    check_architecture(config)
+    if getattr(config, "tie_word_embeddings", False):
+        first = TiedLayerSpec(TIED_KEY, EmbeddingPipe, source, tied_weight_attr=["embed_tokens.weight"])
+        head = TiedLayerSpec(TIED_KEY, EmbeddingPipe, source, forward_fn=_tied_head, tied_weight_attr=["embed_tokens.weight"])
+    else:
+        first, head = LayerSpec(EmbeddingPipe, source), LayerSpec(LMHeadPipe, source)
+    decoder = [LayerSpec(DecoderLayerPipe, source, i) for i in range(config.num_hidden_layers)]
+    return [first, *decoder, LayerSpec(FinalNormPipe, source), head]
+
+
+def build_pipeline(model, stages: int, loss_fn: TokenLoss) -> tuple[PipelineModule, _Source]:
+    """Split a loaded HF causal LM into `stages` stages; call `source.release()` once the engine exists."""
+    check_architecture(model.config)
+    check_pipeline_stages(model.config.num_hidden_layers, stages)
+    source = _Source(model)
+    module = PipelineModule(
+        layers=layer_specs(source), num_stages=stages, loss_fn=loss_fn,
+        partition_method=f"type:{DecoderLayerPipe.__name__}",
+        dynamic_shape=True,  # padded batches differ in length, so every send carries its shape
+    )
+    return module, source
+
+
+def resolve_ds_config(raw: dict, micro_batch_size: int, gradient_accumulation_steps: int, dp_size: int,
+                      max_grad_norm: float, where: str) -> dict:
+    """Fill the values the recipe owns (raw deepspeed.initialize does not resolve "auto") and reject what a
+    pipeline cannot run."""
+    config = dict(raw)
+    stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    if stage >= 2:
+        raise PipelineConfigError(
+            f"{where} sets ZeRO stage {stage}, but pipeline parallelism works with ZeRO stage 0 or 1 only (stage 2/3 "
+            f"shard gradients/parameters across the data-parallel ranks that the pipeline schedule reduces itself); "
+            f"set zero_optimization.stage to 0 or 1"
+        )
+    owned = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * dp_size,
+    }
+    for key, value in owned.items():
+        if config.get(key, "auto") not in ("auto", value):
+            raise PipelineConfigError(
+                f"{where} sets {key} = {config[key]!r} but the recipe resolves it to {value} from "
+                f"per_device_train_batch_size / global_batch_size; set it to \"auto\""
+            )
+        config[key] = value
+    if config.get("gradient_clipping", "auto") != "auto":
+        raise PipelineConfigError(f"{where} sets gradient_clipping; set it to \"auto\" and use the recipe's max_grad_norm")
+    # DeepSpeed's own fp32 clipping under a pipeline counts only the first stage's gradients, so without
+    # ZeRO the recipe clips (PipelineClipper); ZeRO-1 computes the full norm and clips correctly itself.
+    config["gradient_clipping"] = max_grad_norm if stage == 1 else 0.0
+    for key in ("fp16", "bf16"):
+        if config.get(key, {}).get("enabled") not in (None, False, "auto"):
+            raise PipelineConfigError(f"{where} enables {key}; precision is the recipe's mixed_precision field")
+        config.pop(key, None)
+    return _drop_auto(config)
+
+
+def _drop_auto(config: dict) -> dict:
+    """Remaining "auto" entries (tuning sizes Accelerate would derive) fall back to DeepSpeed's defaults."""
+    return {k: _drop_auto(v) if isinstance(v, dict) else v for k, v in config.items() if v != "auto"}
+
+
+class PipelineClipper:
+    """Clips the gradient norm over the whole pipeline just before each optimizer step (no ZeRO).
+
+    Each parameter counts once: a tied embedding's copy on the last stage is skipped. Gradients are
+    already summed over data-parallel ranks when the optimizer steps, so the pipe group completes the norm.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, parameters, max_norm: float, pipe_group):
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.max_norm = max_norm
+        self.group = pipe_group
+        self.last_norm: float | None = None
+        optimizer.register_step_pre_hook(self._clip)
+
+    def _clip(self, optimizer, args, kwargs) -> None:
+        grads = [p.grad for p in self.parameters if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
+        squares = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        squares = squares.to(self.parameters[0].device)
+        dist.all_reduce(squares, group=self.group)
+        norm = squares.sqrt()
+        self.last_norm = norm.item()
+        coefficient = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+        for p in self.parameters:
+            if p.grad is not None:
+                p.grad.detach().mul_(coefficient.to(p.grad.device))
+
+
+# ---------------------------------------------------------------- export
+
+
+def local_hf_state_dict(module: PipelineModule) -> dict[str, torch.Tensor]:
+    """This stage's weights under the names the HF model uses (CPU copies)."""
+    state = {}
+    for layer in module.forward_funcs:
+        if isinstance(layer, (EmbeddingPipe, DecoderLayerPipe, FinalNormPipe, LMHeadPipe)):
+            state.update({name: t.detach().cpu().clone() for name, t in layer.hf_state_dict().items()})
+    return state
+
+
+def export_pretrained(module: PipelineModule, data_parallel_rank: int, config, tokenizer, directory: str | Path) -> None:
+    """Gather every stage's weights on global rank 0 and save a from_pretrained directory there."""
+    from transformers import AutoModelForCausalLM
+
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    local = local_hf_state_dict(module) if data_parallel_rank == 0 else {}
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return
+    state = {k: v for part in gathered for k, v in part.items()}
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    expected = set(shell.state_dict()) - ({"lm_head.weight"} if tied else set())
+    if set(state) != expected:
+        raise RuntimeError(f"gathered weights do not match the model: missing {expected - set(state)}, extra {set(state) - expected}")
+    shell.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        shell.tie_weights()
+    shell.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)

@@ -1,0 +1,70 @@
+"""What an accelerate config (and the DeepSpeed config it names) says about the run's topology."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from recipes.core.config import ConfigError
+from recipes.core.doctor import load_config_file, pipeline_stages
+
+
+@dataclass(frozen=True)
+class Topology:
+    world_size: int = 1
+    num_machines: int = 1
+    zero_stage: int = 0  # 0: plain data parallelism (DDP or one process)
+    offload_optimizer: str | None = None  # "cpu" | "nvme" | None
+    offload_param: str | None = None
+    pipeline_stages: int = 1
+    deepspeed_precision: str | None = None  # set only when the DS config enables bf16/fp16 explicitly
+    deepspeed_config: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_topology(accelerate_config: str | None = None, deepspeed_config: str | None = None) -> Topology:
+    """World size, machines, ZeRO stage, offload and precision from the config files (either may be None)."""
+    acc = _load(accelerate_config) if accelerate_config else {}
+    acc_ds = acc.get("deepspeed_config") or {}
+    deepspeed_config = deepspeed_config or acc_ds.get("deepspeed_config_file")
+    ds = _load(deepspeed_config) if deepspeed_config else None
+    if ds is None:  # DeepSpeed configured inline in the accelerate config, or not at all
+        uses_ds = acc.get("distributed_type") == "DEEPSPEED"
+        zero_stage = int(acc_ds.get("zero_stage", 0)) if uses_ds else 0
+        offload_optimizer, offload_param, precision = (
+            _device(acc_ds.get("offload_optimizer_device")),
+            _device(acc_ds.get("offload_param_device")),
+            None,
+        )
+    else:
+        zero = ds.get("zero_optimization") or {}
+        zero_stage = int(zero.get("stage", 0))
+        offload_optimizer = _device((zero.get("offload_optimizer") or {}).get("device"))
+        offload_param = _device((zero.get("offload_param") or {}).get("device"))
+        enabled = [
+            p for p in ("bf16", "fp16") if isinstance(ds.get(p), dict) and ds[p].get("enabled") is True
+        ]
+        precision = enabled[0] if enabled else None
+    return Topology(
+        world_size=int(acc.get("num_processes", 1)),
+        num_machines=int(acc.get("num_machines", 1)),
+        zero_stage=zero_stage,
+        offload_optimizer=offload_optimizer,
+        offload_param=offload_param,
+        pipeline_stages=pipeline_stages(ds, None),
+        deepspeed_precision=precision,
+        deepspeed_config=deepspeed_config,
+    )
+
+
+def _device(value) -> str | None:
+    return value if value in ("cpu", "nvme") else None
+
+
+def _load(path: str | Path) -> dict:
+    data, errors = load_config_file(path)
+    if errors:
+        raise ConfigError("; ".join(str(e) for e in errors))
+    return data
