@@ -17,15 +17,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask  # noqa: E402
+import deepspeed
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from recipes.core.accumulation import summed_token_loss  # noqa: E402
-from recipes.core.config import ConfigError  # noqa: E402
-from recipes.core.pipeline_plan import check_pipeline_stages  # noqa: E402
+from recipes.core.accumulation import summed_token_loss
+from recipes.core.config import ConfigError
+from recipes.core.pipeline_plan import check_pipeline_stages
 
 # Decoder-only families whose modules follow model.{embed_tokens, layers, norm, rotary_emb} + lm_head and
 # whose decoder layers take (hidden_states, attention_mask, position_embeddings, position_ids).
@@ -45,7 +46,7 @@ def check_architecture(config) -> None:
         )
 
 
-class _Source:
+class ModelSource:
     """Holds the loaded model while the stages take their modules from it; repr stays short because
     DeepSpeed prints layer specs with their arguments."""
 
@@ -61,7 +62,7 @@ class _Source:
 
 
 class EmbeddingPipe(nn.Module):
-    def __init__(self, source: _Source):
+    def __init__(self, source: ModelSource):
         super().__init__()
         self.embed_tokens = source.model.model.embed_tokens
 
@@ -74,24 +75,31 @@ class EmbeddingPipe(nn.Module):
 
 
 class DecoderLayerPipe(nn.Module):
-    def __init__(self, source: _Source, index: int):
+    def __init__(self, source: ModelSource, index: int):
         super().__init__()
         model = source.model
         self.layer = model.model.layers[index]
         self.rotary_emb = model.model.rotary_emb
         self.config = model.config
         self.index = index
-        self.mask_fn = create_sliding_window_causal_mask if _is_sliding(model.config, index) else create_causal_mask
+        self.mask_fn = (
+            create_sliding_window_causal_mask if _is_sliding(model.config, index) else create_causal_mask
+        )
 
     def forward(self, inputs):
         hidden, attention_mask = inputs
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = self.mask_fn(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=None,
             position_ids=position_ids,
         )
         cos_sin = self.rotary_emb(hidden, position_ids=position_ids)
-        hidden = self.layer(hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=position_ids)
+        hidden = self.layer(
+            hidden, attention_mask=mask, position_embeddings=cos_sin, position_ids=position_ids
+        )
         return hidden, attention_mask
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
@@ -99,7 +107,7 @@ class DecoderLayerPipe(nn.Module):
 
 
 class FinalNormPipe(nn.Module):
-    def __init__(self, source: _Source):
+    def __init__(self, source: ModelSource):
         super().__init__()
         self.norm = source.model.model.norm
 
@@ -112,7 +120,7 @@ class FinalNormPipe(nn.Module):
 
 
 class LMHeadPipe(nn.Module):
-    def __init__(self, source: _Source):
+    def __init__(self, source: ModelSource):
         super().__init__()
         self.lm_head = source.model.lm_head
 
@@ -152,34 +160,58 @@ class TokenLoss:
         return summed * self.scale
 
 
-def layer_specs(source: _Source) -> list[LayerSpec]:
+def layer_specs(source: ModelSource) -> list[LayerSpec]:
     """[embedding, decoder layers, final norm, LM head] as specs; tied embeddings share one TiedLayerSpec key."""
     config = source.model.config
     check_architecture(config)
     if getattr(config, "tie_word_embeddings", False):
         first = TiedLayerSpec(TIED_KEY, EmbeddingPipe, source, tied_weight_attr=["embed_tokens.weight"])
-        head = TiedLayerSpec(TIED_KEY, EmbeddingPipe, source, forward_fn=_tied_head, tied_weight_attr=["embed_tokens.weight"])
+        head = TiedLayerSpec(
+            TIED_KEY, EmbeddingPipe, source, forward_fn=_tied_head, tied_weight_attr=["embed_tokens.weight"]
+        )
     else:
         first, head = LayerSpec(EmbeddingPipe, source), LayerSpec(LMHeadPipe, source)
     decoder = [LayerSpec(DecoderLayerPipe, source, i) for i in range(config.num_hidden_layers)]
     return [first, *decoder, LayerSpec(FinalNormPipe, source), head]
 
 
-def build_pipeline(model, stages: int, loss_fn: TokenLoss) -> tuple[PipelineModule, _Source]:
+def build_pipeline(model, stages: int, loss_fn: TokenLoss) -> tuple[PipelineModule, ModelSource]:
     """Split a loaded HF causal LM into `stages` stages; call `source.release()` once the engine exists."""
     check_architecture(model.config)
-    check_pipeline_stages(model.config.num_hidden_layers, stages)
-    source = _Source(model)
+    try:
+        check_pipeline_stages(model.config.num_hidden_layers, stages)
+    except ValueError as err:
+        raise PipelineConfigError(str(err)) from None
+    source = ModelSource(model)
     module = PipelineModule(
-        layers=layer_specs(source), num_stages=stages, loss_fn=loss_fn,
+        layers=layer_specs(source),
+        num_stages=stages,
+        loss_fn=loss_fn,
         partition_method=f"type:{DecoderLayerPipe.__name__}",
         dynamic_shape=True,  # padded batches differ in length, so every send carries its shape
     )
     return module, source
 
 
-def resolve_ds_config(raw: dict, micro_batch_size: int, gradient_accumulation_steps: int, dp_size: int,
-                      max_grad_norm: float, where: str) -> dict:
+def init_deepspeed_comm() -> None:
+    """Let DeepSpeed adopt the process group the launcher's environment describes (gloo without GPUs)."""
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def initialize_engine(module: PipelineModule, optimizer: torch.optim.Optimizer, ds_config: dict):
+    """The PipelineEngine; the LR schedule stays in the recipe, stepped once per train_batch."""
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def resolve_ds_config(
+    raw: dict,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    dp_size: int,
+    max_grad_norm: float,
+    where: str,
+) -> dict:
     """Fill the values the recipe owns (raw deepspeed.initialize does not resolve "auto") and reject what a
     pipeline cannot run."""
     config = dict(raw)
@@ -199,17 +231,21 @@ def resolve_ds_config(raw: dict, micro_batch_size: int, gradient_accumulation_st
         if config.get(key, "auto") not in ("auto", value):
             raise PipelineConfigError(
                 f"{where} sets {key} = {config[key]!r} but the recipe resolves it to {value} from "
-                f"per_device_train_batch_size / global_batch_size; set it to \"auto\""
+                f'per_device_train_batch_size / global_batch_size; set it to "auto"'
             )
         config[key] = value
     if config.get("gradient_clipping", "auto") != "auto":
-        raise PipelineConfigError(f"{where} sets gradient_clipping; set it to \"auto\" and use the recipe's max_grad_norm")
+        raise PipelineConfigError(
+            f'{where} sets gradient_clipping; set it to "auto" and use the recipe\'s max_grad_norm'
+        )
     # DeepSpeed's own fp32 clipping under a pipeline counts only the first stage's gradients, so without
     # ZeRO the recipe clips (PipelineClipper); ZeRO-1 computes the full norm and clips correctly itself.
     config["gradient_clipping"] = max_grad_norm if stage == 1 else 0.0
     for key in ("fp16", "bf16"):
         if config.get(key, {}).get("enabled") not in (None, False, "auto"):
-            raise PipelineConfigError(f"{where} enables {key}; precision is the recipe's mixed_precision field")
+            raise PipelineConfigError(
+                f"{where} enables {key}; precision is the recipe's mixed_precision field"
+            )
         config.pop(key, None)
     return _drop_auto(config)
 
@@ -234,8 +270,14 @@ class PipelineClipper:
         optimizer.register_step_pre_hook(self._clip)
 
     def _clip(self, optimizer, args, kwargs) -> None:
-        grads = [p.grad for p in self.parameters if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)]
-        squares = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        grads = [
+            p.grad
+            for p in self.parameters
+            if p.grad is not None and not getattr(p, "ds_pipe_replicated", False)
+        ]
+        squares = (
+            torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        )
         squares = squares.to(self.parameters[0].device)
         dist.all_reduce(squares, group=self.group)
         norm = squares.sqrt()
@@ -258,7 +300,9 @@ def local_hf_state_dict(module: PipelineModule) -> dict[str, torch.Tensor]:
     return state
 
 
-def export_pretrained(module: PipelineModule, data_parallel_rank: int, config, tokenizer, directory: str | Path) -> None:
+def export_pretrained(
+    module: PipelineModule, data_parallel_rank: int, config, tokenizer, directory: str | Path
+) -> None:
     """Gather every stage's weights on global rank 0 and save a from_pretrained directory there."""
     from transformers import AutoModelForCausalLM
 
@@ -273,7 +317,9 @@ def export_pretrained(module: PipelineModule, data_parallel_rank: int, config, t
         shell = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     expected = set(shell.state_dict()) - ({"lm_head.weight"} if tied else set())
     if set(state) != expected:
-        raise RuntimeError(f"gathered weights do not match the model: missing {expected - set(state)}, extra {set(state) - expected}")
+        raise RuntimeError(
+            f"gathered weights do not match the model: missing {expected - set(state)}, extra {set(state) - expected}"
+        )
     shell.load_state_dict(state, strict=False, assign=True)
     if tied:
         shell.tie_weights()

@@ -62,7 +62,9 @@ def pipeline_view(num_layers: int, stages: int, data_parallel_size: int, micro_b
     ranges = decoder_layer_ranges(num_layers, stages)
     partition = []
     for stage, (start, stop) in enumerate(ranges):
-        parts = (["embedding"] if stage == 0 else []) + [f"layers {start}-{stop - 1}" if stop - start > 1 else f"layer {start}"]
+        parts = (["embedding"] if stage == 0 else []) + [
+            f"layers {start}-{stop - 1}" if stop - start > 1 else f"layer {start}"
+        ]
         parts += ["norm + lm_head"] if stage == stages - 1 else []
         partition.append(f"stage {stage}: " + ", ".join(parts))
     bubble = bubble_fraction(stages, micro_batches)
