@@ -9,10 +9,15 @@ never trains with settings other than the ones its config.yaml and plan.json rec
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any
 
+from recipes.core.config import ConfigError
 
-class DeepSpeedConfigError(ValueError):
+
+class DeepSpeedConfigError(ConfigError):
     """A DeepSpeed config that contradicts the recipe or cannot do what the recipe needs."""
 
 
@@ -49,15 +54,23 @@ def apply_recipe_values(
     # Accelerate inserts gradient_accumulation_steps: 1 when the file has none, so "missing" shows up as 1.
     settle("gradient_accumulation_steps", gradient_accumulation_steps, "gradient_accumulation_steps")
     if max_grad_norm is None and _get(ds_config, "gradient_clipping") == "auto":
-        problems.append('gradient_clipping is "auto" but the recipe passed no max_grad_norm to make_accelerator')
+        problems.append(
+            'gradient_clipping is "auto" but the recipe passed no max_grad_norm to make_accelerator'
+        )
     settle("gradient_clipping", max_grad_norm, "max_grad_norm")
     settle("train_micro_batch_size_per_gpu", micro_batch_size, "per_device_train_batch_size")
     if micro_batch_size is not None:
         global_batch = micro_batch_size * gradient_accumulation_steps * world_size
-        settle("train_batch_size", global_batch, "per_device_train_batch_size x gradient_accumulation_steps x processes")
+        settle(
+            "train_batch_size",
+            global_batch,
+            "per_device_train_batch_size x gradient_accumulation_steps x processes",
+        )
     for dtype in ("bf16", "fp16"):
         enabled = _get(ds_config, f"{dtype}.enabled")
-        if enabled is not _MISSING and bool(enabled) != (mixed_precision == dtype):
+        if enabled == "auto":  # Accelerate fills these from the recipe too; done here for any caller
+            _set(ds_config, f"{dtype}.enabled", mixed_precision == dtype)
+        elif enabled is not _MISSING and bool(enabled) != (mixed_precision == dtype):
             problems.append(
                 f'{dtype}.enabled is {enabled!r} but the recipe\'s mixed_precision is {mixed_precision!r}; set it to "auto"'
             )
@@ -66,9 +79,8 @@ def apply_recipe_values(
             problems.append(
                 f'remove the "{block}" block: the recipe builds the {block} (and its schedule is what plan.json records)'
             )
-    if _get(ds_config, "zero_optimization.stage") == 3 and not _get(
-        ds_config, "zero_optimization.stage3_gather_16bit_weights_on_model_save"
-    ) is True:
+    gathers_on_save = _get(ds_config, "zero_optimization.stage3_gather_16bit_weights_on_model_save")
+    if _get(ds_config, "zero_optimization.stage") == 3 and gathers_on_save is not True:
         problems.append(
             "zero_optimization.stage3_gather_16bit_weights_on_model_save must be true under ZeRO-3, otherwise "
             "the final save cannot gather a full model"
@@ -77,6 +89,25 @@ def apply_recipe_values(
         raise DeepSpeedConfigError(
             f"DeepSpeed config {config_file} disagrees with the recipe:\n- " + "\n- ".join(problems)
         )
+
+
+def save_resolved_config(accelerator: Any, output_dir: str | Path) -> None:
+    """Write the DeepSpeed config as the engine received it (every "auto" filled) to output_dir/ds_config.json."""
+    config = getattr(accelerator, "deepspeed_config", None)
+    if config is None or not accelerator.is_main_process:
+        return
+    path = Path(output_dir) / "ds_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_finite(config), indent=2) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    # Accelerate sets steps_per_print to infinity, which JSON cannot hold.
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def _get(config: dict[str, Any], dotted_key: str) -> Any:

@@ -59,6 +59,10 @@ def make_accelerator(
     tokens); the end-of-dataloader flag would otherwise force a sync on every micro-batch of the last
     window. The recipe aligns `accelerator.step` at the start of each window instead.
 
+    The seedable sampler draws each epoch's order from (seed, epoch) alone; the default sampler draws it
+    from the global RNG, so the order would change with batch size, process count and anything else
+    that consumed random numbers first.
+
     Under DeepSpeed the recipe's accumulation, clipping (max_grad_norm), micro batch and precision are
     written into the DeepSpeed config, whose "auto" entries Accelerate would otherwise fill on its own.
     """
@@ -68,7 +72,9 @@ def make_accelerator(
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=gradient_accumulation_steps, sync_with_dataloader=False
         ),
-        dataloader_config=DataLoaderConfiguration(split_batches=False, even_batches=True, use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(
+            split_batches=False, even_batches=True, use_seedable_sampler=True
+        ),
         **kwargs,
     )
     plugin = accelerator.state.deepspeed_plugin
