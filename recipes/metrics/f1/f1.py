@@ -34,7 +34,9 @@ class F1(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, labels=None, pos_label=1, average="binary", sample_weight=None):
+    def _compute(
+        self, predictions, references, labels=None, pos_label=1, average="binary", sample_weight=None
+    ):
         if average not in _AVERAGES:
             raise ValueError(f"average must be one of {_AVERAGES}, got {average!r}")
         predictions, references = np.asarray(predictions), np.asarray(references)
@@ -53,7 +55,9 @@ class F1(evaluate.Metric):
         pred_index, true_index = np.searchsorted(present, predictions), np.searchsorted(present, references)
         hit = predictions == references
         size = len(present)
-        tp_all = np.bincount(true_index[hit], weights=None if weights is None else weights[hit], minlength=size)
+        tp_all = np.bincount(
+            true_index[hit], weights=None if weights is None else weights[hit], minlength=size
+        )
         true_all = np.bincount(true_index, weights=weights, minlength=size)
         pred_all = np.bincount(pred_index, weights=weights, minlength=size)
         labels = np.asarray(labels)
@@ -64,7 +68,11 @@ class F1(evaluate.Metric):
         # Through the confusion-matrix cells, as scikit-learn does: tp + fp and tp + fn, not the raw sums.
         pred_sum, true_sum = tp + (pred_sum - tp), tp + (true_sum - tp)
         if average == "micro":
-            tp, true_sum, pred_sum = np.array([tp.sum()]), np.array([true_sum.sum()]), np.array([pred_sum.sum()])
+            tp, true_sum, pred_sum = (
+                np.array([tp.sum()]),
+                np.array([true_sum.sum()]),
+                np.array([pred_sum.sum()]),
+            )
         denominator = true_sum + pred_sum
         scores = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator != 0)
         if average is None:

@@ -1,0 +1,162 @@
+"""Pieces of the classification recipe: label ids, gathered predictions, keeping the best model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+import torch
+import torch.nn.functional as F
+
+from recipes.core.config import ConfigError
+from recipes.core.data import DataError, first_n, load_split, require_columns
+from recipes.core.metrics import compute_metrics
+
+NON_MODEL_KEYS = ("labels", "idx", "num_tokens")
+
+
+def label_mapping(
+    train: datasets.Dataset, label_column: str, label_names: list[str]
+) -> tuple[list[str], Callable[[Any], int]]:
+    """Class names and a function turning a label value into a class id.
+
+    Names come from `label_names`, else the column's ClassLabel names, else the train split's sorted
+    distinct values. Integer labels with known names are ids; anything else is looked up by name.
+    """
+    feature = train.features[label_column]
+    names = list(label_names) or (feature.names if isinstance(feature, datasets.ClassLabel) else [])
+    ids_are_given = bool(names) and str(getattr(feature, "dtype", "")).startswith("int")
+    if not names:
+        names = [str(v) for v in sorted(set(train[label_column]))]
+    if len(names) < 2:
+        raise DataError(f"classification needs at least 2 classes, found {names} in column {label_column!r}")
+    index = {name: i for i, name in enumerate(names)}
+
+    def to_id(value: Any) -> int:
+        label = value if ids_are_given else index.get(str(value))
+        if label is None or not 0 <= label < len(names):
+            raise DataError(
+                f"label {value!r} in column {label_column!r} is not one of the classes {names}; "
+                f"list every class in label_names (in id order)"
+            )
+        return label
+
+    return names, to_id
+
+
+def check_metric_config(cfg) -> None:
+    """The metric fields of a ClassifyConfig agree with each other."""
+    if not isinstance(cfg.metric_kwargs, dict) or not all(
+        isinstance(v, dict) for v in cfg.metric_kwargs.values()
+    ):
+        raise ConfigError(
+            f"metric_kwargs must map metric names to argument mappings, got {cfg.metric_kwargs!r}"
+        )
+    unused = sorted(set(cfg.metric_kwargs) - set(cfg.metrics))
+    if unused:
+        raise ConfigError(f"metric_kwargs has arguments for {unused}, which are not in metrics {cfg.metrics}")
+    if cfg.metric_for_best_model and not cfg.eval_split:
+        raise ConfigError(
+            "metric_for_best_model needs an eval_split; set one or set metric_for_best_model: null"
+        )
+
+
+def load_splits(cfg, tokenizer) -> tuple[list[str], dict[str, datasets.Dataset]]:
+    """Class names and the tokenised splits of a ClassifyConfig: "train", eval_split and test_split (when set).
+
+    Each sample keeps its position in its split ("idx"), so that a test can check that it is scored once.
+    """
+    names = {"train": cfg.train_split, cfg.eval_split: cfg.eval_split, cfg.test_split: cfg.test_split}
+    limits = {"train": cfg.max_train_samples, cfg.eval_split: cfg.max_eval_samples}
+    columns = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    raw = {}
+    for key, split in names.items():
+        if split:
+            raw[key] = first_n(load_split(cfg.dataset_name, split, cfg.dataset_config_name), limits.get(key))
+            require_columns(raw[key], columns, f"split {split!r} of {cfg.dataset_name}")
+    label_names, to_id = label_mapping(raw["train"], cfg.label_column, cfg.label_names)
+
+    def encode(batch: dict, indices: list[int]) -> dict:
+        pair = batch[cfg.text_pair_column] if cfg.text_pair_column else None
+        out = tokenizer(batch[cfg.text_column], pair, truncation=True, max_length=cfg.max_seq_length)
+        out["labels"] = [to_id(value) for value in batch[cfg.label_column]]
+        out["idx"] = indices
+        out["num_tokens"] = [len(ids) for ids in out["input_ids"]]
+        return out
+
+    splits = {
+        key: data.map(encode, batched=True, with_indices=True, remove_columns=data.column_names)
+        for key, data in raw.items()
+    }
+    return label_names, splits
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+
+
+@torch.no_grad()
+def predict_and_score(accelerator, model, loader, metrics, metric_kwargs) -> tuple[dict, dict[str, list]]:
+    """Mean loss and metrics over the whole split, and its predictions gathered from every rank.
+
+    gather_for_metrics drops the samples that uneven sharding repeats, so each sample counts once.
+    """
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {"loss": [], "prediction": [], "label": [], "idx": []}
+    for batch in loader:
+        logits = model(**model_inputs(batch)).logits.float()
+        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+        gathered = accelerator.gather_for_metrics((losses, logits.argmax(-1), batch["labels"], batch["idx"]))
+        for key, value in zip(parts, gathered, strict=True):
+            parts[key].append(value.cpu())
+    model.train()
+    out = {key: torch.cat(values).tolist() for key, values in parts.items()}
+    results = {"loss": sum(out["loss"]) / len(out["loss"])}
+    results.update(compute_metrics(metrics, out["prediction"], out["label"], metric_kwargs))
+    return results, out
+
+
+def write_test_results(output_dir: str, results: dict, predictions: dict, label_names: list[str]) -> None:
+    """eval_results.json (the numbers) and test_predictions.jsonl (one row per sample, in split order)."""
+    with open(f"{output_dir}/eval_results.json", "w") as f:
+        f.write(json.dumps(results, indent=2) + "\n")
+    rows = sorted(zip(predictions["idx"], predictions["label"], predictions["prediction"], strict=True))
+    with open(f"{output_dir}/test_predictions.jsonl", "w") as f:
+        for idx, label, prediction in rows:
+            row = {"idx": idx, "label": label_names[label], "prediction": label_names[prediction]}
+            f.write(json.dumps(row) + "\n")
+
+
+class BestModel:
+    """The weights of the best evaluation so far by one eval value, kept in CPU memory.
+
+    `metric` is a key of the eval results with or without its "eval_" prefix ("f1", "eval_loss");
+    None keeps nothing. Ties keep the earlier step.
+    """
+
+    def __init__(self, metric: str | None, greater_is_better: bool | None = None):
+        self.key = None if metric is None else (metric if metric.startswith("eval_") else f"eval_{metric}")
+        if greater_is_better is None:
+            greater_is_better = self.key is not None and not self.key.endswith("loss")
+        self.greater_is_better = greater_is_better
+        self.step: int | None = None
+        self.value: float | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def update(self, step: int, results: dict, state_dict: Callable[[], dict]) -> bool:
+        if self.key is None:
+            return False
+        if self.key not in results:
+            raise ConfigError(
+                f"metric_for_best_model {self.key!r} is not among the eval results {sorted(results)}"
+            )
+        value = results[self.key]
+        if self.value is not None and not (
+            value > self.value if self.greater_is_better else value < self.value
+        ):
+            return False
+        self.step, self.value = step, value
+        self.state = {k: v.detach().cpu().clone() for k, v in state_dict().items()}
+        return True
