@@ -1,9 +1,9 @@
 """`recipes` command: plan a run before launching it, and prepare the default models.
 
-    recipes plan --config recipes/configs/sft_smollm2.yaml --num-processes 16 [--num-samples N] [--json]
-    recipes plan ... [--accelerate-config A] [--deepspeed-config D] [--gpu H100-SXM] [--calibrate K]
-    recipes doctor --accelerate-config A [--deepspeed-config D] [--config R] [--hostfile H]
-    recipes prepare [--model NAME]
+recipes plan --config recipes/configs/sft_smollm2.yaml --num-processes 16 [--num-samples N] [--json]
+recipes plan ... [--accelerate-config A] [--deepspeed-config D] [--gpu H100-SXM] [--calibrate K]
+recipes doctor --accelerate-config A [--deepspeed-config D] [--config R] [--hostfile H]
+recipes prepare [--model NAME]
 """
 
 from __future__ import annotations
@@ -19,38 +19,63 @@ from recipes.core.data import DataError
 from recipes.core.steps import make_plan
 
 # recipe name -> (module, config class); the module exposes plan_inputs(cfg) -> (samples, tokens/sample)
-RECIPES = {"sft": ("recipes.sft", "SFTConfig")}
+RECIPES = {
+    "sft": ("recipes.sft", "SFTConfig"),
+    "classify": ("recipes.classify", "ClassifyConfig"),
+    "sft_pipeline": ("recipes.sft_pipeline", "SFTPipelineConfig"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="recipes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="recipes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     plan = commands.add_parser("plan", help="print the step, batch and schedule plan of a recipe config")
     plan.add_argument("--config", required=True, help="recipe YAML")
-    plan.add_argument("--recipe", choices=sorted(RECIPES), help="recipe the config is for (default: from the file name)")
+    plan.add_argument(
+        "--recipe", choices=sorted(RECIPES), help="recipe the config is for (default: from the file name)"
+    )
     plan.add_argument(
         "--num-processes", type=int, help="world size (default: from --accelerate-config, else 1)"
     )
-    plan.add_argument("--num-samples", type=int, help="plan for this many training samples instead of reading the data")
-    plan.add_argument("--tokens-per-sample", type=float, help="mean target tokens per sample, with --num-samples")
+    plan.add_argument(
+        "--num-samples", type=int, help="plan for this many training samples instead of reading the data"
+    )
+    plan.add_argument(
+        "--tokens-per-sample", type=float, help="mean target tokens per sample, with --num-samples"
+    )
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.add_argument("--accelerate-config", help="accelerate YAML: world size, machines, DeepSpeed config")
-    plan.add_argument("--deepspeed-config", help="DeepSpeed JSON (default: the one the accelerate config names)")
-    plan.add_argument("--gpu", help="accelerator for wall clock and memory fit, e.g. H100-SXM, A100-80GB, CPU")
+    plan.add_argument(
+        "--deepspeed-config", help="DeepSpeed JSON (default: the one the accelerate config names)"
+    )
+    plan.add_argument(
+        "--gpu", help="accelerator for wall clock and memory fit, e.g. H100-SXM, A100-80GB, CPU"
+    )
     plan.add_argument("--utilization", type=float, help="fraction of dense peak FLOP/s reached (default 0.4)")
-    plan.add_argument("--seq-len", type=float, help="mean tokens per sequence processed (default: max_seq_length)")
+    plan.add_argument(
+        "--seq-len", type=float, help="mean tokens per sequence processed (default: max_seq_length)"
+    )
     plan.add_argument("--calibrate", type=int, metavar="K", help="time K real steps here and extrapolate")
+    plan.add_argument("--plot", metavar="FILE", help="also draw the LR schedule of the plan into FILE (PNG)")
 
     doctor = commands.add_parser("doctor", help="check that accelerate, DeepSpeed and recipe configs agree")
     doctor.add_argument("--accelerate-config", required=True, help="accelerate YAML")
-    doctor.add_argument("--deepspeed-config", help="DeepSpeed JSON (default: the one the accelerate config names)")
+    doctor.add_argument(
+        "--deepspeed-config", help="DeepSpeed JSON (default: the one the accelerate config names)"
+    )
     doctor.add_argument("--config", help="recipe YAML")
-    doctor.add_argument("--recipe", choices=sorted(RECIPES), help="recipe the config is for (default: from the file name)")
+    doctor.add_argument(
+        "--recipe", choices=sorted(RECIPES), help="recipe the config is for (default: from the file name)"
+    )
     doctor.add_argument("--hostfile", help="DeepSpeed hostfile (hostname slots=N per line)")
     doctor.add_argument("--gpu", help="accelerator the run targets, to check its precision support")
-    doctor.add_argument("--num-samples", type=int, help="training samples, for the checks that need the epoch length")
+    doctor.add_argument(
+        "--num-samples", type=int, help="training samples, for the checks that need the epoch length"
+    )
 
     prepare = commands.add_parser("prepare", help="fetch and convert the default models into .cache/models")
     prepare.add_argument("--model", action="append", help="model name (repeatable); default: all")
@@ -82,23 +107,42 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     from recipes.core.topology import read_topology
 
     topology = read_topology(args.accelerate_config, args.deepspeed_config)
+    # A recipe that can count its model's parameters (LoRA: the adapters are the trainable ones) says so.
+    parameters = module.plan_parameters(cfg) if hasattr(module, "plan_parameters") else {}
     plan = make_plan(
-        num_samples=num_samples, world_size=args.num_processes or topology.world_size,
-        pipeline_stages=topology.pipeline_stages, micro_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, global_batch_size=cfg.global_batch_size,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
-        warmup_ratio=cfg.warmup_ratio, learning_rate=cfg.learning_rate, drop_last=cfg.dataloader_drop_last,
+        num_samples=num_samples,
+        world_size=args.num_processes or topology.world_size,
+        pipeline_stages=getattr(cfg, "pipeline_stages", topology.pipeline_stages),
+        micro_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        global_batch_size=cfg.global_batch_size,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_steps,
+        warmup_ratio=cfg.warmup_ratio,
+        learning_rate=cfg.learning_rate,
+        drop_last=cfg.dataloader_drop_last,
         tokens_per_sample=tokens_per_sample,
+        **parameters,
     )
     estimate = _estimate(args, cfg, module, plan.to_dict(), topology, overrides)
+    # A pipeline recipe adds its stage layout and bubble (module.plan_pipeline).
+    pipeline = module.plan_pipeline(cfg, plan) if hasattr(module, "plan_pipeline") else None
     if args.json:
-        print(json.dumps({**plan.to_dict(), **({"estimate": estimate} if estimate else {})}))
+        extras = {"pipeline": pipeline, "estimate": estimate}
+        print(json.dumps({**plan.to_dict(), **{key: value for key, value in extras.items() if value}}))
     else:
         print(plan_table(plan.to_dict()))
+        if pipeline:
+            print("\n" + plan_table(pipeline))
         if estimate:
             from recipes.core.estimate import estimate_table
 
             print("\n" + estimate_table(estimate))
+    if args.plot:
+        from recipes.core.plots import write_schedule_plot
+
+        print(f"LR schedule drawn in {write_schedule_plot(plan.to_dict(), args.plot)}", file=sys.stderr)
     return 0
 
 
@@ -114,22 +158,39 @@ def _estimate(args, cfg, module, plan: dict, topology, overrides: list[str]) -> 
     except (OSError, ValueError) as err:
         if asked:
             raise ConfigError(f"cannot read the model config of {cfg.model_name_or_path!r}: {err}") from None
-        print(f"note: no compute/memory estimate, cannot read the model config of {cfg.model_name_or_path!r}", file=sys.stderr)
+        print(
+            f"note: no compute/memory estimate, cannot read the model config of {cfg.model_name_or_path!r}",
+            file=sys.stderr,
+        )
         return None
     seq_len = args.seq_len or getattr(cfg, "max_seq_length", None) or getattr(cfg, "max_length", None)
     if not seq_len:
         raise ConfigError("pass --seq-len (mean tokens per sequence) for the compute estimate")
     estimate = estimate_run(
-        plan, shape, topology.deepspeed_precision or {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision),
-        seq_len, zero_stage=topology.zero_stage, offload_optimizer=topology.offload_optimizer,
-        offload_param=topology.offload_param, device=get_device(args.gpu) if args.gpu else None,
+        plan,
+        shape,
+        topology.deepspeed_precision or {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision),
+        seq_len,
+        zero_stage=topology.zero_stage,
+        offload_optimizer=topology.offload_optimizer,
+        offload_param=topology.offload_param,
+        device=get_device(args.gpu) if args.gpu else None,
         utilization=args.utilization or DEFAULT_UTILIZATION,
     )
-    estimate["seq_len_source"] = "--seq-len" if args.seq_len else "max_seq_length, an upper bound (--seq-len for the mean)"
+    estimate["seq_len_source"] = (
+        "--seq-len" if args.seq_len else "max_seq_length, an upper bound (--seq-len for the mean)"
+    )
     if args.calibrate:
-        estimate.update(calibrate(
-            module.__file__, args.config, overrides, args.calibrate, plan, accelerate_config=args.accelerate_config,
-        ))
+        estimate.update(
+            calibrate(
+                module.__file__,
+                args.config,
+                overrides,
+                args.calibrate,
+                plan,
+                accelerate_config=args.accelerate_config,
+            )
+        )
     return estimate
 
 
@@ -145,7 +206,13 @@ def _doctor(args: argparse.Namespace) -> int:
         fields = {f.name for f in dataclasses.fields(config_class)}
         defaults = dataclasses.asdict(config_class())
     findings = diagnose(
-        args.accelerate_config, args.deepspeed_config, args.config, fields, defaults, args.hostfile, args.gpu,
+        args.accelerate_config,
+        args.deepspeed_config,
+        args.config,
+        fields,
+        defaults,
+        args.hostfile,
+        args.gpu,
         args.num_samples,
     )
     print(report(findings) if findings else "doctor: no problems found")
@@ -171,7 +238,9 @@ def _recipe_from_filename(path: str) -> str:
     for name in sorted(RECIPES, key=len, reverse=True):
         if stem == name or stem.startswith(name + "_"):
             return name
-    raise ConfigError(f"cannot tell which recipe {path} is for from its name; pass --recipe {{{','.join(RECIPES)}}}")
+    raise ConfigError(
+        f"cannot tell which recipe {path} is for from its name; pass --recipe {{{','.join(RECIPES)}}}"
+    )
 
 
 def _prepare(args: argparse.Namespace) -> int:

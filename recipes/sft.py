@@ -19,22 +19,35 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-from recipes.core.accumulation import accumulation_windows, backward_scale, per_sample_token_loss, summed_token_loss
+from recipes.core import lora
+from recipes.core.accumulation import (
+    accumulation_windows,
+    backward_scale,
+    per_sample_token_loss,
+    summed_token_loss,
+)
 from recipes.core.chat import PadCollator, tokenize_dataset
+from recipes.core.checkpoint import Checkpointer
 from recipes.core.config import TrainingConfig, field, parse_config
-from recipes.core.data import first_n, load_split, require_columns
+from recipes.core.data import DataError, first_n, load_split, require_columns
+from recipes.core.deepspeed_support import save_resolved_config as save_resolved_deepspeed_config
 from recipes.core.doctor import preflight
 from recipes.core.errors import run_recipe
+from recipes.core.inputs import require_model
 from recipes.core.optim import make_optimizer
+from recipes.core.plots import write_curves
 from recipes.core.records import RunRecords
 from recipes.core.runtime import init_distributed, make_accelerator, resolve_gradient_accumulation
 from recipes.core.steps import make_plan
+from recipes.core.tracking import start_tracking, tracker_kwargs
 
 
 @dataclass
 class SFTConfig(TrainingConfig):
     messages_column: str = field("messages", "Column holding a list of {role, content} chat turns.")
-    max_seq_length: int = field(512, "Tokens per sample after the chat template; longer samples are truncated.")
+    max_seq_length: int = field(
+        512, "Tokens per sample after the chat template; longer samples are truncated."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,18 +55,31 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- compute
     state = init_distributed()
-    preflight(cfg, state.num_processes)  # the doctor's checks: a bad config combination fails here, in seconds
+    preflight(
+        cfg, state.num_processes
+    )  # the doctor's checks: a bad config combination fails here, in seconds
     ga = resolve_gradient_accumulation(
-        cfg.gradient_accumulation_steps, cfg.global_batch_size, cfg.per_device_train_batch_size, state.num_processes
+        cfg.gradient_accumulation_steps,
+        cfg.global_batch_size,
+        cfg.per_device_train_batch_size,
+        state.num_processes,
     )
     accelerator = make_accelerator(
-        ga, cfg.mixed_precision, max_grad_norm=cfg.max_grad_norm, micro_batch_size=cfg.per_device_train_batch_size
+        ga,
+        cfg.mixed_precision,
+        max_grad_norm=cfg.max_grad_norm,
+        micro_batch_size=cfg.per_device_train_batch_size,
+        **tracker_kwargs(cfg.report_to, cfg.output_dir),
     )
     set_seed(cfg.seed)
-    records = RunRecords(cfg.output_dir, enabled=accelerator.is_main_process)
     log = accelerator.print
+    checkpoints = Checkpointer(accelerator, cfg, log)  # checks output_dir, picks the checkpoint to resume
+    records = RunRecords(
+        cfg.output_dir, accelerator.is_main_process, accelerator, resume_step=checkpoints.resume_step
+    )
 
     # ---------------------------------------------------------------- data
+    require_model(cfg.model_name_or_path, cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     with accelerator.main_process_first():  # rank 0 tokenises and caches; the others read the cache
         train_set, eval_set, train_stats = load_data(cfg, tokenizer)
@@ -63,30 +89,48 @@ def main(argv: list[str] | None = None) -> None:
     )
     collate = PadCollator(tokenizer.pad_token_id)
     train_loader = DataLoader(
-        train_set, batch_size=cfg.per_device_train_batch_size, shuffle=True, collate_fn=collate,
-        drop_last=cfg.dataloader_drop_last, num_workers=cfg.dataloader_num_workers,
+        train_set,
+        batch_size=cfg.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        drop_last=cfg.dataloader_drop_last,
+        num_workers=cfg.dataloader_num_workers,
     )
     eval_loader = (
-        DataLoader(eval_set, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate) if eval_set else None
+        DataLoader(eval_set, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
+        if eval_set
+        else None
     )
 
     # ---------------------------------------------------------------- model and optimizer
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model_name_or_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
     )
+    model = lora.apply_lora(model, cfg, lora.CAUSAL_LM)  # unchanged without use_peft
+    parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned
     optimizer = make_optimizer(model, cfg)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
     # ---------------------------------------------------------------- plan and schedule
-    plan = make_plan(
-        num_samples=len(train_set), world_size=accelerator.num_processes,
-        micro_batch_size=cfg.per_device_train_batch_size, gradient_accumulation_steps=ga,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
-        warmup_ratio=cfg.warmup_ratio, learning_rate=cfg.learning_rate, drop_last=cfg.dataloader_drop_last,
-        tokens_per_sample=sum(train_set["num_targets"]) / len(train_set),
-    )
+    try:
+        plan = make_plan(
+            num_samples=len(train_set),
+            world_size=accelerator.num_processes,
+            micro_batch_size=cfg.per_device_train_batch_size,
+            gradient_accumulation_steps=ga,
+            num_train_epochs=cfg.num_train_epochs,
+            max_steps=cfg.max_steps,
+            warmup_steps=cfg.warmup_steps,
+            warmup_ratio=cfg.warmup_ratio,
+            learning_rate=cfg.learning_rate,
+            drop_last=cfg.dataloader_drop_last,
+            tokens_per_sample=sum(train_set["num_targets"]) / len(train_set),
+            **parameters,
+        )
+    except ValueError as err:  # e.g. too few samples for one optimizer step on this world size
+        raise DataError(f"{cfg.dataset_name}: {err}") from None
     if len(train_loader) != plan.batches_per_epoch_per_rank:
         raise RuntimeError(
             f"plan expects {plan.batches_per_epoch_per_rank} batches per rank, the prepared dataloader has "
@@ -95,8 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     # Kept out of accelerator.prepare: a prepared scheduler steps once per process per optimizer step.
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_optimizer_steps)
     accelerator.register_for_checkpointing(scheduler)
+    checkpoints.total_steps = plan.total_optimizer_steps
+    start = checkpoints.resume()  # model, optimizer, scheduler, RNG and data position of the checkpoint
     records.write_config(cfg)
     records.write_plan(plan.to_dict())
+    save_resolved_deepspeed_config(accelerator, cfg.output_dir)
+    start_tracking(accelerator, "sft", cfg)
     log(plan.summary())
 
     # ---------------------------------------------------------------- train
@@ -107,12 +155,17 @@ def main(argv: list[str] | None = None) -> None:
         records.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
         log(f"step {step}: eval_loss {eval_loss:.4f}")
 
-    evaluate(step=0)
-    step, model_dp = 0, accelerator.num_processes
-    progress = tqdm(total=plan.total_optimizer_steps, disable=not accelerator.is_main_process, desc="train")
-    for epoch in range(plan.num_epochs):
+    if start.step == 0:
+        evaluate(step=0)
+    step, model_dp = start.step, accelerator.num_processes
+    progress = tqdm(
+        total=plan.total_optimizer_steps, initial=step, disable=not accelerator.is_main_process, desc="train"
+    )
+    for epoch in range(start.epoch, plan.num_epochs):
         train_loader.set_epoch(epoch)
-        for window_index, window in enumerate(accumulation_windows(train_loader, ga)):
+        skip = start.batches_in_epoch if epoch == start.epoch else 0  # already trained on before a resume
+        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        for window_index, window in enumerate(accumulation_windows(batches, ga), start=skip // ga):
             started = time.perf_counter()
             window_tokens = accelerator.reduce(
                 torch.stack([b["labels"][:, 1:].ne(-100).sum() for b in window]).sum(), reduction="sum"
@@ -124,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
             grad_norm = None
             for batch in window:
                 with accelerator.accumulate(model):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits
                     summed, _ = summed_token_loss(logits, batch["labels"])
                     accelerator.backward(summed * backward_scale(window_tokens, model_dp, ga))
                     loss_sum += summed.detach()
@@ -135,16 +190,27 @@ def main(argv: list[str] | None = None) -> None:
             scheduler.step()
             step += 1
             loss = accelerator.reduce(loss_sum, reduction="sum").item() / window_tokens
+            checkpoints.require_finite(step, loss, grad_norm)  # stops before a diverged step is saved
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            tokens_per_s = window_tokens / (time.perf_counter() - started)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tokens_per_s=f"{tokens_per_s:.0f}")
             if step % cfg.logging_steps == 0 or step == plan.total_optimizer_steps:
-                records.log({
-                    "step": step, "epoch": round(epoch + (window_index + 1) / plan.optimizer_steps_per_epoch, 4),
-                    "lr": lr, "loss": loss, "grad_norm": _scalar(grad_norm), "tokens": window_tokens,
-                    "step_time": time.perf_counter() - started,
-                })
+                records.log(
+                    {
+                        "step": step,
+                        "epoch": round(epoch + (window_index + 1) / plan.optimizer_steps_per_epoch, 4),
+                        "lr": lr,
+                        "loss": loss,
+                        "grad_norm": _scalar(grad_norm),
+                        "tokens": window_tokens,
+                        "step_time": time.perf_counter() - started,
+                    }
+                )
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != plan.total_optimizer_steps:
                 evaluate(step)
+            batches_done = min((window_index + 1) * ga, len(train_loader))
+            if checkpoints.step_done(step, epoch, batches_done, len(train_loader)):  # SIGTERM/SIGINT came
+                checkpoints.exit_interrupted(step)
             if step == plan.total_optimizer_steps:
                 break
     progress.close()
@@ -156,24 +222,33 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     accelerator.unwrap_model(model).save_pretrained(
-        final_dir, state_dict=state_dict, is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save, safe_serialization=True,
+        final_dir,
+        state_dict=state_dict,
+        is_main_process=accelerator.is_main_process,
+        save_function=accelerator.save,
+        safe_serialization=True,
     )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(final_dir)
+        write_curves(cfg.output_dir)
+    lora.merge_in_fresh_process(accelerator, model, cfg, final_dir, lora.CAUSAL_LM)  # merge_adapter: merged/
     accelerator.wait_for_everyone()
-    log(f"fine-tuned model saved to {final_dir}")
+    log(f"fine-tuned model saved to {final_dir}; curves in {cfg.output_dir}/curves.png")
     accelerator.end_training()
 
 
 def load_data(cfg: SFTConfig, tokenizer) -> tuple:
     """Tokenised train and eval splits (eval is None when eval_split is null) and the train stats."""
-    train_raw = first_n(load_split(cfg.dataset_name, cfg.train_split, cfg.dataset_config_name), cfg.max_train_samples)
+    train_raw = first_n(
+        load_split(cfg.dataset_name, cfg.train_split, cfg.dataset_config_name), cfg.max_train_samples
+    )
     require_columns(train_raw, [cfg.messages_column], f"split {cfg.train_split!r} of {cfg.dataset_name}")
     train_set, stats = tokenize_dataset(train_raw, tokenizer, cfg.max_seq_length, cfg.messages_column)
     eval_set = None
     if cfg.eval_split:
-        eval_raw = first_n(load_split(cfg.dataset_name, cfg.eval_split, cfg.dataset_config_name), cfg.max_eval_samples)
+        eval_raw = first_n(
+            load_split(cfg.dataset_name, cfg.eval_split, cfg.dataset_config_name), cfg.max_eval_samples
+        )
         require_columns(eval_raw, [cfg.messages_column], f"split {cfg.eval_split!r} of {cfg.dataset_name}")
         eval_set, _ = tokenize_dataset(eval_raw, tokenizer, cfg.max_seq_length, cfg.messages_column)
     return train_set, eval_set, stats
@@ -184,6 +259,11 @@ def plan_inputs(cfg: SFTConfig) -> tuple[int, float]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     train_set, _, _ = load_data(cfg, tokenizer)
     return len(train_set), sum(train_set["num_targets"]) / len(train_set)
+
+
+def plan_parameters(cfg: SFTConfig) -> dict[str, int]:
+    """Trainable and total parameters the run will report, from the model config alone."""
+    return lora.planned_parameter_fields(cfg, lora.CAUSAL_LM)
 
 
 @torch.no_grad()

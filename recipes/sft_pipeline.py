@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(SFTPipelineConfig, recipe_args(sys.argv[1:] if argv is None else argv))
     if cfg.mixed_precision != "no":
         raise ConfigError(f"mixed_precision {cfg.mixed_precision!r}: the pipeline recipe trains in fp32 only")
+    if cfg.use_peft:
+        raise ConfigError(
+            "use_peft: the pipeline recipe does not support LoRA yet; train LoRA adapters with recipes/sft.py "
+            "(1 process, DDP or ZeRO-1/2/3), or set use_peft: false"
+        )
 
     # ---------------------------------------------------------------- compute
     state = init_distributed()

@@ -40,7 +40,10 @@ def make_chat_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = __import__("tokenizers").decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(
@@ -58,9 +61,16 @@ def make_tiny_decoder(directory: Path, family: str = "llama", seed: int = 0, num
     spec = dict(TINY_DECODERS[family])
     config = AutoConfig.for_model(
         spec.pop("model_type"),
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         **spec,
     )
     torch.manual_seed(seed)
@@ -70,14 +80,25 @@ def make_tiny_decoder(directory: Path, family: str = "llama", seed: int = 0, num
 
 
 def launch(
-    accelerate_config: str | None, script: str, args: list[str], num_processes: int | None = None,
-    env: dict | None = None, timeout: int = 900, check: bool = True,
+    accelerate_config: str | None,
+    script: str,
+    args: list[str],
+    num_processes: int | None = None,
+    env: dict | None = None,
+    timeout: int = 900,
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run a recipe through the real `accelerate launch` (or plain python when no config is given)."""
     if accelerate_config is None:
         cmd = [sys.executable, str(REPO / script), *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / accelerate_config)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / accelerate_config),
+        ]
         cmd += ["--main_process_port", str(free_port())]  # tests may run next to other launches
         if num_processes is not None:
             cmd += ["--num_processes", str(num_processes)]
@@ -85,7 +106,9 @@ def launch(
     full_env = {**os.environ, **offline_env(), **(env or {})}
     result = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
     return result
 
 
@@ -96,8 +119,12 @@ def free_port() -> int:
 
 
 def offline_env() -> dict:
-    return {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -34,7 +34,9 @@ def test_every_recipe_yaml_parses_into_its_recipe_config(path):
     assert isinstance(cfg, cls)
     assert cfg.model_name_or_path and cfg.dataset_name and cfg.output_dir
     header = path.read_text().splitlines()[:6]
-    assert any("accelerate launch" in line or "recipes " in line for line in header), "header shows the command"
+    assert any("accelerate launch" in line or "recipes " in line for line in header), (
+        "header shows the command"
+    )
 
 
 @pytest.mark.parametrize("path", ACCELERATE_YAMLS, ids=lambda p: p.name)
@@ -47,7 +49,10 @@ def test_every_accelerate_yaml_loads_with_accelerates_own_loader(path):
 def test_unknown_key_in_yaml_is_an_error_naming_it_and_the_closest_field(tmp_path):
     bad = tmp_path / "sft_typo.yaml"
     bad.write_text("model_name_or_path: m\nlearning_rat: 0.1\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'learning_rat' in .*sft_typo.yaml; did you mean 'learning_rate'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config key 'learning_rat' in .*sft_typo.yaml; did you mean 'learning_rate'\?",
+    ):
         parse_config(SFTConfig, ["--config", str(bad)])
 
 
@@ -61,8 +66,21 @@ def test_overrides_win_over_yaml_and_are_typed(tmp_path):
     path.write_text('learning_rate: 1.0e-4\nmixed_precision: "bf16"\nmax_steps: 10\n')
     cfg = parse_config(
         SFTConfig,
-        ["--config", str(path), "--learning_rate", "3e-5", "--max_steps=7", "--mixed_precision", "no",
-         "--dataloader_drop_last", "true", "--eval_split", "null", "--num_train_epochs", "2"],
+        [
+            "--config",
+            str(path),
+            "--learning_rate",
+            "3e-5",
+            "--max_steps=7",
+            "--mixed_precision",
+            "no",
+            "--dataloader_drop_last",
+            "true",
+            "--eval_split",
+            "null",
+            "--num_train_epochs",
+            "2",
+        ],
     )
     assert cfg.learning_rate == 3e-5 and cfg.max_steps == 7 and cfg.mixed_precision == "no"
     assert cfg.dataloader_drop_last is True and cfg.eval_split is None and cfg.num_train_epochs == 2.0
@@ -75,7 +93,10 @@ def test_overrides_win_over_yaml_and_are_typed(tmp_path):
         ("mixed_precision: no\n", "must be a string, got False \\(quote it"),
         ("dataloader_drop_last: 3\n", "dataloader_drop_last in .* must be true or false"),
         ("- a list\n", "must hold a mapping"),
-        ("seed: 1\nmax_steps: 2: 3\n", "is not valid YAML at line 2, column 13: mapping values are not allowed"),
+        (
+            "seed: 1\nmax_steps: 2: 3\n",
+            "is not valid YAML at line 2, column 13: mapping values are not allowed",
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_the_expected_type(tmp_path, yaml_text, message):
@@ -88,7 +109,7 @@ def test_bad_values_name_the_key_and_the_expected_type(tmp_path, yaml_text, mess
 def test_resolved_config_round_trips_through_config_yaml(tmp_path):
     from recipes.core.config import save_config
 
-    cfg = parse_config(SFTConfig, ["--config", str(RECIPE_YAMLS[0]), "--seed", "7", "--mixed_precision", "no"])
+    cfg = parse_config(SFTConfig, ["--config", str(REPO / "recipes/configs/sft_smollm2.yaml"), "--seed", "7"])
     save_config(cfg, tmp_path / "config.yaml")
     assert parse_config(SFTConfig, ["--config", str(tmp_path / "config.yaml")]) == cfg
 
@@ -99,9 +120,23 @@ def test_training_config_uses_training_arguments_field_names():
     ours = {f.name for f in dataclasses.fields(TrainingConfig)}
     theirs = {f.name for f in dataclasses.fields(TrainingArguments)}
     shared = {
-        "output_dir", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-        "num_train_epochs", "max_steps", "learning_rate", "weight_decay", "warmup_steps", "max_grad_norm", "seed",
-        "logging_steps", "eval_steps", "save_steps", "dataloader_drop_last", "adam_beta1", "adam_beta2",
+        "output_dir",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "max_steps",
+        "learning_rate",
+        "weight_decay",
+        "warmup_steps",
+        "max_grad_norm",
+        "seed",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "dataloader_drop_last",
+        "adam_beta1",
+        "adam_beta2",
     }
     assert shared <= ours & theirs
 

@@ -25,9 +25,24 @@ from recipes.cli import main as recipes_cli
 
 ONE_PROCESS, TWO_PROCESSES = "accelerate_configs/cpu.yaml", "accelerate_configs/cpu_2proc.yaml"
 COMMON = [
-    "--config", "recipes/configs/sft_smollm2.yaml", "--dataset_name", str(SFT_DATA), "--max_train_samples", "37",
-    "--per_device_train_batch_size", "2", "--max_eval_samples", "13", "--per_device_eval_batch_size", "4",
-    "--max_seq_length", "96", "--learning_rate", "1e-3", "--logging_steps", "1",
+    "--config",
+    "recipes/configs/sft_smollm2.yaml",
+    "--dataset_name",
+    str(SFT_DATA),
+    "--max_train_samples",
+    "37",
+    "--per_device_train_batch_size",
+    "2",
+    "--max_eval_samples",
+    "13",
+    "--per_device_eval_batch_size",
+    "4",
+    "--max_seq_length",
+    "96",
+    "--learning_rate",
+    "1e-3",
+    "--logging_steps",
+    "1",
 ]
 # name: (processes, GA, extra overrides, expected total steps worked out by hand)
 CASES = {
@@ -48,8 +63,16 @@ def runs(tiny_llama, tmp_path_factory):
     for name, (procs, ga, extra, _) in CASES.items():
         out_dir = tmp_path_factory.mktemp(name)
         config = ONE_PROCESS if procs == 1 else TWO_PROCESSES
-        args = [*COMMON, "--model_name_or_path", str(tiny_llama), "--output_dir", str(out_dir),
-                "--gradient_accumulation_steps", str(ga), *extra]
+        args = [
+            *COMMON,
+            "--model_name_or_path",
+            str(tiny_llama),
+            "--output_dir",
+            str(out_dir),
+            "--gradient_accumulation_steps",
+            str(ga),
+            *extra,
+        ]
         out[name] = (out_dir, launch(config, "recipes/sft.py", args), args)
     return out
 
@@ -131,20 +154,44 @@ def test_recipes_plan_prints_what_the_run_then_did(runs, capsys):
 
 
 def test_global_batch_size_sets_accumulation_from_the_world_size(tiny_llama, tmp_path):
-    args = [*COMMON, "--model_name_or_path", str(tiny_llama), "--output_dir", str(tmp_path),
-            "--global_batch_size", "8", "--max_steps", "2", "--eval_split", "null"]
+    args = [
+        *COMMON,
+        "--model_name_or_path",
+        str(tiny_llama),
+        "--output_dir",
+        str(tmp_path),
+        "--global_batch_size",
+        "8",
+        "--max_steps",
+        "2",
+        "--eval_split",
+        "null",
+    ]
     launch(TWO_PROCESSES, "recipes/sft.py", args)
     plan = load_plan(tmp_path)
-    assert (plan["gradient_accumulation_steps"], plan["global_batch_size"]) == (2, 8)  # 8 / (micro 2 x 2 ranks)
+    assert (plan["gradient_accumulation_steps"], plan["global_batch_size"]) == (
+        2,
+        8,
+    )  # 8 / (micro 2 x 2 ranks)
     assert [r["step"] for r in train_records(tmp_path)] == [1, 2]
 
 
 def test_global_batch_size_that_does_not_divide_fails_before_training(tiny_llama, tmp_path):
-    args = [*COMMON, "--model_name_or_path", str(tiny_llama), "--output_dir", str(tmp_path / "out"),
-            "--global_batch_size", "10"]
+    args = [
+        *COMMON,
+        "--model_name_or_path",
+        str(tiny_llama),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--global_batch_size",
+        "10",
+    ]
     result = launch(TWO_PROCESSES, "recipes/sft.py", args, check=False)
     assert result.returncode != 0
-    assert "global_batch_size 10 is not divisible by per_device_train_batch_size x data-parallel size = 2 x 2 = 4" in result.stderr
+    assert (
+        "global_batch_size 10 is not divisible by per_device_train_batch_size x data-parallel size = 2 x 2 = 4"
+        in result.stderr
+    )
     assert "(nearest: 8 or 12)" in result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -162,10 +209,25 @@ def equivalent_runs(tiny_llama, tmp_path_factory):
     out = {}
     for name, (procs, micro, ga) in EQUIVALENT.items():
         out_dir = tmp_path_factory.mktemp(name)
-        args = [*COMMON, "--model_name_or_path", str(tiny_llama), "--output_dir", str(out_dir),
-                "--max_train_samples", "40", "--per_device_train_batch_size", str(micro),
-                "--gradient_accumulation_steps", str(ga), "--num_train_epochs", "1", "--eval_split", "null",
-                "--warmup_steps", "0"]
+        args = [
+            *COMMON,
+            "--model_name_or_path",
+            str(tiny_llama),
+            "--output_dir",
+            str(out_dir),
+            "--max_train_samples",
+            "40",
+            "--per_device_train_batch_size",
+            str(micro),
+            "--gradient_accumulation_steps",
+            str(ga),
+            "--num_train_epochs",
+            "1",
+            "--eval_split",
+            "null",
+            "--warmup_steps",
+            "0",
+        ]
         launch(ONE_PROCESS if procs == 1 else TWO_PROCESSES, "recipes/sft.py", args)
         out[name] = out_dir
     return out
@@ -176,7 +238,9 @@ def test_accumulation_and_data_parallelism_equal_one_big_batch(equivalent_runs, 
     ref_weights = load_weights(reference / "final")
     ref_losses = [r["loss"] for r in train_records(reference)]
     assert len(ref_losses) == 5  # 40 samples / 8 per step
-    assert max_weight_diff(ref_weights, load_weights(tiny_llama)) > 1e-3  # weights moved well past the tolerance
+    assert (
+        max_weight_diff(ref_weights, load_weights(tiny_llama)) > 1e-3
+    )  # weights moved well past the tolerance
     for name in ("1proc_micro2_ga4", "2proc_micro2_ga2"):
         records = train_records(equivalent_runs[name])
         assert [r["tokens"] for r in records] == [r["tokens"] for r in train_records(reference)]

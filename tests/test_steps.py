@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import itertools
 
 import pytest
 from accelerate.data_loader import BatchSamplerShard
@@ -35,7 +35,9 @@ def simulated_rank_batch_sizes(n: int, bs: int, procs: int, drop_last: bool) -> 
     return [sizes[rank::procs] for rank in range(procs)]
 
 
-def accelerate_rank_batches(n: int, bs: int, procs: int, drop_last: bool, even_batches: bool = True) -> list[list]:
+def accelerate_rank_batches(
+    n: int, bs: int, procs: int, drop_last: bool, even_batches: bool = True
+) -> list[list]:
     sampler = BatchSampler(SequentialSampler(range(n)), batch_size=bs, drop_last=drop_last)
     return [
         list(BatchSamplerShard(sampler, num_processes=procs, process_index=r, even_batches=even_batches))
@@ -61,7 +63,10 @@ def simulated_steps(per_rank_batches: int, ga: int, epochs: int, max_steps: int)
 
 @settings(max_examples=3000, deadline=None)
 @given(
-    n=st.integers(0, 300), bs=st.integers(1, 12), procs=st.integers(1, 8), drop_last=st.booleans(),
+    n=st.integers(0, 300),
+    bs=st.integers(1, 12),
+    procs=st.integers(1, 8),
+    drop_last=st.booleans(),
 )
 def test_batches_per_rank_matches_simulation_and_accelerate_sharding(n, bs, procs, drop_last):
     batches = batches_before_sharding(n, bs, drop_last)
@@ -92,16 +97,28 @@ def test_split_batches_keeps_every_batch_on_every_rank(n, bs, procs):
 
 @settings(max_examples=3000, deadline=None)
 @given(
-    n=st.integers(1, 400), bs=st.integers(1, 16), ga=st.integers(1, 8), procs=st.integers(1, 8),
-    epochs=st.integers(1, 3), max_steps=st.one_of(st.just(-1), st.integers(1, 60)), drop_last=st.booleans(),
+    n=st.integers(1, 400),
+    bs=st.integers(1, 16),
+    ga=st.integers(1, 8),
+    procs=st.integers(1, 8),
+    epochs=st.integers(1, 3),
+    max_steps=st.one_of(st.just(-1), st.integers(1, 60)),
+    drop_last=st.booleans(),
     warmup=st.integers(0, 10),
 )
 def test_plan_matches_a_simulated_accumulation_loop(n, bs, ga, procs, epochs, max_steps, drop_last, warmup):
     real = accelerate_rank_batches(n, bs, procs, drop_last)
     per_rank = len(real[0])
     kwargs = dict(
-        num_samples=n, world_size=procs, micro_batch_size=bs, gradient_accumulation_steps=ga,
-        num_train_epochs=epochs, max_steps=max_steps, warmup_steps=warmup, learning_rate=1e-3, drop_last=drop_last,
+        num_samples=n,
+        world_size=procs,
+        micro_batch_size=bs,
+        gradient_accumulation_steps=ga,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        warmup_steps=warmup,
+        learning_rate=1e-3,
+        drop_last=drop_last,
     )
     if per_rank == 0:
         with pytest.raises(ValueError, match="give no batch"):
@@ -117,14 +134,17 @@ def test_plan_matches_a_simulated_accumulation_loop(n, bs, ga, procs, epochs, ma
 
 
 def test_fractional_epochs_round_up_to_whole_steps():
-    plan = make_plan(num_samples=100, world_size=1, micro_batch_size=10, num_train_epochs=0.25, learning_rate=1.0)
+    plan = make_plan(
+        num_samples=100, world_size=1, micro_batch_size=10, num_train_epochs=0.25, learning_rate=1.0
+    )
     assert plan.optimizer_steps_per_epoch == 10
     assert plan.total_optimizer_steps == 3  # ceil(2.5)
     assert plan.num_epochs == 1
 
 
 @pytest.mark.parametrize(
-    "total,steps,ratio,expected", [(100, 0, 0.1, 10), (101, 0, 0.1, 11), (7, 0, 0.5, 4), (50, 3, 0.9, 3), (9, 0, 0.0, 0)]
+    "total,steps,ratio,expected",
+    [(100, 0, 0.1, 10), (101, 0, 0.1, 11), (7, 0, 0.5, 4), (50, 3, 0.9, 3), (9, 0, 0.0, 0)],
 )
 def test_warmup_steps_win_over_ratio_and_ratio_rounds_up(total, steps, ratio, expected):
     assert warmup_steps_for(total, steps, ratio) == expected
@@ -136,8 +156,8 @@ def test_lr_formula_starts_at_zero_peaks_after_warmup_and_ends_at_zero():
     assert lrs[0] == 0.0
     assert lrs[warmup] == peak  # step warmup + 1 is the first at the peak
     assert max(lrs) == peak and lrs.index(peak) == warmup
-    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1 : warmup + 1], strict=True))
-    assert all(a > b for a, b in zip(lrs[warmup:total], lrs[warmup + 1 : total + 1], strict=True))
+    assert all(a < b for a, b in itertools.pairwise(lrs[: warmup + 1]))
+    assert all(a > b for a, b in itertools.pairwise(lrs[warmup : total + 1]))
     assert lrs[total - 1] == peak * (1 / (total - warmup)) and lrs[total] == 0.0
 
 
@@ -156,7 +176,9 @@ def test_lr_formula_equals_transformers_schedule_bit_for_bit():
 
 def test_data_parallel_size_divides_out_pipeline_and_tensor_parallel_groups():
     assert data_parallel_size(16, pipeline_stages=2, tensor_parallel_size=2) == 4
-    with pytest.raises(ValueError, match="world size 6 is not divisible by pipeline_stages x tensor_parallel_size"):
+    with pytest.raises(
+        ValueError, match="world size 6 is not divisible by pipeline_stages x tensor_parallel_size"
+    ):
         data_parallel_size(6, pipeline_stages=4)
 
 

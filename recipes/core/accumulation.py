@@ -54,7 +54,9 @@ def per_sample_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[t
     return losses.sum(dim=1), (shift_labels != IGNORE_INDEX).sum(dim=1)
 
 
-def backward_scale(window_tokens_all_ranks: int, data_parallel_size: int, gradient_accumulation_steps: int) -> float:
+def backward_scale(
+    window_tokens_all_ranks: int, data_parallel_size: int, gradient_accumulation_steps: int
+) -> float:
     """Factor for a micro-batch's summed loss so that the accumulated, rank-averaged gradient is the
     gradient of (sum of token losses in the window on all ranks) / (their count).
 

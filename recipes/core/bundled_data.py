@@ -17,23 +17,81 @@ SFT_DIR = DATA_DIR / "sft_instructions"
 SYSTEM_PROMPT = "You are a concise assistant. Answer in one short sentence."
 
 _CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Japan": "Tokyo", "Canada": "Ottawa", "Australia": "Canberra", "Egypt": "Cairo", "Kenya": "Nairobi",
-    "Brazil": "Brasilia", "Argentina": "Buenos Aires", "Peru": "Lima", "Norway": "Oslo", "Sweden": "Stockholm",
-    "Finland": "Helsinki", "Poland": "Warsaw", "Greece": "Athens", "Turkey": "Ankara", "India": "New Delhi",
-    "China": "Beijing", "Mexico": "Mexico City", "Chile": "Santiago", "Ireland": "Dublin", "Austria": "Vienna",
-    "Hungary": "Budapest", "Thailand": "Bangkok", "Vietnam": "Hanoi", "Morocco": "Rabat", "Ghana": "Accra",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Japan": "Tokyo",
+    "Canada": "Ottawa",
+    "Australia": "Canberra",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Brazil": "Brasilia",
+    "Argentina": "Buenos Aires",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Finland": "Helsinki",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Turkey": "Ankara",
+    "India": "New Delhi",
+    "China": "Beijing",
+    "Mexico": "Mexico City",
+    "Chile": "Santiago",
+    "Ireland": "Dublin",
+    "Austria": "Vienna",
+    "Hungary": "Budapest",
+    "Thailand": "Bangkok",
+    "Vietnam": "Hanoi",
+    "Morocco": "Rabat",
+    "Ghana": "Accra",
 }
 _WORDS = [
-    "apple", "river", "stone", "cloud", "garden", "pencil", "window", "planet", "forest", "candle",
-    "bridge", "castle", "orange", "silver", "harbor", "meadow", "rocket", "violin", "desert", "lantern",
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "garden",
+    "pencil",
+    "window",
+    "planet",
+    "forest",
+    "candle",
+    "bridge",
+    "castle",
+    "orange",
+    "silver",
+    "harbor",
+    "meadow",
+    "rocket",
+    "violin",
+    "desert",
+    "lantern",
 ]
 _ANTONYMS = {
-    "hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "early": "late", "light": "dark",
-    "open": "closed", "strong": "weak", "high": "low", "full": "empty", "rich": "poor", "young": "old",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "happy": "sad",
+    "early": "late",
+    "light": "dark",
+    "open": "closed",
+    "strong": "weak",
+    "high": "low",
+    "full": "empty",
+    "rich": "poor",
+    "young": "old",
 }
-_UNITS = [("kilometres", "metres", 1000), ("metres", "centimetres", 100), ("kilograms", "grams", 1000),
-          ("hours", "minutes", 60), ("minutes", "seconds", 60), ("litres", "millilitres", 1000)]
+_UNITS = [
+    ("kilometres", "metres", 1000),
+    ("metres", "centimetres", 100),
+    ("kilograms", "grams", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("litres", "millilitres", 1000),
+]
 
 
 def _addition(rng: random.Random) -> tuple[str, str]:
@@ -79,7 +137,14 @@ def _uppercase(rng: random.Random) -> tuple[str, str]:
 
 
 _TASKS: list[Callable[[random.Random], tuple[str, str]]] = [
-    _addition, _capital, _reverse, _letters, _sort, _antonym, _convert, _uppercase,
+    _addition,
+    _capital,
+    _reverse,
+    _letters,
+    _sort,
+    _antonym,
+    _convert,
+    _uppercase,
 ]
 
 
@@ -92,7 +157,9 @@ def sft_conversation(rng: random.Random) -> dict:
     return {"messages": messages}
 
 
-def write_sft_dataset(directory: Path = SFT_DIR, train_size: int = 480, eval_size: int = 64, seed: int = 0) -> Path:
+def write_sft_dataset(
+    directory: Path = SFT_DIR, train_size: int = 480, eval_size: int = 64, seed: int = 0
+) -> Path:
     rng = random.Random(seed)
     directory.mkdir(parents=True, exist_ok=True)
     for split, size in (("train", train_size), ("validation", eval_size)):

@@ -26,12 +26,18 @@ class TokenizeStats:
 
 def check_messages(messages: Any, row: int) -> None:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"row {row}: 'messages' must be a non-empty list of {{role, content}} dicts, got {messages!r:.120}")
+        raise DataError(
+            f"row {row}: 'messages' must be a non-empty list of {{role, content}} dicts, got {messages!r:.120}"
+        )
     for turn in messages:
-        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+        if not (
+            isinstance(turn, dict)
+            and isinstance(turn.get("role"), str)
+            and isinstance(turn.get("content"), str)
+        ):
             raise DataError(
                 f"row {row}: every message needs string 'role' and 'content' keys, got {turn!r:.120}; "
-                "format each turn as {\"role\": \"user\" | \"assistant\" | \"system\", \"content\": \"...\"}"
+                'format each turn as {"role": "user" | "assistant" | "system", "content": "..."}'
             )
     if not any(turn["role"] == "assistant" for turn in messages):
         raise DataError(f"row {row}: the conversation has no assistant turn, so there is nothing to train on")
@@ -44,7 +50,11 @@ def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tup
     for i, turn in enumerate(messages):
         if turn["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        before = (
+            tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            if i
+            else ""
+        )
         through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (text.startswith(through) and through.startswith(before)):
             raise DataError(
@@ -55,7 +65,9 @@ def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tup
     return text, spans
 
 
-def tokenize_conversation(tokenizer: Any, messages: list[dict], max_seq_length: int) -> tuple[list[int], list[int], bool]:
+def tokenize_conversation(
+    tokenizer: Any, messages: list[dict], max_seq_length: int
+) -> tuple[list[int], list[int], bool]:
     """input_ids, labels (IGNORE_INDEX outside assistant replies) and whether truncation happened."""
     text, spans = assistant_spans(tokenizer, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -68,7 +80,9 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict], max_seq_length: 
     return ids[:max_seq_length], labels[:max_seq_length], truncated
 
 
-def tokenize_batch(batch: dict[str, list], indices: list[int], tokenizer: Any, max_seq_length: int, column: str) -> dict:
+def tokenize_batch(
+    batch: dict[str, list], indices: list[int], tokenizer: Any, max_seq_length: int, column: str
+) -> dict:
     """datasets.map(batched=True) body: adds input_ids, labels, num_targets, truncated."""
     out: dict[str, list] = {"input_ids": [], "labels": [], "num_targets": [], "truncated": []}
     for row, messages in zip(indices, batch[column], strict=True):
@@ -81,7 +95,9 @@ def tokenize_batch(batch: dict[str, list], indices: list[int], tokenizer: Any, m
     return out
 
 
-def tokenize_dataset(data: Any, tokenizer: Any, max_seq_length: int, column: str = "messages") -> tuple[Any, TokenizeStats]:
+def tokenize_dataset(
+    data: Any, tokenizer: Any, max_seq_length: int, column: str = "messages"
+) -> tuple[Any, TokenizeStats]:
     """Tokenise a split; samples whose targets were all truncated away are dropped and counted."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
@@ -89,7 +105,9 @@ def tokenize_dataset(data: Any, tokenizer: Any, max_seq_length: int, column: str
             "checkpoint or set tokenizer.chat_template before saving the tokenizer"
         )
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError("a fast tokenizer is needed to locate assistant tokens (offset mapping); load one with use_fast=True")
+        raise DataError(
+            "a fast tokenizer is needed to locate assistant tokens (offset mapping); load one with use_fast=True"
+        )
     tokenized = data.map(
         tokenize_batch,
         batched=True,

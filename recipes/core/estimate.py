@@ -24,9 +24,12 @@ from dataclasses import asdict, dataclass
 FLOPS_FORMULA = "6 x non-embedding params x tokens + 12 x layers x attention dim x seq len x tokens"
 MEMORY_FORMULA = (
     "ZeRO accounting: bf16/fp16 2 (params) + 2 (grads) + 12 (fp32 Adam states) bytes/param, fp32 4 + 4 + 8; "
-    "stage 1 splits optimizer states, 2 also grads, 3 also params over data-parallel ranks"
+    "stage 1 splits optimizer states, 2 also grads, 3 also params over data-parallel ranks; "
+    "pipeline stages split them evenly"
 )
-ACTIVATION_FORMULA = "layers x s x b x h x (34 + 5 a s / h) bytes (x2 in fp32) + 4 s b V (fp32 logits)"
+ACTIVATION_FORMULA = (
+    "layers x s x b x h x (34 + 5 a s / h) bytes (x2 in fp32) + 4 s b V (fp32 logits of an LM head)"
+)
 DEFAULT_UTILIZATION = 0.4  # model FLOPs utilisation of a well-tuned dense training job on GPUs
 
 # bytes per parameter: (parameters, gradients, optimizer states) for Adam
@@ -42,6 +45,7 @@ class ModelShape:
     num_heads: int
     attention_dim: int  # query heads x head dim
     vocab_size: int
+    has_lm_head: bool = True  # False for encoders: no vocabulary-sized logits to keep
 
     @property
     def non_embedding_params(self) -> int:
@@ -86,6 +90,7 @@ def shape_from_config(config, trust_remote_code: bool = False) -> ModelShape:
         num_heads=heads,
         attention_dim=heads * head_dim,
         vocab_size=text.vocab_size,
+        has_lm_head=head is not None,
     )
 
 
@@ -147,7 +152,8 @@ def model_state_bytes(
 def activation_bytes(shape: ModelShape, micro_batch_size: int, seq_len: float, precision: str) -> float:
     s, b, h, a = seq_len, micro_batch_size, shape.hidden_size, shape.num_heads
     per_layer = s * b * h * (34 + 5 * a * s / h) * (2 if precision == "fp32" else 1)
-    return shape.num_layers * per_layer + 4 * s * b * shape.vocab_size
+    logits = 4 * s * b * shape.vocab_size if shape.has_lm_head else 0
+    return shape.num_layers * per_layer + logits
 
 
 def device_memory(
@@ -159,9 +165,17 @@ def device_memory(
     seq_len: float,
     offload_optimizer: str | None = None,
     offload_param: str | None = None,
+    pipeline_stages: int = 1,
 ) -> DeviceMemory:
+    """Activations are not divided by pipeline stages: under 1F1B a stage holds up to one micro-batch
+    per stage in flight, which is about one micro-batch through all layers."""
     params, grads, optim, offloaded = model_state_bytes(
-        shape.total_params, dp_size, zero_stage, precision, offload_optimizer, offload_param
+        shape.total_params // pipeline_stages,
+        dp_size,
+        zero_stage,
+        precision,
+        offload_optimizer,
+        offload_param,
     )
     return DeviceMemory(
         params, grads, optim, activation_bytes(shape, micro_batch_size, seq_len, precision), offloaded
@@ -204,6 +218,7 @@ def estimate_run(
         seq_len,
         offload_optimizer,
         offload_param,
+        plan.get("pipeline_stages", 1),
     )
     out = {
         "model_params": shape.total_params,
@@ -261,8 +276,11 @@ def estimate_table(est: dict) -> str:
         ("model parameters", f"{est['model_params']:,} ({est['non_embedding_params']:,} non-embedding)"),
         ("precision", est["precision"]),
         ("trained target tokens", _num(est["trained_target_tokens"])),
-        ("processed tokens", f"{_num(est['processed_tokens'])} (sequences of {est['seq_len']:g} tokens: "
-            f"{est.get('seq_len_source', 'given')})"),
+        (
+            "processed tokens",
+            f"{_num(est['processed_tokens'])} (sequences of {est['seq_len']:g} tokens: "
+            f"{est.get('seq_len_source', 'given')})",
+        ),
         ("training FLOPs", f"{est['training_flops']:.3e} = {est['flops_formula']}"),
     ]
     if "wall_clock_seconds" in est:

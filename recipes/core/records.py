@@ -17,14 +17,20 @@ class RunRecords:
     logged at the record's optimizer step.
     """
 
-    def __init__(self, output_dir: str | Path, enabled: bool, accelerator: Any = None):
+    def __init__(
+        self, output_dir: str | Path, enabled: bool, accelerator: Any = None, resume_step: int | None = None
+    ):
         self.dir = Path(output_dir)
         self.enabled = enabled
         self.accelerator = accelerator
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
-            # A new run starts a new metrics file rather than appending to an old run's.
-            (self.dir / "metrics.jsonl").write_text("")
+            # A new run starts a new metrics file rather than appending to an old run's; a resumed run
+            # keeps the records up to its checkpoint's step and redoes the rest.
+            kept = []
+            if resume_step is not None and (self.dir / "metrics.jsonl").is_file():
+                kept = [r for r in read_metrics(self.dir) if r.get("step", 0) <= resume_step]
+            (self.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write_config(self, config: Any) -> None:
         if self.enabled:
@@ -40,7 +46,11 @@ class RunRecords:
                 f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
             if self.accelerator is not None and self.accelerator.log_with:
                 numbers = {k: _plain(v) for k, v in record.items() if k != "step" and v is not None}
-                numbers = {k: v for k, v in numbers.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                numbers = {
+                    k: v
+                    for k, v in numbers.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
                 self.accelerator.log(numbers, step=record.get("step"))
 
 

@@ -93,7 +93,9 @@ def linear_warmup_decay_lr(step: int, peak_lr: float, warmup_steps: int, total_s
 
 def data_parallel_size(world_size: int, pipeline_stages: int = 1, tensor_parallel_size: int = 1) -> int:
     """Ranks that see different data: the world divided by the model-parallel group size."""
-    _require_positive(world_size=world_size, pipeline_stages=pipeline_stages, tensor_parallel_size=tensor_parallel_size)
+    _require_positive(
+        world_size=world_size, pipeline_stages=pipeline_stages, tensor_parallel_size=tensor_parallel_size
+    )
     model_parallel = pipeline_stages * tensor_parallel_size
     if world_size % model_parallel:
         raise ValueError(
@@ -141,6 +143,8 @@ class Plan:
     tokens_per_sample: float | None
     approx_tokens_per_step: float | None
     approx_total_tokens: float | None
+    trainable_parameters: int | None = None  # counted by the recipe (e.g. LoRA adapters only)
+    total_parameters: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,6 +180,8 @@ def make_plan(
     drop_last: bool = False,
     even_batches: bool = True,
     tokens_per_sample: float | None = None,
+    trainable_parameters: int | None = None,
+    total_parameters: int | None = None,
 ) -> Plan:
     """Resolve every derived number of a run from its config, data size and topology.
 
@@ -185,7 +191,9 @@ def make_plan(
     dp = data_parallel_size(world_size, pipeline_stages, tensor_parallel_size)
     if global_batch_size:
         gradient_accumulation_steps = gradient_accumulation_for(global_batch_size, micro_batch_size, dp)
-    _require_positive(micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps)
+    _require_positive(
+        micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps
+    )
     batches = batches_before_sharding(num_samples, micro_batch_size, drop_last)
     per_rank = batches_per_rank(batches, dp, drop_last=drop_last, even_batches=even_batches)
     if per_rank == 0:
@@ -219,6 +227,8 @@ def make_plan(
         tokens_per_sample=tokens_per_sample,
         approx_tokens_per_step=approx_step_tokens,
         approx_total_tokens=approx_step_tokens * total if approx_step_tokens is not None else None,
+        trainable_parameters=trainable_parameters,
+        total_parameters=total_parameters,
     )
 
 

@@ -1,0 +1,30 @@
+"""Checks on the model a run is pointed at, made before anything is loaded or written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from recipes.core.config import ConfigError
+
+
+def require_model(model_name_or_path: str, trust_remote_code: bool = False) -> None:
+    """Fail in seconds, in one paragraph, when model_name_or_path names no loadable model."""
+    if not model_name_or_path:
+        raise ConfigError("model_name_or_path is empty; set it to a Hub id or the directory of a saved model")
+    path = Path(model_name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model_name_or_path {model_name_or_path} is a directory without config.json, so it holds no "
+            "saved model; point it at the directory save_pretrained wrote (e.g. a run's final/)"
+        )
+    try:
+        AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"model_name_or_path {model_name_or_path} does not exist as a local directory and cannot be "
+            f"loaded as a Hub model ({reason}); pass the directory of a saved model or a Hub id "
+            "(offline, only models already in the cache; `recipes prepare` fetches the default ones)"
+        ) from None

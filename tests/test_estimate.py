@@ -1,0 +1,236 @@
+"""Plan estimates (parameters, FLOPs, wall clock, ZeRO memory, activations) against hand arithmetic."""
+
+import json
+import time
+
+import pytest
+from transformers import AutoConfig
+
+from recipes.cli import main
+from recipes.core.estimate import (
+    ModelShape,
+    activation_bytes,
+    device_memory,
+    estimate_run,
+    model_shape,
+    model_state_bytes,
+    training_flops,
+    wall_clock_seconds,
+)
+from recipes.core.hardware import DEVICES, Device, get_device
+from recipes.core.steps import make_plan
+
+V = 1000  # vocabulary of the small config below
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory):
+    """Only a config.json: the estimate must not need (or build) weights."""
+    directory = tmp_path_factory.mktemp("small_llama")
+    AutoConfig.for_model(
+        "llama",
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    ).save_pretrained(directory)
+    return directory
+
+
+# Per layer: q 32x32 + k 32x16 + v 32x16 + o 32x32 = 3072; gate/up/down 3 x 32x64 = 6144; two norms 2 x 32.
+PER_LAYER = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 64 + 2 * 32
+NON_EMBEDDING = 2 * PER_LAYER + 32  # + final norm = 18,592
+TOTAL = NON_EMBEDDING + 2 * V * 32  # + input embeddings + untied LM head = 82,592
+
+
+def test_parameter_counts_come_from_the_config_alone(small_llama):
+    shape = model_shape(str(small_llama))
+    assert (shape.total_params, shape.non_embedding_params) == (TOTAL, NON_EMBEDDING) == (82_592, 18_592)
+    assert (shape.num_layers, shape.hidden_size, shape.num_heads, shape.attention_dim) == (2, 32, 4, 32)
+
+
+def test_a_70b_model_is_counted_in_seconds_without_weights(tmp_path):
+    AutoConfig.for_model(
+        "llama",
+        vocab_size=128_256,
+        hidden_size=8192,
+        intermediate_size=28_672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ).save_pretrained(tmp_path)
+    started = time.perf_counter()
+    shape = model_shape(str(tmp_path))
+    assert time.perf_counter() - started < 60
+    per_layer = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28_672 + 2 * 8192
+    assert shape.non_embedding_params == 80 * per_layer + 8192 == 68_452_360_192
+    assert shape.total_params == 68_452_360_192 + 2 * 128_256 * 8192 == 70_553_706_496
+
+
+def test_training_flops_are_6_n_d_plus_the_attention_term(small_llama):
+    shape = model_shape(str(small_llama))
+    tokens, seq = 7168, 64
+    # 6 x 18,592 x 7,168 = 799,604,736; 12 x 2 layers x 32 x 64 x 7,168 = 352,321,536
+    assert training_flops(shape, tokens, seq) == 799_604_736 + 352_321_536
+
+
+def test_zero_stages_partition_states_as_in_the_zero_paper():
+    n, dp = 1000, 4
+    # bf16 Adam: 2 + 2 + 12 bytes per parameter
+    assert model_state_bytes(n, dp, 0, "bf16") == (2000, 2000, 12000, 0)
+    assert model_state_bytes(n, dp, 1, "bf16") == (2000, 2000, 3000, 0)
+    assert model_state_bytes(n, dp, 2, "bf16") == (2000, 500, 3000, 0)
+    assert model_state_bytes(n, dp, 3, "bf16") == (500, 500, 3000, 0)
+    # fp32: 4 + 4 + 8
+    assert model_state_bytes(n, dp, 0, "fp32") == (4000, 4000, 8000, 0)
+    assert model_state_bytes(n, dp, 3, "fp32") == (1000, 1000, 2000, 0)
+
+
+def test_offloaded_states_leave_the_device():
+    # ZeRO-2 + optimizer offload: 3,000 bytes of optimizer states per rank go to the host
+    assert model_state_bytes(1000, 4, 2, "bf16", offload_optimizer="cpu") == (2000, 500, 0, 3000)
+    # ZeRO-3 + parameter and optimizer offload: 500 + 3,000 bytes per rank on the host
+    assert model_state_bytes(1000, 4, 3, "bf16", "cpu", "cpu") == (0, 500, 0, 3500)
+    # parameter offload exists only for ZeRO-3
+    assert model_state_bytes(1000, 4, 2, "bf16", offload_param="cpu") == (2000, 500, 3000, 0)
+
+
+def test_activation_estimate_follows_the_stated_formula(small_llama):
+    shape = model_shape(str(small_llama))
+    # per layer s b h (34 + 5 a s / h) = 64 x 4 x 32 x (34 + 5 x 4 x 64 / 32) = 8,192 x 74 = 606,208 (16-bit)
+    # 2 layers = 1,212,416; logits 4 s b V = 4 x 64 x 4 x 1,000 = 1,024,000
+    assert activation_bytes(shape, 4, 64, "bf16") == 1_212_416 + 1_024_000
+    assert activation_bytes(shape, 4, 64, "fp32") == 2 * 1_212_416 + 1_024_000
+
+
+def test_wall_clock_divides_flops_by_devices_peak_and_utilisation():
+    h100 = get_device("h100-sxm")
+    assert h100.peak_flops["bf16"] == 989.5e12
+    assert wall_clock_seconds(989.5e12 * 3600, 2, h100.peak_flops["bf16"], 0.5) == pytest.approx(
+        3600, rel=1e-12
+    )
+    with pytest.raises(ValueError, match="utilization must be in"):
+        wall_clock_seconds(1.0, 1, 1.0, 1.5)
+
+
+def test_accelerator_table_lists_memory_and_dense_peaks():
+    for name in (
+        "H100-SXM",
+        "H100-PCIe",
+        "H200",
+        "A100-40GB",
+        "A100-80GB",
+        "L40S",
+        "A10G",
+        "RTX-4090",
+        "CPU",
+    ):
+        assert name in DEVICES
+    assert get_device("A100-80GB").memory_bytes == 80e9
+    assert get_device("A100-40GB").peak_flops["bf16"] == 312e12  # dense; 624 is the sparsity figure
+    assert not get_device("V100-32GB").supports("bf16")
+    with pytest.raises(ValueError, match="did you mean 'H100-SXM'"):
+        get_device("H100-SMX")
+
+
+def test_estimate_warns_when_the_model_states_do_not_fit(small_llama):
+    shape = model_shape(str(small_llama))
+    plan = make_plan(
+        num_samples=100, world_size=2, micro_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-4
+    ).to_dict()
+    tiny_gpu = Device("tiny", 2_000_000, {"bf16": 1e12})
+    est = estimate_run(plan, shape, "bf16", 64, zero_stage=0, device=tiny_gpu)
+    # 16 x 82,592 = 1,321,472 bytes of model states + 2,236,416 of activations = 3,557,888 > 2,000,000
+    assert est["memory_per_device"]["total"] == 1_321_472 + 2_236_416
+    assert est["fits"] is False and est["warning"].startswith("does not fit: needs 0.0 GB per device")
+    assert "a higher ZeRO stage (now 0)" in est["warning"]
+
+
+def test_plan_cli_reads_topology_and_prints_hand_computed_estimate(small_llama, tmp_path, capsys):
+    recipe = tmp_path / "sft_small.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {small_llama}\nper_device_train_batch_size: 4\n"
+        "gradient_accumulation_steps: 2\nmixed_precision: bf16\nmax_seq_length: 64\n"
+    )
+    ds = tmp_path / "zero2.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}))
+    acc = tmp_path / "ds.yaml"
+    acc.write_text(
+        f"distributed_type: DEEPSPEED\nnum_processes: 2\ndeepspeed_config:\n  deepspeed_config_file: {ds}\n"
+    )
+    argv = [
+        "plan",
+        "--config",
+        str(recipe),
+        "--num-samples",
+        "100",
+        "--accelerate-config",
+        str(acc),
+        "--gpu",
+        "H100-SXM",
+        "--utilization",
+        "0.5",
+        "--json",
+    ]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    est = result["estimate"]
+    # 100 samples / micro 4 = 25 batches -> 13 per rank (2 ranks) -> ceil(13 / 2) = 7 optimizer steps
+    assert (result["world_size"], result["total_optimizer_steps"], result["samples_per_step"]) == (2, 7, 16)
+    # processed tokens: 16 samples x 7 steps x 64 tokens = 7,168
+    assert est["processed_tokens"] == 7168
+    assert est["training_flops"] == 799_604_736 + 352_321_536
+    assert est["wall_clock_seconds"] == pytest.approx(
+        (799_604_736 + 352_321_536) / (2 * 989.5e12 * 0.5), rel=1e-12
+    )
+    # ZeRO-2 on 2 ranks, bf16: params 2 x 82,592; grads 2 x 82,592 / 2; optimizer 12 x 82,592 / 2
+    mem = est["memory_per_device"]
+    assert (mem["parameters"], mem["gradients"], mem["optimizer_states"]) == (165_184, 82_592, 495_552)
+    assert mem["activations"] == 2_236_416
+    assert est["zero_stage"] == 2 and est["fits"] is True
+    assert "6 x non-embedding params x tokens" in est["flops_formula"]
+
+
+def test_encoder_is_counted_without_an_lm_head_and_without_logits(tmp_path):
+    config = AutoConfig.for_model(
+        "bert",
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+    )
+    config.architectures = ["BertModel"]
+    config.save_pretrained(tmp_path)
+    shape = model_shape(str(tmp_path))
+    # embeddings: words 1000x32 + positions 64x32 + token types 2x32 = 34,112 (+ their LayerNorm 64)
+    # per layer: q, k, v, o 4 x (32x32 + 32) + LayerNorm 64 + 32x64 + 64 + 64x32 + 32 + LayerNorm 64 = 8,544
+    # pooler 32x32 + 32 = 1,056
+    assert shape.embedding_params == 34_112
+    assert shape.total_params == 34_112 + 64 + 2 * 8_544 + 1_056 == 52_320
+    assert not shape.has_lm_head
+    # 2 layers x 64 x 4 x 32 x (34 + 5 x 4 x 64 / 32) = 1,212,416 and no vocabulary-sized logits
+    assert activation_bytes(shape, 4, 64, "bf16") == 1_212_416
+
+
+def test_pipeline_stages_split_the_model_states():
+    small = ModelShape(
+        total_params=1000,
+        embedding_params=0,
+        num_layers=2,
+        hidden_size=32,
+        num_heads=4,
+        attention_dim=32,
+        vocab_size=V,
+    )
+    one = device_memory(small, 1, 0, "fp32", 4, 64)
+    two = device_memory(small, 1, 0, "fp32", 4, 64, pipeline_stages=2)
+    assert (one.parameters, one.gradients, one.optimizer_states) == (4000, 4000, 8000)
+    assert (two.parameters, two.gradients, two.optimizer_states) == (2000, 2000, 4000)
+    assert two.activations == one.activations

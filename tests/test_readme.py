@@ -1,0 +1,107 @@
+"""The README's commands work: the quick start runs the default job, the rest name files that exist."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+
+import pytest
+import torch
+from helpers import REPO, offline_env, read_jsonl
+
+README = (REPO / "README.md").read_text()
+
+
+def readme_commands() -> list[str]:
+    """Command lines of the README's bash blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+COMMANDS = readme_commands()
+QUICKSTART = "bash scripts/quickstart.sh"
+TEST_COMMAND = ".venv/bin/python -m pytest"
+
+
+def test_readme_gives_the_two_commands_and_ci_runs_the_test_command():
+    assert COMMANDS[:2] == [QUICKSTART, TEST_COMMAND]
+    ci_lines = [
+        line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")
+    ]
+    assert ci_lines[-1] == TEST_COMMAND
+
+
+@pytest.mark.parametrize(
+    "command", [c for c in COMMANDS if "accelerate launch" in c or c.startswith("deepspeed ")]
+)
+def test_launch_commands_name_files_that_exist(command):
+    words = shlex.split(command)
+    paths = [w for w in words if re.match(r"^(recipes|accelerate_configs|ds_configs)/", w)]
+    flagged = [
+        words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--config_file", "--config", "--hostfile")
+    ]
+    assert paths, command
+    for path in {*paths, *flagged}:
+        if "<" in path or "X" in path:
+            continue  # placeholders such as <topology>.yaml
+        assert (REPO / path).exists(), f"{command!r} names {path}, which does not exist"
+
+
+@pytest.mark.parametrize(
+    "command", [c for c in COMMANDS if c.startswith("recipes plan") or c.startswith("recipes doctor")]
+)
+def test_recipes_commands_in_the_readme_run(command):
+    result = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "recipes"), *shlex.split(command)[1:]],
+        cwd=REPO,
+        env={**__import__("os").environ, **offline_env()},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip()
+
+
+def test_quickstart_runs_the_default_job_on_the_real_default_model(tmp_path):
+    """The same entry point a user runs, shortened to 2 optimizer steps."""
+    out = tmp_path / "quickstart"
+    result = subprocess.run(
+        [
+            "bash",
+            "scripts/quickstart.sh",
+            "--max_steps",
+            "2",
+            "--max_eval_samples",
+            "8",
+            "--output_dir",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stdout = result.stdout + result.stderr
+    assert "plan: 256 samples, world size 1" in stdout
+    assert f"fine-tuned model saved to {out}/final" in stdout
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(out / "final")
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == (
+        "llama",
+        30,
+        576,
+    )  # SmolLM2-135M
+    model = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
