@@ -30,6 +30,7 @@ from transformers import (
 
 from recipes.core import lora
 from recipes.core.accumulation import accumulation_windows, backward_scale
+from recipes.core.checkpoint import Checkpointer
 from recipes.core.classification import (
     BestModel,
     check_metric_config,
@@ -39,7 +40,9 @@ from recipes.core.classification import (
     write_test_results,
 )
 from recipes.core.config import ConfigError, TrainingConfig, field, parse_config
+from recipes.core.doctor import preflight
 from recipes.core.errors import run_recipe
+from recipes.core.inputs import require_model
 from recipes.core.metrics import load_metrics
 from recipes.core.optim import make_optimizer
 from recipes.core.plots import write_curves
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- compute
     state = init_distributed()
+    preflight(cfg, state.num_processes)  # the doctor's checks: a bad combination fails here, in seconds
     ga = resolve_gradient_accumulation(
         cfg.gradient_accumulation_steps,
         cfg.global_batch_size,
@@ -110,10 +114,14 @@ def main(argv: list[str] | None = None) -> None:
             "metric_for_best_model: null (the last model is then tested and saved) or use ZeRO stage 1 or 2"
         )
     set_seed(cfg.seed)
-    records = RunRecords(cfg.output_dir, enabled=accelerator.is_main_process, accelerator=accelerator)
     log = accelerator.print
+    checkpoints = Checkpointer(accelerator, cfg, log)  # checks output_dir, picks the checkpoint to resume
+    records = RunRecords(
+        cfg.output_dir, accelerator.is_main_process, accelerator, resume_step=checkpoints.resume_step
+    )
 
     # ---------------------------------------------------------------- data
+    require_model(cfg.model_name_or_path, cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
     with accelerator.main_process_first():  # rank 0 tokenises and caches; the others read the cache
         label_names, splits = load_splits(cfg, tokenizer)
@@ -181,6 +189,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- train
     best = BestModel(cfg.metric_for_best_model, cfg.greater_is_better)
+    accelerator.register_for_checkpointing(best)
+    checkpoints.total_steps = plan.total_optimizer_steps
+    start = checkpoints.resume()  # model, optimizer, scheduler, best model, RNG and data position
 
     def evaluate(step: int) -> None:
         if cfg.eval_split is None:
@@ -193,12 +204,17 @@ def main(argv: list[str] | None = None) -> None:
         if step > 0:  # the untrained model is never the one kept
             best.update(step, results, lambda: accelerator.get_state_dict(model))
 
-    evaluate(step=0)
-    step, model_dp = 0, accelerator.num_processes
-    progress = tqdm(total=plan.total_optimizer_steps, disable=not accelerator.is_main_process, desc="train")
-    for epoch in range(plan.num_epochs):
+    if start.step == 0:
+        evaluate(step=0)
+    step, model_dp = start.step, accelerator.num_processes
+    progress = tqdm(
+        total=plan.total_optimizer_steps, initial=step, disable=not accelerator.is_main_process, desc="train"
+    )
+    for epoch in range(start.epoch, plan.num_epochs):
         train_loader.set_epoch(epoch)
-        for window_index, window in enumerate(accumulation_windows(train_loader, ga)):
+        skip = start.batches_in_epoch if epoch == start.epoch else 0  # already trained on before a resume
+        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        for window_index, window in enumerate(accumulation_windows(batches, ga), start=skip // ga):
             started = time.perf_counter()
             window_samples = accelerator.reduce(
                 torch.tensor(sum(len(b["labels"]) for b in window), device=accelerator.device),
@@ -222,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             scheduler.step()
             step += 1
             loss = accelerator.reduce(loss_sum, reduction="sum").item() / window_samples
+            checkpoints.require_finite(step, loss, grad_norm)  # stops before a diverged step is saved
             step_time = time.perf_counter() - started
             progress.update(1)
             progress.set_postfix(
@@ -241,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != plan.total_optimizer_steps:
                 evaluate(step)
+            batches_done = min((window_index + 1) * ga, len(train_loader))
+            if checkpoints.step_done(step, epoch, batches_done, len(train_loader)):  # SIGTERM/SIGINT came
+                checkpoints.exit_interrupted(step)
             if step == plan.total_optimizer_steps:
                 break
     progress.close()

@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- compute
     state = init_distributed()
-    preflight(
-        cfg, state.num_processes
-    )  # the doctor's checks: a bad config combination fails here, in seconds
+    preflight(cfg, state.num_processes)  # the doctor's checks: a bad combination fails here, in seconds
     ga = resolve_gradient_accumulation(
         cfg.gradient_accumulation_steps,
         cfg.global_batch_size,

@@ -160,3 +160,10 @@ class BestModel:
         self.step, self.value = step, value
         self.state = {k: v.detach().cpu().clone() for k, v in state_dict().items()}
         return True
+
+    # Registered for checkpointing, so that a resumed run keeps the best model of the steps before it.
+    def state_dict(self) -> dict:
+        return {"step": self.step, "value": self.value, "state": self.state}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.step, self.value, self.state = saved["step"], saved["value"], saved["state"]

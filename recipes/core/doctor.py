@@ -22,7 +22,12 @@ import yaml
 
 from recipes.core.config import ConfigError
 from recipes.core.hardware import get_device
-from recipes.core.steps import batches_before_sharding, batches_per_rank, optimizer_steps_per_epoch
+from recipes.core.steps import (
+    batches_before_sharding,
+    batches_per_rank,
+    gradient_accumulation_for,
+    optimizer_steps_per_epoch,
+)
 
 
 def _words(text: str) -> set[str]:
@@ -549,17 +554,12 @@ def check_recipe(
     findings = []
     micro, gbs = recipe.get("per_device_train_batch_size", 8), recipe.get("global_batch_size")
     dp = world_size // pipeline if world_size % pipeline == 0 else world_size
-    if gbs and gbs % (micro * dp):
-        per_step = micro * dp
-        findings.append(
-            Finding(
-                file,
-                "global_batch_size",
-                f"{gbs} is not divisible by per_device_train_batch_size x data-parallel size = "
-                f"{micro} x {dp} = {per_step}",
-                f"use a multiple of {per_step}",
-            )
-        )
+    if gbs:
+        try:
+            gradient_accumulation_for(gbs, micro, dp)
+        except ValueError as err:  # the same message the recipe's arithmetic gives, split into problem/fix
+            problem, _, fix = str(err).removeprefix("global_batch_size ").partition("; ")
+            findings.append(Finding(file, "global_batch_size", problem, fix))
     ga = _recipe_ga(recipe, dp) or 1
     max_steps, warmup = recipe.get("max_steps", -1), recipe.get("warmup_steps", 0)
     steps_per_epoch = None
