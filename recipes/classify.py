@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     # Kept out of accelerator.prepare: a prepared scheduler steps once per process per optimizer step.
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_optimizer_steps)
-    accelerator.register_for_checkpointing(scheduler)
+    checkpoints.track(lr_scheduler=scheduler)
     records.write_config(cfg)
     records.write_plan(plan.to_dict())
     start_tracking(accelerator, "classify", cfg)
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- train
     best = BestModel(cfg.metric_for_best_model, cfg.greater_is_better)
-    accelerator.register_for_checkpointing(best)
+    checkpoints.track(best_model=best)
     checkpoints.total_steps = plan.total_optimizer_steps
     start = checkpoints.resume()  # model, optimizer, scheduler, best model, RNG and data position
 

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     # Kept out of accelerator.prepare: a prepared scheduler steps once per process per optimizer step.
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_optimizer_steps)
-    accelerator.register_for_checkpointing(scheduler)
+    checkpoints.track(lr_scheduler=scheduler)
     checkpoints.total_steps = plan.total_optimizer_steps
     start = checkpoints.resume()  # model, optimizer, scheduler, RNG and data position of the checkpoint
     records.write_config(cfg)

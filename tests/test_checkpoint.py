@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import REPO, SFT_DATA, free_port, load_weights, max_weight_diff, offline_env, read_jsonl
 
 from recipes.core.checkpoint import EXIT_INTERRUPTED, MARKER, complete_checkpoints
@@ -149,6 +150,22 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert max_weight_diff(load_weights(a / "final"), load_weights(b / "final")) <= 1e-6
 
 
+def assert_loads_without_unpickling_objects(checkpoint: Path, deepspeed: bool) -> None:
+    """The recipe's own states are weights-only pickles and no Accelerate custom-object pickle exists.
+    Outside DeepSpeed (whose engine files DeepSpeed itself reads) every file loads weights-only."""
+    # Accelerate's load is torch.load(weights_only=True) plus numpy's array types (for RNG states).
+    from accelerate.utils.other import load
+
+    assert not list(checkpoint.glob("custom_checkpoint_*")), sorted(p.name for p in checkpoint.iterdir())
+    scheduler = torch.load(checkpoint / "lr_scheduler.pt", weights_only=True)
+    assert scheduler["last_epoch"] == json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    if not deepspeed:
+        pickles = [p for p in checkpoint.rglob("*") if p.suffix in (".bin", ".pkl", ".pt", ".pth")]
+        assert {p.name for p in pickles} >= {"optimizer.bin", "lr_scheduler.pt", "random_states_0.pkl"}
+        for path in pickles:
+            load(path, map_location="cpu")
+
+
 @pytest.fixture(scope="module")
 def reference_run(tiny_llama, tmp_path_factory):
     """Run A of a setup, made on first use: uninterrupted, no checkpoints."""
@@ -188,6 +205,7 @@ def test_sigterm_or_sigint_checkpoints_exits_75_and_resume_equals_the_uninterrup
     assert 2 <= stopped < total
     assert (out / f"checkpoint-{stopped}" / MARKER).is_file()
     assert trained_steps(out) == stopped  # the step in progress was finished, nothing after it
+    assert_loads_without_unpickling_objects(out / f"checkpoint-{stopped}", deepspeed="zero" in name)
 
     output = finish(
         start(config, [*args, "--resume_from_checkpoint", "latest"], tmp_path / "B2.log"), tmp_path / "B2.log"

@@ -7,6 +7,10 @@ the completion marker last and only then is renamed, so a crash or a full disk d
 a `.partial` directory that resume skips (and says so) while the previous checkpoint stays intact.
 Rotation (save_total_limit) deletes old checkpoints only after the new one is complete.
 
+Objects the recipe adds (the LR scheduler, the best model so far) are registered with `track`, saved as
+`<name>.pt` and read back with `torch.load(weights_only=True)`: Accelerate's own
+`register_for_checkpointing` would unpickle them with weights_only=False. The model is safetensors.
+
 Checkpoints are taken after an optimizer step, so the saved position is always the end of an
 accumulation window; a window cut short by a crash is redone from its start after resume.
 
@@ -101,6 +105,7 @@ class Checkpointer:
         self.dir = Path(cfg.output_dir)
         self.total_steps = 0
         self.stop_requested = False
+        self.tracked: dict[str, Any] = {}
         if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
             raise ConfigError(
                 f"save_total_limit is {cfg.save_total_limit}; it must be at least 1 (the newest checkpoint is "
@@ -188,12 +193,20 @@ class Checkpointer:
                 "continue that run, or --overwrite_output_dir true to start it over"
             )
 
+    def track(self, **objects: Any) -> None:
+        """Save and restore these objects (anything with state_dict/load_state_dict) with every checkpoint."""
+        self.tracked.update(objects)
+
     def resume(self) -> Position:
         """Load the chosen checkpoint into the prepared objects; call after accelerator.prepare and after
         registering the LR scheduler. Returns where the data loop continues."""
         if self.resume_dir is None:
             return Position()
         self.accelerator.load_state(str(self.resume_dir))
+        for name, obj in self.tracked.items():
+            obj.load_state_dict(
+                torch.load(self.resume_dir / f"{name}.pt", map_location="cpu", weights_only=True)
+            )
         state = json.loads((self.resume_dir / STATE_FILE).read_text())
         position = Position(state["step"], state["epoch"], state["batches_in_epoch"])
         self.log(
@@ -252,6 +265,8 @@ class Checkpointer:
         self._stop_if_failed(error, final, position.step)
         if acc.is_main_process:
             try:
+                for name, obj in self.tracked.items():  # identical on every rank
+                    torch.save(obj.state_dict(), partial / f"{name}.pt")
                 state = {**dataclasses.asdict(position), "num_processes": acc.num_processes}
                 (partial / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
                 save_config(self.cfg, partial / "config.yaml")
