@@ -40,16 +40,15 @@ from recipes.core.classification import (
     write_test_results,
 )
 from recipes.core.config import ConfigError, TrainingConfig, field, parse_config
-from recipes.core.doctor import preflight
 from recipes.core.errors import run_recipe
 from recipes.core.inputs import require_model
 from recipes.core.metrics import load_metrics
 from recipes.core.optim import make_optimizer
 from recipes.core.plots import write_curves
 from recipes.core.records import RunRecords
-from recipes.core.runtime import init_distributed, make_accelerator, resolve_gradient_accumulation
-from recipes.core.steps import make_plan
-from recipes.core.tracking import start_tracking, tracker_kwargs
+from recipes.core.runtime import setup_accelerator
+from recipes.core.steps import plan_for_config
+from recipes.core.tracking import start_tracking
 
 
 @dataclass
@@ -92,21 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     check_metric_config(cfg)
 
     # ---------------------------------------------------------------- compute
-    state = init_distributed()
-    preflight(cfg, state.num_processes)  # the doctor's checks: a bad combination fails here, in seconds
-    ga = resolve_gradient_accumulation(
-        cfg.gradient_accumulation_steps,
-        cfg.global_batch_size,
-        cfg.per_device_train_batch_size,
-        state.num_processes,
-    )
-    accelerator = make_accelerator(
-        ga,
-        cfg.mixed_precision,
-        max_grad_norm=cfg.max_grad_norm,
-        micro_batch_size=cfg.per_device_train_batch_size,
-        **tracker_kwargs(cfg.report_to, cfg.output_dir),
-    )
+    # The doctor's checks run first, so a bad config combination fails in seconds.
+    accelerator, ga = setup_accelerator(cfg)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.zero_stage == 3 and cfg.metric_for_best_model:
         raise ConfigError(
@@ -160,25 +146,15 @@ def main(argv: list[str] | None = None) -> None:
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
 
     # ---------------------------------------------------------------- plan and schedule
-    plan = make_plan(
+    plan = plan_for_config(
+        cfg,
         num_samples=len(train_set),
         world_size=accelerator.num_processes,
-        micro_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=ga,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        warmup_steps=cfg.warmup_steps,
-        warmup_ratio=cfg.warmup_ratio,
-        learning_rate=cfg.learning_rate,
-        drop_last=cfg.dataloader_drop_last,
         tokens_per_sample=sum(train_set["num_tokens"]) / len(train_set),
         **parameters,
     )
-    if len(train_loader) != plan.batches_per_epoch_per_rank:
-        raise RuntimeError(
-            f"plan expects {plan.batches_per_epoch_per_rank} batches per rank, the prepared dataloader has "
-            f"{len(train_loader)}: the step arithmetic does not match this Accelerate version"
-        )
+    plan.check_loader_length(len(train_loader))
     # Kept out of accelerator.prepare: a prepared scheduler steps once per process per optimizer step.
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_optimizer_steps)
     checkpoints.track(lr_scheduler=scheduler)

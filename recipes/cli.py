@@ -16,7 +16,7 @@ from pathlib import Path
 
 from recipes.core.config import ConfigError, parse_config
 from recipes.core.data import DataError
-from recipes.core.steps import make_plan
+from recipes.core.steps import plan_for_config
 
 # recipe name -> (module, config class); the module exposes plan_inputs(cfg) -> (samples, tokens/sample)
 RECIPES = {
@@ -109,19 +109,11 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     topology = read_topology(args.accelerate_config, args.deepspeed_config)
     # A recipe that can count its model's parameters (LoRA: the adapters are the trainable ones) says so.
     parameters = module.plan_parameters(cfg) if hasattr(module, "plan_parameters") else {}
-    plan = make_plan(
+    plan = plan_for_config(
+        cfg,
         num_samples=num_samples,
         world_size=args.num_processes or topology.world_size,
         pipeline_stages=getattr(cfg, "pipeline_stages", topology.pipeline_stages),
-        micro_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        global_batch_size=cfg.global_batch_size,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        warmup_steps=cfg.warmup_steps,
-        warmup_ratio=cfg.warmup_ratio,
-        learning_rate=cfg.learning_rate,
-        drop_last=cfg.dataloader_drop_last,
         tokens_per_sample=tokens_per_sample,
         **parameters,
     )

@@ -44,7 +44,7 @@ from recipes.core.pipeline import (
 from recipes.core.pipeline_plan import module_boundaries, pipeline_view
 from recipes.core.records import RunRecords
 from recipes.core.runtime import init_distributed, resolve_gradient_accumulation
-from recipes.core.steps import data_parallel_size, make_plan
+from recipes.core.steps import data_parallel_size, plan_for_config
 from recipes.sft import SFTConfig, load_data, plan_inputs  # noqa: F401 - plan_inputs serves `recipes plan`
 
 
@@ -144,25 +144,15 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     # ---------------------------------------------------------------- plan and schedule
-    plan = make_plan(
+    plan = plan_for_config(
+        cfg,
         num_samples=len(train_set),
         world_size=state.num_processes,
         pipeline_stages=cfg.pipeline_stages,
-        micro_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=ga,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        warmup_steps=cfg.warmup_steps,
-        warmup_ratio=cfg.warmup_ratio,
-        learning_rate=cfg.learning_rate,
-        drop_last=cfg.dataloader_drop_last,
         tokens_per_sample=sum(train_set["num_targets"]) / len(train_set),
     )
-    if len(train_loader) != plan.batches_per_epoch_per_rank:
-        raise RuntimeError(
-            f"plan expects {plan.batches_per_epoch_per_rank} batches per rank, the sharded dataloader has "
-            f"{len(train_loader)}: the step arithmetic does not match this Accelerate version"
-        )
+    plan.check_loader_length(len(train_loader))
     view = pipeline_view(num_layers, cfg.pipeline_stages, dp, ga)
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_optimizer_steps)
     records.write_config(cfg)

@@ -189,3 +189,10 @@ def test_global_batch_size_derives_accumulation_or_names_sizes_that_divide():
     assert "use a multiple of 32 (nearest: 96 or 128)" in str(err.value)
     with pytest.raises(ValueError, match=r"nearest: 32\)"):
         gradient_accumulation_for(20, 4, 8)
+
+
+def test_a_dataloader_of_another_length_than_planned_stops_the_run():
+    plan = make_plan(num_samples=37, world_size=2, micro_batch_size=2, learning_rate=1e-3)
+    plan.check_loader_length(10)  # 19 batches over 2 ranks, the last round topped up
+    with pytest.raises(RuntimeError, match="plan expects 10 batches per rank, the sharded dataloader has 9"):
+        plan.check_loader_length(9)

@@ -7,6 +7,7 @@ processes (gloo), which is how the test suite exercises the distributed paths.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
@@ -14,7 +15,9 @@ from accelerate.utils import GradientAccumulationPlugin
 
 from recipes.core.config import ConfigError
 from recipes.core.deepspeed_support import apply_recipe_values
+from recipes.core.doctor import preflight
 from recipes.core.steps import gradient_accumulation_for
+from recipes.core.tracking import tracker_kwargs
 
 
 def using_deepspeed() -> bool:
@@ -89,3 +92,27 @@ def make_accelerator(
             mixed_precision=mixed_precision,
         )
     return accelerator
+
+
+def setup_accelerator(cfg: Any) -> tuple[Accelerator, int]:
+    """The Accelerator of a recipe run and its resolved gradient accumulation.
+
+    The process group comes first (the world size decides accumulation under global_batch_size), then the
+    doctor's checks of the recipe against the launcher's DeepSpeed config, before anything is loaded.
+    """
+    state = init_distributed()
+    preflight(cfg, state.num_processes)
+    ga = resolve_gradient_accumulation(
+        cfg.gradient_accumulation_steps,
+        cfg.global_batch_size,
+        cfg.per_device_train_batch_size,
+        state.num_processes,
+    )
+    accelerator = make_accelerator(
+        ga,
+        cfg.mixed_precision,
+        max_grad_norm=cfg.max_grad_norm,
+        micro_batch_size=cfg.per_device_train_batch_size,
+        **tracker_kwargs(cfg.report_to, cfg.output_dir),
+    )
+    return accelerator, ga

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 def batches_before_sharding(num_samples: int, batch_size: int, drop_last: bool = False) -> int:
@@ -162,6 +163,14 @@ class Plan:
     def lr_at(self, step: int) -> float:
         return linear_warmup_decay_lr(step, self.learning_rate, self.warmup_steps, self.total_optimizer_steps)
 
+    def check_loader_length(self, batches_per_rank_seen: int) -> None:
+        """The run's own dataloader must have the length the plan was computed for."""
+        if batches_per_rank_seen != self.batches_per_epoch_per_rank:
+            raise RuntimeError(
+                f"plan expects {self.batches_per_epoch_per_rank} batches per rank, the sharded dataloader has "
+                f"{batches_per_rank_seen}: the step arithmetic does not match this Accelerate version"
+            )
+
 
 def make_plan(
     *,
@@ -236,3 +245,32 @@ def _require_positive(**values: int) -> None:
     for name, value in values.items():
         if value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value}")
+
+
+def plan_for_config(
+    cfg: Any,
+    *,
+    num_samples: int,
+    world_size: int,
+    gradient_accumulation_steps: int | None = None,
+    **extra: Any,
+) -> Plan:
+    """make_plan from a recipe config's TrainingArguments-style fields.
+
+    `gradient_accumulation_steps` is the value a running recipe already resolved; without it the config's
+    own gradient_accumulation_steps / global_batch_size decide, as they will at launch.
+    """
+    return make_plan(
+        num_samples=num_samples,
+        world_size=world_size,
+        micro_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps or cfg.gradient_accumulation_steps,
+        global_batch_size=None if gradient_accumulation_steps else cfg.global_batch_size,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_steps,
+        warmup_ratio=cfg.warmup_ratio,
+        learning_rate=cfg.learning_rate,
+        drop_last=cfg.dataloader_drop_last,
+        **extra,
+    )
