@@ -220,18 +220,18 @@ def main(argv: list[str] | None = None) -> None:
             progress.set_postfix(
                 loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_per_s=f"{window_samples / step_time:.1f}"
             )
-            if step % cfg.logging_steps == 0 or step == plan.total_optimizer_steps:
-                records.log(
-                    {
-                        "step": step,
-                        "epoch": round(epoch + (window_index + 1) / plan.optimizer_steps_per_epoch, 4),
-                        "lr": lr,
-                        "loss": loss,
-                        "grad_norm": None if grad_norm is None else float(grad_norm),
-                        "samples": window_samples,
-                        "step_time": step_time,
-                    }
-                )
+            records.log_step(
+                plan,
+                epoch=epoch,
+                window_index=window_index,
+                logging_steps=cfg.logging_steps,
+                step=step,
+                lr=lr,
+                loss=loss,
+                grad_norm=grad_norm,
+                samples=window_samples,
+                step_time=step_time,
+            )
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != plan.total_optimizer_steps:
                 evaluate(step)
             batches_done = min((window_index + 1) * ga, len(train_loader))

@@ -168,18 +168,18 @@ def main(argv: list[str] | None = None) -> None:
             progress.update(1)
             tokens_per_s = window_tokens / (time.perf_counter() - started)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tokens_per_s=f"{tokens_per_s:.0f}")
-            if step % cfg.logging_steps == 0 or step == plan.total_optimizer_steps:
-                records.log(
-                    {
-                        "step": step,
-                        "epoch": round(epoch + (window_index + 1) / plan.optimizer_steps_per_epoch, 4),
-                        "lr": lr,
-                        "loss": loss,
-                        "grad_norm": _scalar(grad_norm),
-                        "tokens": window_tokens,
-                        "step_time": time.perf_counter() - started,
-                    }
-                )
+            records.log_step(
+                plan,
+                epoch=epoch,
+                window_index=window_index,
+                logging_steps=cfg.logging_steps,
+                step=step,
+                lr=lr,
+                loss=loss,
+                grad_norm=grad_norm,
+                tokens=window_tokens,
+                step_time=time.perf_counter() - started,
+            )
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != plan.total_optimizer_steps:
                 evaluate(step)
             batches_done = min((window_index + 1) * ga, len(train_loader))
@@ -253,10 +253,6 @@ def evaluate_loss(accelerator, model, loader) -> float:
         total_tokens += counts.sum().item()
     model.train()
     return total_loss / total_tokens
-
-
-def _scalar(value) -> float | None:
-    return None if value is None else float(value)
 
 
 if __name__ == "__main__":

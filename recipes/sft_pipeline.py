@@ -188,18 +188,18 @@ def main(argv: list[str] | None = None) -> None:
             step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if step % cfg.logging_steps == 0 or step == plan.total_optimizer_steps:
-                records.log(
-                    {
-                        "step": step,
-                        "epoch": round(epoch + (window_index + 1) / plan.optimizer_steps_per_epoch, 4),
-                        "lr": lr,
-                        "loss": loss,
-                        "grad_norm": None if grad_norm is None else float(grad_norm),
-                        "tokens": window_tokens,
-                        "step_time": time.perf_counter() - started,
-                    }
-                )
+            records.log_step(
+                plan,
+                epoch=epoch,
+                window_index=window_index,
+                logging_steps=cfg.logging_steps,
+                step=step,
+                lr=lr,
+                loss=loss,
+                grad_norm=grad_norm,
+                tokens=window_tokens,
+                step_time=time.perf_counter() - started,
+            )
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != plan.total_optimizer_steps:
                 evaluate(step)
             if step == plan.total_optimizer_steps:

@@ -53,6 +53,24 @@ class RunRecords:
                 }
                 self.accelerator.log(numbers, step=record.get("step"))
 
+    def log_step(
+        self, plan: Any, *, epoch: int, window_index: int, logging_steps: int, **values: Any
+    ) -> None:
+        """The record of an optimizer step, every `logging_steps` and at the last step. `values` holds
+        step, lr, loss, grad_norm, the step's counts and step_time; epoch becomes a fraction of epochs."""
+        step = values["step"]
+        if step % logging_steps and step != plan.total_optimizer_steps:
+            return
+        grad_norm = values.pop("grad_norm")
+        self.log(
+            {
+                "step": step,
+                "epoch": round(epoch + (window_index + 1) / plan.optimizer_steps_per_epoch, 4),
+                **values,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+            }
+        )
+
 
 def read_metrics(output_dir: str | Path) -> list[dict]:
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
