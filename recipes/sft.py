@@ -26,7 +26,7 @@ from recipes.core.accumulation import (
     per_sample_token_loss,
     summed_token_loss,
 )
-from recipes.core.chat import PadCollator, tokenize_dataset
+from recipes.core.chat import PadCollator, make_collator, model_inputs, tokenize_dataset
 from recipes.core.checkpoint import Checkpointer
 from recipes.core.config import TrainingConfig, field, parse_config
 from recipes.core.data import DataError, first_n, load_split, require_columns
@@ -39,6 +39,7 @@ from recipes.core.records import RunRecords
 from recipes.core.runtime import setup_accelerator
 from recipes.core.steps import plan_for_config
 from recipes.core.tracking import start_tracking
+from recipes.core.usage import loop_usage
 
 
 @dataclass
@@ -46,6 +47,11 @@ class SFTConfig(TrainingConfig):
     messages_column: str = field("messages", "Column holding a list of {role, content} chat turns.")
     max_seq_length: int = field(
         512, "Tokens per sample after the chat template; longer samples are truncated."
+    )
+    packing: bool = field(
+        False,
+        "Padding-free training batches: each micro-batch's samples go end to end in one row, attending only "
+        "within their own sample, so no compute is spent on padding. Same samples, loss and steps as padded.",
     )
 
 
@@ -71,17 +77,20 @@ def main(argv: list[str] | None = None) -> None:
         f"train samples: {len(train_set)} ({train_stats.truncated} truncated to {cfg.max_seq_length} tokens, "
         f"{train_stats.dropped_without_targets} dropped with no assistant token left)"
     )
-    collate = PadCollator(tokenizer.pad_token_id)
     train_loader = DataLoader(
         train_set,
         batch_size=cfg.per_device_train_batch_size,
         shuffle=True,
-        collate_fn=collate,
+        collate_fn=make_collator(cfg.packing, tokenizer.pad_token_id),
         drop_last=cfg.dataloader_drop_last,
         num_workers=cfg.dataloader_num_workers,
     )
     eval_loader = (
-        DataLoader(eval_set, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
+        DataLoader(
+            eval_set,
+            batch_size=cfg.per_device_eval_batch_size,
+            collate_fn=PadCollator(tokenizer.pad_token_id),
+        )
         if eval_set
         else None
     )
@@ -135,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     progress = tqdm(
         total=plan.total_optimizer_steps, initial=step, disable=not accelerator.is_main_process, desc="train"
     )
+    loop_started, trained_tokens = time.perf_counter(), 0
     for epoch in range(start.epoch, plan.num_epochs):
         train_loader.set_epoch(epoch)
         skip = start.batches_in_epoch if epoch == start.epoch else 0  # already trained on before a resume
@@ -151,9 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             grad_norm = None
             for batch in window:
                 with accelerator.accumulate(model):
-                    logits = model(
-                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                    ).logits
+                    logits = model(**model_inputs(batch)).logits
                     summed, _ = summed_token_loss(logits, batch["labels"])
                     accelerator.backward(summed * backward_scale(window_tokens, model_dp, ga))
                     loss_sum += summed.detach()
@@ -163,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                     optimizer.zero_grad()
             scheduler.step()
             step += 1
+            trained_tokens += window_tokens
             loss = accelerator.reduce(loss_sum, reduction="sum").item() / window_tokens
             checkpoints.require_finite(step, loss, grad_norm)  # stops before a diverged step is saved
             progress.update(1)
@@ -188,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
             if step == plan.total_optimizer_steps:
                 break
     progress.close()
-    records.log({"step": step, "lr_after_training": scheduler.get_last_lr()[0]})
+    usage = loop_usage(accelerator, loop_started, trained_tokens)  # of this process's part of a resumed run
+    records.log({"step": step, "lr_after_training": scheduler.get_last_lr()[0], **usage})
     evaluate(step)
 
     # ---------------------------------------------------------------- save
@@ -246,7 +256,7 @@ def evaluate_loss(accelerator, model, loader) -> float:
     model.eval()
     total_loss, total_tokens = 0.0, 0
     for batch in loader:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch)).logits
         losses, counts = per_sample_token_loss(logits, batch["labels"])
         losses, counts = accelerator.gather_for_metrics((losses, counts))
         total_loss += losses.sum().item()

@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
             "use_peft: the pipeline recipe does not support LoRA yet; train LoRA adapters with recipes/sft.py "
             "(1 process, DDP or ZeRO-1/2/3), or set use_peft: false"
         )
+    if cfg.packing:  # pipeline stages exchange fixed-layout tensors, not position ids
+        raise ConfigError("packing: the pipeline recipe trains padded batches only; set packing: false")
 
     # ---------------------------------------------------------------- compute
     state = init_distributed()

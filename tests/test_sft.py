@@ -101,8 +101,24 @@ def test_every_step_uses_the_lr_of_the_documented_formula(runs, name):
         assert lr == expected, (step, lr, expected)
     assert lrs.index(max(lrs)) == warmup and max(lrs) == peak  # the peak is the step right after warmup
     assert [i for i, lr in enumerate(lrs) if lr == 0.0] == [0]  # 0 only where warmup starts
-    ends = [r for r in read_jsonl(out_dir / "metrics.jsonl") if "lr_after_training" in r]
-    assert ends == [{"step": total, "lr_after_training": 0.0}]
+    [end] = [r for r in read_jsonl(out_dir / "metrics.jsonl") if "lr_after_training" in r]
+    assert (end["step"], end["lr_after_training"]) == (total, 0.0)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_run_reports_its_loop_time_throughput_and_every_process_peak_memory(runs, name):
+    out_dir, _, _ = runs[name]
+    records = read_jsonl(out_dir / "metrics.jsonl")
+    [end] = [r for r in records if "train_runtime" in r]
+    steps = train_records(out_dir)
+    # The loop's wall clock holds every step's time plus data loading between steps.
+    assert sum(r["step_time"] for r in steps) <= end["train_runtime"]
+    tokens = sum(r["tokens"] for r in steps)
+    assert end["train_tokens_per_second"] == pytest.approx(tokens / end["train_runtime"], rel=1e-3)
+    processes = CASES[name][0]
+    assert len(end["peak_memory_mib_per_process"]) == processes
+    # Every process holds at least the torch runtime and the model; a tiny model fits in well under 4 GiB.
+    assert all(100 < mib < 4096 for mib in end["peak_memory_mib_per_process"])
 
 
 @pytest.mark.parametrize("name", ["1proc_ga1", "1proc_ga3"])

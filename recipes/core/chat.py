@@ -1,5 +1,9 @@
 """Chat data for causal-LM fine-tuning: render with the tokenizer's chat template, train on assistant tokens.
 
+Batches are padded (PadCollator) or padding-free (PackedCollator: the micro-batch's samples end to end in
+one row, position ids restarting at each sample, which transformers turns into attention that stays
+within each sample).
+
 Assistant spans are found by rendering the conversation up to each assistant turn, so any chat template
 works without `{% generation %}` markers; tokens are marked as targets through the tokenizer's character
 offsets, never by comparing token ids with pad or eos.
@@ -139,3 +143,43 @@ class PadCollator:
             labels[i, :n] = torch.tensor(s["labels"])
             attention_mask[i, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PackedCollator:
+    """Puts a list of tokenised samples end to end in one row, with no padding.
+
+    Position ids restart at 0 for every sample; with no attention mask, transformers reads the restarts
+    as sample boundaries and lets each token attend only within its own sample, so every token sees what
+    it would see padded. The first label of each sample is never a target, as in a row of its own: no
+    sample learns to predict the start of the next one.
+    """
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids, labels, positions = [], [], []
+        for s in samples:
+            n = len(s["input_ids"])
+            input_ids.extend(s["input_ids"])
+            labels.extend([IGNORE_INDEX, *s["labels"][1:]])
+            positions.extend(range(n))
+        return {
+            "input_ids": torch.tensor([input_ids]),
+            "position_ids": torch.tensor([positions]),
+            "labels": torch.tensor([labels]),
+        }
+
+
+def make_collator(packing: bool, pad_token_id: int | None) -> PadCollator | PackedCollator:
+    return PackedCollator() if packing else PadCollator(pad_token_id)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model's keyword arguments for a batch of either collator. No KV cache is built in training;
+    a cache would also stop transformers from reading packed position ids as sample boundaries."""
+    return {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
+
+
+def real_token_fraction(batch: dict[str, torch.Tensor]) -> float:
+    """Share of the batch's token slots that hold sample tokens rather than padding."""
+    if "attention_mask" not in batch:
+        return 1.0
+    return batch["attention_mask"].sum().item() / batch["attention_mask"].numel()

@@ -1,0 +1,118 @@
+"""Padding-free batches (`packing: true`): the same samples, targets, loss and gradients as padded ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import (
+    SFT_DATA,
+    launch,
+    load_plan,
+    load_weights,
+    make_tiny_decoder,
+    max_weight_diff,
+    train_records,
+)
+from transformers import AutoModelForCausalLM
+
+from recipes.core.accumulation import per_sample_token_loss
+from recipes.core.chat import (
+    IGNORE_INDEX,
+    PackedCollator,
+    PadCollator,
+    model_inputs,
+    real_token_fraction,
+)
+
+SAMPLES = [
+    {"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8, 9]},
+    {"input_ids": [10, 11], "labels": [10, 11]},  # a target in first place can never be predicted
+    {"input_ids": [12, 13, 14, 15], "labels": [IGNORE_INDEX, 13, IGNORE_INDEX, 15]},
+]
+
+
+def test_packed_row_holds_every_sample_end_to_end_with_restarting_positions():
+    batch = PackedCollator()(SAMPLES)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3]]
+    # No sample's first token is a target: nothing learns to predict where the next sample starts.
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8, 9, -100, 11, -100, 13, -100, 15]]
+    assert "attention_mask" not in batch
+    assert real_token_fraction(batch) == 1.0
+
+
+def test_padded_batch_spends_the_rest_of_its_slots_on_padding():
+    batch = PadCollator(pad_token_id=0)(SAMPLES)
+    assert batch["input_ids"].shape == (3, 5)
+    assert real_token_fraction(batch) == 11 / 15
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_packed_forward_gives_each_sample_the_logits_it_gets_padded(tmp_path, family):
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_decoder(tmp_path, family), dtype=torch.float32)
+    samples = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (17, 5, 30, 9)]
+    with torch.no_grad():
+        padded = PadCollator(pad_token_id=0)(samples)
+        padded_logits = model(**model_inputs(padded)).logits
+        packed = PackedCollator()(samples)
+        packed_logits = model(**model_inputs(packed)).logits[0]
+    start = 0
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        diff = (packed_logits[start : start + n] - padded_logits[i, :n]).abs().max().item()
+        assert diff < 1e-5, f"sample {i}: packed logits differ by {diff}"
+        start += n
+    # The token-summed loss is the same too, so the recipe's token-mean loss and gradients are.
+    padded_sum = per_sample_token_loss(padded_logits, padded["labels"])[0].sum()
+    packed_sum = per_sample_token_loss(packed_logits[None], packed["labels"])[0].sum()
+    assert abs(padded_sum.item() - packed_sum.item()) < 1e-4 * padded_sum.item()
+
+
+def test_packed_training_takes_the_same_steps_losses_and_weights_as_padded(tiny_llama, tmp_path):
+    runs = {}
+    for packing in ("false", "true"):
+        out = tmp_path / f"packing_{packing}"
+        launch(
+            "accelerate_configs/cpu.yaml",
+            "recipes/sft.py",
+            [
+                "--config",
+                "recipes/configs/sft_smollm2.yaml",
+                "--model_name_or_path",
+                str(tiny_llama),
+                "--dataset_name",
+                str(SFT_DATA),
+                "--output_dir",
+                str(out),
+                "--max_train_samples",
+                "24",
+                "--max_eval_samples",
+                "8",
+                "--per_device_train_batch_size",
+                "4",
+                "--gradient_accumulation_steps",
+                "2",
+                "--num_train_epochs",
+                "1",
+                "--learning_rate",
+                "1e-3",
+                "--logging_steps",
+                "1",
+                "--max_seq_length",
+                "96",
+                "--packing",
+                packing,
+            ],
+        )
+        runs[packing] = out
+    padded, packed = (train_records(runs[p]) for p in ("false", "true"))
+    assert load_plan(runs["true"]) == load_plan(runs["false"])
+    assert [r["step"] for r in packed] == [1, 2, 3]  # 24 samples / (4 x 2)
+    assert [r["tokens"] for r in packed] == [r["tokens"] for r in padded]
+    assert [r["lr"] for r in packed] == [r["lr"] for r in padded]
+    for a, b in zip(padded, packed, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+    final = {p: load_weights(runs[p] / "final") for p in runs}
+    assert max_weight_diff(final["false"], final["true"]) < 1e-5
+    # Training moved the weights by far more than the packed/padded difference.
+    assert max_weight_diff(final["false"], load_weights(tiny_llama)) > 1e-3
