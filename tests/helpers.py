@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from recipes.core.launching import free_port, launch_command
 
 REPO = Path(__file__).resolve().parent.parent
 SFT_DATA = REPO / "recipes" / "data" / "sft_instructions"
@@ -89,20 +89,9 @@ def launch(
     check: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run a recipe through the real `accelerate launch` (or plain python when no config is given)."""
-    if accelerate_config is None:
-        cmd = [sys.executable, str(REPO / script), *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO / accelerate_config),
-        ]
-        cmd += ["--main_process_port", str(free_port())]  # tests may run next to other launches
-        if num_processes is not None:
-            cmd += ["--num_processes", str(num_processes)]
-        cmd += [str(REPO / script), *args]
+    config = None if accelerate_config is None else str(REPO / accelerate_config)
+    # A port of its own: tests may run next to other launches.
+    cmd = launch_command(str(REPO / script), args, config, num_processes, port=free_port())
     full_env = {**os.environ, **offline_env(), **(env or {})}
     result = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -110,12 +99,6 @@ def launch(
             f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
         )
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def offline_env() -> dict:

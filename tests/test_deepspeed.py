@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -24,6 +23,7 @@ from helpers import (
     REPO,
     SFT_DATA,
     eval_records,
+    free_port,
     load_plan,
     load_weights,
     max_weight_diff,
@@ -51,12 +51,6 @@ SHARED = [
     "--num_train_epochs", "2", "--warmup_steps", "3", "--max_eval_samples", "8", "--per_device_eval_batch_size", "4",
 ]  # fmt: skip
 EXPECTED_STEPS = 8  # worked out in the module docstring
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accelerate_launch(

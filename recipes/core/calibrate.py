@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from recipes.core.launching import launch_command
 from recipes.core.records import read_metrics
 
 
@@ -73,18 +73,7 @@ def calibrate(
             "--logging_steps",
             "1",
         ]
-        if accelerate_config:
-            cmd = [
-                sys.executable,
-                "-m",
-                "accelerate.commands.launch",
-                "--config_file",
-                accelerate_config,
-                script,
-                *args,
-            ]
-        else:
-            cmd = [sys.executable, script, *args]
+        cmd = launch_command(script, args, accelerate_config or None)
         result = subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(

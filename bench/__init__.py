@@ -1,0 +1,1 @@
+"""Benchmarks: what the recipes cost, measured side by side with what users would run instead."""

@@ -1,0 +1,94 @@
+"""The README's benchmark table, rendered from a results file so that every figure in it comes from one."""
+
+from __future__ import annotations
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _ratio(r: dict) -> str:
+    return f"{r['median']:.3f} ({r['min']:.3f}–{r['max']:.3f})"
+
+
+def render_table(results: dict) -> str:
+    """Markdown: what was measured, the figure (median, min–max over repetitions), the target."""
+    machine, rows = results["machine"], []
+    comparison = results.get("throughput")
+    if comparison:
+        tps = comparison["tokens_per_second"]
+        rows += [
+            ("Recipe / bare PyTorch loop, tokens/s", _ratio(comparison["loop_overhead"]), ">= 0.97"),
+            ("Recipe / transformers Trainer, tokens/s", _ratio(comparison["vs_trainer"]), ">= 1.0"),
+            ("Recipe with packing / Trainer, tokens/s", _ratio(comparison["vs_trainer_packing"]), "reported"),
+            (
+                "Target tokens/s: recipe, packed, bare, Trainer",
+                ", ".join(f"{tps[k]:.0f}" for k in ("recipe", "recipe_packed", "bare", "trainer")),
+                "",
+            ),
+        ]
+        if "lora" in comparison:
+            lora = comparison["lora"]
+            mem = lora["peak_memory_mib"]
+            rows += [
+                ("LoRA / full fine-tuning, tokens/s", _ratio(lora["speedup"]), "reported"),
+                (
+                    "Peak memory, full vs LoRA",
+                    f"{mem['recipe'] / 1024:.2f} GiB vs {mem['recipe_lora'] / 1024:.2f} GiB",
+                    "reported",
+                ),
+            ]
+    padding = results.get("padding")
+    if padding:
+        for name, label in (("bundled_sft", "bundled SFT data"), ("long_tailed", "long-tailed lengths")):
+            p = padding[name]
+            rows.append(
+                (
+                    f"Real-token fraction, {label} (micro-batch {padding['micro_batch']})",
+                    f"padded {_pct(p['padded'])}, packed {_pct(p['packed'])}",
+                    ">= 95%",
+                )
+            )
+    plan = results.get("plan")
+    if plan:
+        rows.append(
+            (
+                f"`recipes plan --calibrate {plan['calibration_steps']}` vs measured step time",
+                f"{plan['predicted_step_seconds']:.1f} s vs {plan['measured_step_seconds']:.1f} s "
+                f"({100 * plan['error']:+.1f}%)",
+                "within 10%",
+            )
+        )
+    scale = results.get("scale")
+    if scale:
+        for name, t in scale["topologies"].items():
+            mem = "/".join(f"{m / 1024:.2f}" for m in t["peak_memory_mib_per_process"])
+            rows.append(
+                (
+                    f"{name}, {scale['model_parameters'] / 1e6:.0f}M-parameter model: peak GiB per process, s/step",
+                    f"{mem} GiB, {t['seconds_per_step']:.2f} s",
+                    "reported",
+                )
+            )
+    tok = results.get("tokenization")
+    if tok:
+        rows.append(
+            (
+                f"Tokenisation of {tok['samples']} chat samples (datasets.map, batched)",
+                f"{tok['samples_per_second_cold']:.0f} samples/s; cached rerun {tok['cached_seconds']:.2f} s "
+                f"(saves {tok['seconds_saved_by_cache']:.2f} s)",
+                "reported",
+            )
+        )
+    flops = results.get("model_flops")
+    if flops and flops.get("device"):
+        for name in ("recipe", "recipe_packed"):
+            rows.append((f"MFU on {flops['device']}, {name}", _pct(flops[name]["mfu"]), "reported"))
+    lines = [
+        f"Measured on {machine['description']} ({results['date']}), {results['repeats']} repetitions.",
+        "",
+        "| Measure | Result: median (min–max) | Target |",
+        "|---|---|---|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in rows),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,270 @@
+"""The benchmark's measurements, one function per section of the results file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from bench.job import (
+    OFFLINE,
+    REPO,
+    Job,
+    one_process_config,
+    run,
+    run_baseline,
+    run_recipe,
+    sample_order,
+    thread_env,
+)
+from bench.measures import (
+    batches_of,
+    long_tailed_lengths,
+    median_ratio,
+    mfu,
+    model_flops_per_second,
+    real_token_fraction,
+    throughput,
+)
+from recipes.core.estimate import FLOPS_FORMULA, model_shape
+from recipes.core.hardware import get_device
+
+
+def check_same_job(recipe: dict, other: dict, tolerance: float) -> None:
+    """The runners must have trained the same job: same steps and tokens, and the same loss per step."""
+    if (other["steps"], other["target_tokens"]) != (recipe["steps"], recipe["target_tokens"]):
+        raise RuntimeError(f"{other['runner']} ran a different job: {other} vs {recipe}")
+    for step, (a, b) in enumerate(zip(recipe["step_losses"], other["step_losses"], strict=True), start=1):
+        if abs(a - b) > tolerance * max(1.0, abs(a)):
+            raise RuntimeError(f"step {step}: {other['runner']} loss {b} vs recipe {a}: not the same job")
+
+
+def throughput_comparison(job: Job, repeats: int, with_lora: bool) -> dict:
+    """Recipe (padded and packed), bare loop and Trainer, each repetition run side by side, in a
+    rotating order so that no runner always goes first on a warming or busy machine."""
+    runners = {
+        "recipe": lambda: run_recipe(job),
+        "recipe_packed": lambda: run_recipe(job.replace(packing=True)),
+        "bare": lambda: run_baseline("bare", job),
+        "trainer": lambda: run_baseline("trainer", job),
+    }
+    if with_lora:
+        runners["recipe_lora"] = lambda: run_recipe(job.replace(use_peft=True))
+    results: dict[str, list[dict]] = {name: [] for name in runners}
+    names = list(runners)
+    for rep in range(repeats):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            print(f"  repetition {rep + 1}/{repeats}: {name}", file=sys.stderr, flush=True)
+            results[name].append(runners[name]())
+        check_same_job(results["recipe"][-1], results["bare"][-1], 1e-5)
+        check_same_job(results["recipe"][-1], results["recipe_packed"][-1], 1e-4)
+        check_same_job(results["recipe"][-1], results["trainer"][-1], 1e-3)  # the Trainer logs 4 digits
+    out = {
+        "tokens_per_second": {
+            name: statistics.median(throughput(r) for r in runs) for name, runs in results.items()
+        },
+        "loop_overhead": median_ratio(results["recipe"], results["bare"]),
+        "vs_trainer": median_ratio(results["recipe"], results["trainer"]),
+        "vs_trainer_packing": median_ratio(results["recipe_packed"], results["trainer"]),
+        "packing_speedup": median_ratio(results["recipe_packed"], results["recipe"]),
+        "steps": results["recipe"][0]["steps"],
+        "target_tokens": results["recipe"][0]["target_tokens"],
+        "runs": results,
+    }
+    if with_lora:
+        out["lora"] = {
+            "speedup": median_ratio(results["recipe_lora"], results["recipe"]),
+            "peak_memory_mib": {
+                name: statistics.median(r["peak_memory_mib_per_process"][0] for r in results[name])
+                for name in ("recipe", "recipe_lora")
+            },
+        }
+    return out
+
+
+def padding_waste(job: Job, micro_batch: int) -> dict:
+    """Real-token fraction of one epoch, padded and packed, on the job's data and on long-tailed lengths."""
+    from bench.baselines import job_setup
+
+    with tempfile.TemporaryDirectory() as out:
+        _, _, train_set, _ = job_setup(job.replace(samples=100_000), out)  # the whole bundled split
+    bundled = [len(ids) for ids in train_set["input_ids"]]
+    tailed = long_tailed_lengths(4000, median=120, sigma=1.0, cap=2048)
+    out = {}
+    for name, lengths in (("bundled_sft", bundled), ("long_tailed", tailed)):
+        batches = batches_of(sample_order(len(lengths), job.seed), micro_batch)
+        out[name] = {
+            "samples": len(lengths),
+            "mean_length": statistics.mean(lengths),
+            "max_length": max(lengths),
+            "padded": real_token_fraction(lengths, batches, packing=False),
+            "packed": real_token_fraction(lengths, batches, packing=True),
+        }
+    out["micro_batch"] = micro_batch
+    out["long_tailed_distribution"] = "log-normal, median 120 tokens, sigma 1.0, cut at 2048, 4000 samples"
+    return out
+
+
+def plan_accuracy(job: Job, calibration_steps: int, measured: list[dict]) -> dict:
+    """`recipes plan --calibrate K` against the full runs of the same job: its prediction of the summed
+    step time, and the measured sums (median of the runs)."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [
+            sys.executable,
+            "-m",
+            "recipes.cli",
+            "plan",
+            *job.recipe_args(out),
+            "--accelerate-config",
+            one_process_config(),
+            "--calibrate",
+            str(calibration_steps),
+            "--json",
+        ]
+        result = subprocess.run(
+            cmd,
+            cwd=REPO,
+            env={**os.environ, **OFFLINE, **thread_env(1)},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    predicted = json.loads(result.stdout)["estimate"]["calibrated_wall_clock_seconds"]
+    step_sums = [sum(r["step_times"]) for r in measured]
+    actual = statistics.median(step_sums)
+    return {
+        "calibration_steps": calibration_steps,
+        "predicted_step_seconds": predicted,
+        "measured_step_seconds": actual,
+        "error": predicted / actual - 1,
+        "measured_runs": len(measured),
+    }
+
+
+def scale_topologies() -> dict[str, tuple[str, int]]:
+    """name: (accelerate config, processes); the same configs drive CPU processes and GPUs."""
+    two = "multi_gpu.yaml" if torch.cuda.is_available() else "cpu_2proc.yaml"
+    return {
+        "1 process": (one_process_config(), 1),
+        "DDP x2": (f"accelerate_configs/{two}", 2),
+        "ZeRO-2 x2": ("accelerate_configs/ds_zero2.yaml", 2),
+        "ZeRO-3 x2": ("accelerate_configs/ds_zero3.yaml", 2),
+    }
+
+
+def scale_model(directory: Path, tokenizer_from: str, hidden: int, layers: int) -> Path:
+    """A randomly initialised Llama big enough that weights, gradients and Adam states dominate memory."""
+    if (directory / "model.safetensors").is_file():
+        return directory
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config = AutoConfig.from_pretrained(tokenizer_from)
+    config.update(
+        {
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 11 // 4,
+            "num_hidden_layers": layers,
+            "num_attention_heads": hidden // 64,
+            "num_key_value_heads": hidden // 64,
+            "head_dim": 64,
+        }
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def scale(job: Job, model: Path, steps: int) -> dict:
+    """Wall clock and peak memory per process of the same per-process work on 1 and 2 processes."""
+    shape = model_shape(str(model))
+    out = {"model_parameters": shape.total_params, "steps": steps, "topologies": {}}
+    for name, (config, processes) in scale_topologies().items():
+        print(f"  scale: {name}", file=sys.stderr, flush=True)
+        scaled = job.replace(
+            model=str(model), samples=steps * processes * job.micro_batch, gradient_accumulation=1
+        )
+        result = run_recipe(scaled, config, processes)
+        out["topologies"][name] = {
+            "processes": processes,
+            "peak_memory_mib_per_process": result["peak_memory_mib_per_process"],
+            "seconds_per_step": statistics.median(result["step_times"][1:] or result["step_times"]),
+            "runtime": result["runtime"],
+        }
+    return out
+
+
+def tokenization(job: Job, copies: int) -> dict:
+    """Load + tokenise `copies` copies of the bundled train split with an empty datasets cache, then again
+    with the cache the first run left."""
+    train = (REPO / job.dataset / "train.jsonl").read_text()
+    with tempfile.TemporaryDirectory(prefix="bench_tokenize_") as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        (data / "train.jsonl").write_text(train * copies)
+        (data / "validation.jsonl").write_text(train.splitlines()[0] + "\n")
+        big = job.replace(dataset=str(data), samples=10**9)
+        env = {"HF_DATASETS_CACHE": str(Path(tmp) / "cache")}
+        times = {}
+        for name in ("cold", "cached"):
+            started = time.perf_counter()
+            result = _tokenize_run(big, env)
+            times[name] = {"seconds": result["seconds"], "process_seconds": time.perf_counter() - started}
+        shutil.rmtree(Path(tmp) / "cache")
+    samples = result["samples"]
+    return {
+        "samples": samples,
+        "cold_seconds": times["cold"]["seconds"],
+        "cached_seconds": times["cached"]["seconds"],
+        "samples_per_second_cold": samples / times["cold"]["seconds"],
+        "seconds_saved_by_cache": times["cold"]["seconds"] - times["cached"]["seconds"],
+    }
+
+
+def _tokenize_run(job: Job, env: dict) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        result = Path(out) / "result.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.baselines",
+            "tokenize",
+            "--job",
+            json.dumps(dataclasses.asdict(job)),
+            "--out",
+            str(result),
+        ]
+        run(cmd, {**thread_env(1), **env})
+        return json.loads(result.read_text())
+
+
+def model_flops(job: Job, comparison: dict, device_name: str | None) -> dict:
+    """Model FLOP/s of the recipe's runs (padded and packed) and, with a known device, MFU."""
+    from bench.baselines import job_setup
+
+    with tempfile.TemporaryDirectory() as out:
+        _, _, train_set, _ = job_setup(job, out)
+    lengths = [len(ids) for ids in train_set["input_ids"]]
+    shape = model_shape(job.model)
+    precision = {"no": "fp32"}.get(job.mixed_precision, job.mixed_precision)
+    peak = get_device(device_name).peak_flops.get(precision) if device_name else None
+    out = {"formula": FLOPS_FORMULA + " (tokens: real, non-pad tokens)", "device": device_name}
+    for name in ("recipe", "recipe_packed"):
+        seconds = statistics.median(r["runtime"] for r in comparison["runs"][name])
+        flops_per_s = model_flops_per_second(shape, sum(lengths), statistics.mean(lengths), seconds)
+        out[name] = {
+            "real_tokens_per_second": sum(lengths) / seconds,
+            "model_tflops_per_second": flops_per_s / 1e12,
+            "mfu": mfu(flops_per_s, peak) if peak else None,
+        }
+    return out
