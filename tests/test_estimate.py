@@ -90,6 +90,12 @@ def test_zero_stages_partition_states_as_in_the_zero_paper():
     assert model_state_bytes(n, dp, 3, "fp32") == (1000, 1000, 2000, 0)
 
 
+def test_frozen_parameters_have_no_gradients_or_optimizer_states():
+    # LoRA: 1,000 parameters held, 40 of them trained; bf16 2 bytes per weight, 2 + 12 per trained one.
+    assert model_state_bytes(1000, 4, 0, "bf16", trainable_params=40) == (2000, 80, 480, 0)
+    assert model_state_bytes(1000, 4, 3, "bf16", trainable_params=40) == (500, 20, 120, 0)
+
+
 def test_offloaded_states_leave_the_device():
     # ZeRO-2 + optimizer offload: 3,000 bytes of optimizer states per rank go to the host
     assert model_state_bytes(1000, 4, 2, "bf16", offload_optimizer="cpu") == (2000, 500, 0, 3000)
@@ -234,3 +240,23 @@ def test_pipeline_stages_split_the_model_states():
     assert (one.parameters, one.gradients, one.optimizer_states) == (4000, 4000, 8000)
     assert (two.parameters, two.gradients, two.optimizer_states) == (2000, 2000, 4000)
     assert two.activations == one.activations
+
+
+def test_plan_of_a_lora_run_counts_states_for_the_adapters_only(small_llama):
+    shape = model_shape(str(small_llama))
+    plan = make_plan(
+        num_samples=100,
+        world_size=2,
+        micro_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-4,
+        trainable_parameters=1_000,
+        total_parameters=shape.total_params,
+    ).to_dict()
+    memory = estimate_run(plan, shape, "fp32", 64, zero_stage=0)["memory_per_device"]
+    # fp32: 4 bytes for every weight held, 4 (gradient) + 8 (Adam) for each of the 1,000 trained ones.
+    assert (memory["parameters"], memory["gradients"], memory["optimizer_states"]) == (
+        4 * shape.total_params,
+        4_000,
+        8_000,
+    )

@@ -25,7 +25,7 @@ FLOPS_FORMULA = "6 x non-embedding params x tokens + 12 x layers x attention dim
 MEMORY_FORMULA = (
     "ZeRO accounting: bf16/fp16 2 (params) + 2 (grads) + 12 (fp32 Adam states) bytes/param, fp32 4 + 4 + 8; "
     "stage 1 splits optimizer states, 2 also grads, 3 also params over data-parallel ranks; "
-    "pipeline stages split them evenly"
+    "pipeline stages split them evenly; grads and optimizer states only for trainable params (LoRA)"
 )
 ACTIVATION_FORMULA = (
     "layers x s x b x h x (34 + 5 a s / h) bytes (x2 in fp32) + 4 s b V (fp32 logits of an LM head)"
@@ -133,14 +133,17 @@ def model_state_bytes(
     precision: str,
     offload_optimizer: str | None = None,
     offload_param: str | None = None,
+    trainable_params: int | None = None,
 ) -> tuple[float, float, float, float]:
-    """(parameters, gradients, optimizer states, offloaded) bytes per device for Adam under ZeRO."""
+    """(parameters, gradients, optimizer states, offloaded) bytes per device for Adam under ZeRO.
+    Gradients and optimizer states exist for trainable parameters only (all of them unless given)."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+    trainable = num_params if trainable_params is None else trainable_params
     param_b, grad_b, optim_b = STATE_BYTES[precision]
     params = param_b * num_params / (dp_size if zero_stage >= 3 else 1)
-    grads = grad_b * num_params / (dp_size if zero_stage >= 2 else 1)
-    optim = optim_b * num_params / (dp_size if zero_stage >= 1 else 1)
+    grads = grad_b * trainable / (dp_size if zero_stage >= 2 else 1)
+    optim = optim_b * trainable / (dp_size if zero_stage >= 1 else 1)
     offloaded = 0.0
     if offload_optimizer in ("cpu", "nvme"):
         offloaded, optim = offloaded + optim, 0.0
@@ -166,9 +169,11 @@ def device_memory(
     offload_optimizer: str | None = None,
     offload_param: str | None = None,
     pipeline_stages: int = 1,
+    trainable_params: int | None = None,
 ) -> DeviceMemory:
     """Activations are not divided by pipeline stages: under 1F1B a stage holds up to one micro-batch
-    per stage in flight, which is about one micro-batch through all layers."""
+    per stage in flight, which is about one micro-batch through all layers. `trainable_params` (e.g.
+    LoRA adapters only) limits gradients and optimizer states; activations are counted in full."""
     params, grads, optim, offloaded = model_state_bytes(
         shape.total_params // pipeline_stages,
         dp_size,
@@ -176,6 +181,7 @@ def device_memory(
         precision,
         offload_optimizer,
         offload_param,
+        None if trainable_params is None else trainable_params // pipeline_stages,
     )
     return DeviceMemory(
         params, grads, optim, activation_bytes(shape, micro_batch_size, seq_len, precision), offloaded
@@ -219,6 +225,7 @@ def estimate_run(
         offload_optimizer,
         offload_param,
         plan.get("pipeline_stages", 1),
+        plan.get("trainable_parameters"),
     )
     out = {
         "model_params": shape.total_params,
