@@ -137,6 +137,7 @@ def test_training_config_uses_training_arguments_field_names():
         "dataloader_drop_last",
         "adam_beta1",
         "adam_beta2",
+        "optim",
     }
     assert shared <= ours & theirs
 
