@@ -6,8 +6,9 @@ with data parallelism over the remaining processes: dp = world size / pipeline_s
     deepspeed --num_gpus 4 recipes/sft_pipeline.py --config recipes/configs/sft_pipeline_smollm2.yaml
 
 Accelerate cannot drive a PipelineEngine, so the launcher only starts the processes and this recipe calls
-deepspeed.initialize itself. Data, config fields, plan.json, metrics.jsonl and the LR schedule are those
-of recipes/sft.py, and so is the loss: the token mean over the whole optimizer step on all ranks.
+deepspeed.initialize itself. Data, config fields, plan.json, metrics.jsonl, the LR schedule and the
+checkpoints (saved through the engine) are those of recipes/sft.py, and so is the loss: the token mean
+over the whole optimizer step on all ranks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.data_loader import prepare_data_loader
+from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -28,7 +29,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_li
 
 from recipes.core.accumulation import accumulation_windows, backward_scale
 from recipes.core.chat import IGNORE_INDEX, PadCollator
+from recipes.core.checkpoint import Checkpointer
+from recipes.core.checkpoint_io import DeepSpeedEngineIO
 from recipes.core.config import ConfigError, field, parse_config
+from recipes.core.data import make_train_loader
 from recipes.core.errors import run_recipe
 from recipes.core.optim import make_optimizer
 from recipes.core.pipeline import (
@@ -69,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     if cfg.packing:  # pipeline stages exchange fixed-layout tensors, not position ids
         raise ConfigError("packing: the pipeline recipe trains padded batches only; set packing: false")
+    if cfg.on_nonfinite != "stop":  # the engine applies the update inside train_batch
+        raise ConfigError(f"on_nonfinite {cfg.on_nonfinite!r}: the pipeline recipe can only stop; set stop")
 
     # ---------------------------------------------------------------- compute
     state = init_distributed()
@@ -85,8 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     ds_file, micro = cfg.deepspeed_config, cfg.per_device_train_batch_size
     ds_config = resolve_ds_config(_read_json(ds_file), micro, ga, dp, cfg.max_grad_norm, ds_file)
     set_seed(cfg.seed)
-    records = RunRecords(cfg.output_dir, enabled=state.is_main_process)
     log = state.print
+    engine_io = DeepSpeedEngineIO(state)  # checkpoints go through the engine once it exists
+    checkpoints = Checkpointer(engine_io, cfg, log)  # checks output_dir, picks the checkpoint to resume
+    records = RunRecords(cfg.output_dir, state.is_main_process, resume_step=checkpoints.resume_step)
 
     # ---------------------------------------------------------------- data
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     loss_fn = TokenLoss()
     module, source = build_pipeline(model, cfg.pipeline_stages, loss_fn)
     optimizer = make_optimizer(module, cfg)
-    engine = initialize_engine(module, optimizer, ds_config)
+    engine = engine_io.engine = initialize_engine(module, optimizer, ds_config)
     source.release()
     model_config, num_layers = model.config, model.config.num_hidden_layers
     del model
@@ -122,14 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     # sampler, same round-robin batches), so both recipes see the same samples in the same steps.
     collate = PadCollator(tokenizer.pad_token_id)
     train_loader = prepare_data_loader(
-        DataLoader(
-            train_set,
-            batch_size=cfg.per_device_train_batch_size,
-            shuffle=True,
-            collate_fn=collate,
-            drop_last=cfg.dataloader_drop_last,
-            num_workers=cfg.dataloader_num_workers,
-        ),
+        make_train_loader(train_set, cfg, collate),
         num_processes=dp,
         process_index=dp_rank,
         even_batches=True,
@@ -157,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     plan.check_loader_length(len(train_loader))
     view = pipeline_view(num_layers, cfg.pipeline_stages, dp, ga)
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_optimizer_steps)
+    checkpoints.track(lr_scheduler=scheduler)
+    checkpoints.total_steps = plan.total_optimizer_steps
+    start = checkpoints.resume()  # layers, optimizer, scheduler, RNG and data position of the checkpoint
     records.write_config(cfg)
     records.write_plan({**plan.to_dict(), "pipeline": view})
     log(plan.summary())
@@ -172,12 +176,15 @@ def main(argv: list[str] | None = None) -> None:
         records.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
         log(f"step {step}: eval_loss {eval_loss:.4f}")
 
-    evaluate(step=0)
-    step = 0
-    progress = tqdm(total=plan.total_optimizer_steps, disable=not state.is_main_process, desc="train")
-    for epoch in range(plan.num_epochs):
+    if start.step == 0:
+        evaluate(step=0)
+    step = start.step
+    progress = tqdm(total=plan.total_optimizer_steps, initial=step, disable=not records.enabled, desc="train")
+    for epoch in range(start.epoch, plan.num_epochs):
         train_loader.set_epoch(epoch)
-        for window_index, window in enumerate(accumulation_windows(train_loader, ga)):
+        skip = start.batches_in_epoch if epoch == start.epoch else 0  # already trained on before a resume
+        batches = skip_first_batches(train_loader, skip) if skip else train_loader
+        for window_index, window in enumerate(accumulation_windows(batches, ga), start=skip // ga):
             started = time.perf_counter()
             window_tokens = _sum_over(dp_group, sum(_targets(b) for b in window), engine.device)
             lr = scheduler.get_last_lr()[0]
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             grad_norm = clipper.last_norm if clipper else engine.get_global_grad_norm()
             scheduler.step()
             step += 1
+            checkpoints.require_finite(step, loss, grad_norm)  # stops before a diverged step is saved
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             records.log_step(
@@ -204,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != plan.total_optimizer_steps:
                 evaluate(step)
+            batches_done = min((window_index + 1) * ga, len(train_loader))
+            if checkpoints.step_done(step, epoch, batches_done, len(train_loader)):  # SIGTERM/SIGINT came
+                checkpoints.exit_interrupted(step)
             if step == plan.total_optimizer_steps:
                 break
     progress.close()

@@ -9,6 +9,7 @@ every topology, so the per-step losses, gradient norms and final weights must ag
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -287,3 +288,21 @@ def test_the_deepspeed_launchers_local_rank_argument_is_ignored():
         "--seed",
         "3",
     ]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            ["--packing", "true"],
+            "packing: the pipeline recipe trains padded batches only; set packing: false",
+        ),
+        (["--on_nonfinite", "skip"], "on_nonfinite 'skip': the pipeline recipe can only stop; set stop"),
+    ],
+)
+def test_options_the_pipeline_cannot_honour_are_refused_before_it_starts(tmp_path, override, message):
+    from recipes.core.config import ConfigError
+    from recipes.sft_pipeline import main
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        main(["--config", PIPELINE_CONFIG, "--output_dir", str(tmp_path), *override])

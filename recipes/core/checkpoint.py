@@ -1,15 +1,18 @@
 """Checkpoints that are never half-written, exact resume, and a clean stop on SIGTERM/SIGINT.
 
-A checkpoint is `output_dir/checkpoint-<step>/`: `accelerator.save_state` (model, optimizer, LR
-scheduler, RNG states, sampler), `trainer_state.json` (optimizer step, epoch, micro-batches of that epoch
-already consumed) and the resolved `config.yaml`. It is written as `checkpoint-<step>.partial/`, gets
-the completion marker last and only then is renamed, so a crash or a full disk during the write leaves
-a `.partial` directory that resume skips (and says so) while the previous checkpoint stays intact.
-Rotation (save_total_limit) deletes old checkpoints only after the new one is complete.
+A checkpoint is `output_dir/checkpoint-<step>/`: model, optimizer and RNG states of every rank (written
+by a CheckpointIO, core/checkpoint_io.py: Accelerate's `save_state`, or a DeepSpeed engine's own
+checkpoint in the pipeline recipe), the tracked objects below, `trainer_state.json` (optimizer step,
+epoch, micro-batches of that epoch already consumed) and the resolved `config.yaml`. It is written as
+`checkpoint-<step>.partial/`, gets the completion marker last and only then is renamed, so a crash or a
+full disk during the write leaves a `.partial` directory that resume skips (and says so) while the
+previous checkpoint stays intact. Rotation (save_total_limit) deletes old checkpoints only after the
+new one is complete.
 
 Objects the recipe adds (the LR scheduler, the best model so far) are registered with `track`, saved as
 `<name>.pt` and read back with `torch.load(weights_only=True)`: Accelerate's own
-`register_for_checkpointing` would unpickle them with weights_only=False. The model is safetensors.
+`register_for_checkpointing` would unpickle them with weights_only=False. Under Accelerate the model
+is safetensors; DeepSpeed engines read their own files (pickles) themselves.
 
 Checkpoints are taken after an optimizer step, so the saved position is always the end of an
 accumulation window; a window cut short by a crash is redone from its start after resume.
@@ -22,6 +25,7 @@ EXIT_INTERRUPTED (75, "temporary failure: try again"), so a job script can reque
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,6 +40,7 @@ from typing import Any
 import torch
 import yaml
 
+from recipes.core.checkpoint_io import AccelerateIO, CheckpointIO
 from recipes.core.config import ConfigError, save_config
 
 EXIT_INTERRUPTED = 75
@@ -44,7 +49,8 @@ STATE_FILE = "trainer_state.json"
 PARTIAL_SUFFIX = ".partial"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 # Fields that may differ between the run that wrote a checkpoint (or an output_dir) and the run that
-# continues it: they change where and how often things are written, not what is trained.
+# continues it: they change where and how often things are written, not what is trained. on_nonfinite
+# and its limit only act on a step that is not finite, so a run stopped there may continue with skip.
 MAY_DIFFER = {
     "output_dir",
     "resume_from_checkpoint",
@@ -52,6 +58,8 @@ MAY_DIFFER = {
     "save_steps",
     "save_total_limit",
     "report_to",
+    "on_nonfinite",
+    "max_consecutive_skips",
 }
 
 
@@ -101,7 +109,9 @@ class Checkpointer:
     """Owns the output_dir's checkpoints for one run: check at start, resume, save, stop on signals."""
 
     def __init__(self, accelerator: Any, cfg: Any, log=print):
-        self.accelerator, self.cfg, self.log = accelerator, cfg, log
+        """`accelerator`: an Accelerator, or a CheckpointIO for training without one."""
+        self.io = accelerator if isinstance(accelerator, CheckpointIO) else AccelerateIO(accelerator)
+        self.cfg, self.log = cfg, log
         self.dir = Path(cfg.output_dir)
         self.total_steps = 0
         self.stop_requested = False
@@ -149,16 +159,16 @@ class Checkpointer:
                 "that wrote the checkpoint, or start a new run in another output_dir"
             )
         state = json.loads((chosen / STATE_FILE).read_text())
-        if state["num_processes"] != self.accelerator.num_processes:
+        if state["num_processes"] != self.io.num_processes:
             raise ConfigError(
                 f"cannot resume from {chosen}: it was written by {state['num_processes']} processes and this "
-                f"run has {self.accelerator.num_processes}; the data order and position depend on the number "
+                f"run has {self.io.num_processes}; the data order and position depend on the number "
                 "of processes, so launch with the same number"
             )
         return chosen
 
     def _check_writable(self) -> None:
-        probe = self.dir / f".write_probe_{self.accelerator.process_index}"
+        probe = self.dir / f".write_probe_{self.io.process_index}"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe.write_text("")
@@ -172,11 +182,11 @@ class Checkpointer:
     def _check_fresh_start(self) -> None:
         """A new run must not silently mix its files with another run's."""
         if self.cfg.overwrite_output_dir:
-            self.accelerator.wait_for_everyone()
-            if self.accelerator.is_main_process:
+            self.io.wait_for_everyone()
+            if self.io.is_main_process:
                 for path in [*complete_checkpoints(self.dir), *incomplete_checkpoints(self.dir)]:
                     shutil.rmtree(path)
-            self.accelerator.wait_for_everyone()
+            self.io.wait_for_everyone()
             return
         old_config = self.dir / "config.yaml"
         if old_config.is_file():
@@ -202,7 +212,7 @@ class Checkpointer:
         registering the LR scheduler. Returns where the data loop continues."""
         if self.resume_dir is None:
             return Position()
-        self.accelerator.load_state(str(self.resume_dir))
+        self.io.load_state(self.resume_dir)
         for name, obj in self.tracked.items():
             obj.load_state_dict(
                 torch.load(self.resume_dir / f"{name}.pt", map_location="cpu", weights_only=True)
@@ -250,7 +260,7 @@ class Checkpointer:
 
     def save(self, position: Position) -> Path:
         """Write checkpoint-<step> atomically, then rotate. Every rank must call it."""
-        acc = self.accelerator
+        acc = self.io
         final = self.dir / f"checkpoint-{position.step}"
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
         if acc.is_main_process:
@@ -259,8 +269,10 @@ class Checkpointer:
         acc.wait_for_everyone()
         error = None
         try:
-            acc.save_state(str(partial), safe_serialization=True)
-        except OSError as err:  # disk full, no permission: every rank stops, the last checkpoint stays
+            acc.save_state(partial)
+        # Disk full or no permission (torch.save reports a failed write as a RuntimeError): every rank
+        # stops and the last checkpoint stays.
+        except (OSError, RuntimeError) as err:
             error = err
         self._stop_if_failed(error, final, position.step)
         if acc.is_main_process:
@@ -274,7 +286,7 @@ class Checkpointer:
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(partial, final)
-            except OSError as err:
+            except (OSError, RuntimeError) as err:
                 error = err
         self._stop_if_failed(error, final, position.step)
         if acc.is_main_process:
@@ -283,12 +295,16 @@ class Checkpointer:
         self.log(f"checkpoint saved: {final}")
         return final
 
-    def _stop_if_failed(self, error: OSError | None, final: Path, step: int) -> None:
+    def _stop_if_failed(self, error: Exception | None, final: Path, step: int) -> None:
         if not self._on_any_rank(error is not None):
             return
+        if self.io.is_main_process:  # frees the space a full disk needs back; the marker was never written
+            shutil.rmtree(final.with_name(final.name + PARTIAL_SUFFIX), ignore_errors=True)
         complete = complete_checkpoints(self.dir)
         kept = f"the previous checkpoint {complete[-1]} is intact" if complete else "no checkpoint exists yet"
-        reason = (error.strerror or str(error)) if error else "it failed on another rank"
+        reason = _reason(error) if error else "it failed on another rank"
+        with contextlib.suppress(OSError):
+            reason += f"; {shutil.disk_usage(self.dir).free / 2**20:.1f} MiB free in {self.dir}"
         raise CheckpointWriteFailed(
             f"writing checkpoint {final} failed at step {step} ({reason}); {kept}. Free space in or fix the "
             "permissions of output_dir, then continue with --resume_from_checkpoint latest"
@@ -304,8 +320,7 @@ class Checkpointer:
 
     def _on_any_rank(self, flag: bool) -> bool:
         """All ranks agree: True when `flag` is True on at least one of them."""
-        flags = torch.tensor(float(flag), device=self.accelerator.device)
-        return self.accelerator.reduce(flags, reduction="sum").item() > 0
+        return self.io.any_rank(flag)
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
@@ -322,8 +337,14 @@ class Checkpointer:
             f"stopped by signal after step {step}; continue with --resume_from_checkpoint latest "
             f"(exit status {EXIT_INTERRUPTED})"
         )
-        self.accelerator.end_training()
+        self.io.end()
         raise SystemExit(EXIT_INTERRUPTED)
+
+
+def _reason(error: Exception) -> str:
+    """The cause in one line: the OS error text, or the last line of torch's multi-line write error."""
+    text = getattr(error, "strerror", None) or (str(error).strip().splitlines() or [type(error).__name__])[-1]
+    return text[:200]
 
 
 def _write_synced(path: Path, text: str) -> None:
