@@ -1,21 +1,28 @@
 """Bad input stops the SFT recipe with status 2 and one paragraph naming the problem and the fix, without a
-library traceback and without leaving a partial checkpoint behind."""
+library traceback and without leaving a partial checkpoint behind. With on_nonfinite: skip, a non-finite
+step is dropped instead and training continues on plan."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
-from helpers import SFT_DATA, launch
+import torch
+from helpers import REPO, SFT_DATA, launch, load_plan, train_records
+from safetensors.torch import load_file, save_file
 
 from recipes.core.checkpoint import complete_checkpoints, incomplete_checkpoints
 from recipes.core.errors import EXIT_USER_ERROR
+from recipes.core.steps import Plan
 
 pytestmark = pytest.mark.slow  # each test launches the recipe
 
 
-def sft(model: Path, output_dir: Path, *extra: str):
-    args = [
+def sft_args(model: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
         "--config",
         "recipes/configs/sft_smollm2.yaml",
         "--model_name_or_path",
@@ -38,7 +45,10 @@ def sft(model: Path, output_dir: Path, *extra: str):
         "none",
         *extra,
     ]
-    return launch(None, "recipes/sft.py", args, check=False)
+
+
+def sft(model: Path, output_dir: Path, *extra: str):
+    return launch(None, "recipes/sft.py", sft_args(model, output_dir, *extra), check=False)
 
 
 def assert_user_error(result, message: str) -> str:
@@ -121,3 +131,173 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint_which_resume_uses
     assert f"resumed from {out / 'checkpoint-1'}: step 1" in resumed.stdout
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
     assert (out / "final" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------- on_nonfinite: skip
+POISON = "\x07"  # a byte no bundled sample contains; the test tokenizer has a token of its own for it
+
+
+def poisoned_model(model: Path, directory: Path) -> tuple[Path, int]:
+    """The tiny model with an infinite input embedding for POISON's token (returned with the model): a
+    sample holding it has a NaN loss (RMSNorm of inf is inf * 0) and NaN gradients; the others train."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model, directory)
+    token = AutoTokenizer.from_pretrained(directory).encode(POISON, add_special_tokens=False)
+    assert len(token) == 1
+    weights = load_file(directory / "model.safetensors")
+    weights["model.embed_tokens.weight"][token[0]] = float("inf")
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory, token[0]
+
+
+def poisoned_data(path: Path, num_samples: int, poisoned_index: int) -> Path:
+    """The first `num_samples` bundled samples; the one at `poisoned_index` starts with POISON."""
+    rows = [json.loads(line) for line in (SFT_DATA / "train.jsonl").read_text().splitlines()[:num_samples]]
+    user = next(turn for turn in rows[poisoned_index]["messages"] if turn["role"] == "user")
+    user["content"] = POISON + user["content"]
+    assert sum(POISON in turn["content"] for row in rows for turn in row["messages"]) == 1
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def poisoned_at_step_3(
+    tiny_llama: Path, tmp_path: Path, num_samples: int, ranks: int
+) -> tuple[Path, int, list[str]]:
+    """Model, poisoned token and recipe arguments of a 4-step run (micro batch 2, GA 1, num_samples =
+    8 x ranks) whose step 3 alone trains on the poisoned sample. Accelerate's seedable sampler orders
+    epoch 0 as randperm(num_samples) of a generator seeded with the seed (42) and deals that order's
+    batches to the ranks in turn, so step 3 starts at order[4 * ranks], on rank 0."""
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(42)).tolist()
+    model, token = poisoned_model(tiny_llama, tmp_path / "model")
+    data = poisoned_data(tmp_path / "train.jsonl", num_samples, poisoned_index=order[4 * ranks])
+    args = ["--dataset_name", str(data), "--max_train_samples", str(num_samples), "--max_seq_length", "128"]
+    args += ["--num_train_epochs", "1", "--learning_rate", "1e-3", "--warmup_steps", "2", "--save_steps", "1"]
+    return model, token, args
+
+
+@pytest.mark.parametrize(
+    "accelerate_config, num_samples",
+    [
+        pytest.param(None, 8, id="1proc"),
+        pytest.param("accelerate_configs/cpu_2proc.yaml", 16, id="2proc_ddp"),
+    ],
+)
+def test_skip_drops_exactly_the_non_finite_step_and_training_continues_on_plan(
+    accelerate_config, num_samples, tiny_llama, tmp_path
+):
+    # On two processes only rank 0's sample is poisoned: rank 1's loss of step 3 is finite.
+    ranks = 1 if accelerate_config is None else 2
+    model, token, args = poisoned_at_step_3(tiny_llama, tmp_path, num_samples, ranks)
+    out = tmp_path / "out"
+    args += ["--on_nonfinite", "skip"]
+    result = launch(accelerate_config, "recipes/sft.py", sft_args(model, out, *args), check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"train samples: {num_samples} (" in result.stdout and "0 dropped" in result.stdout  # as order
+    assert "step 3: loss nan, grad_norm nan: update skipped (1 skipped so far, 1 in a row; " in result.stdout
+
+    records = train_records(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r.get("skipped", False) for r in records] == [False, False, True, False]
+    assert (records[2]["loss"], records[2]["grad_norm"], records[2]["skipped_steps"]) == ("nan", "nan", 1)
+    assert all(isinstance(r["loss"], float) for r in records if r["step"] != 3)
+    # The schedule advanced through the skipped step: every LR is the planned one, exactly.
+    plan = Plan(**load_plan(out))
+    assert plan.total_optimizer_steps == 4
+    assert [r["lr"] for r in records] == [plan.lr_at(s) for s in (1, 2, 3, 4)]
+
+    # Weights and optimizer state after step 3 are exactly those after step 2; step 4 trained again.
+    from accelerate.utils.other import load
+
+    before, after = (load_file(out / f"checkpoint-{s}" / "model.safetensors") for s in (2, 3))
+    final = load_file(out / "final" / "model.safetensors")  # after step 4, the last
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(after[k], final[k]) for k in after)
+    opt_before, opt_after = (load(out / f"checkpoint-{s}" / "optimizer.bin") for s in (2, 3))
+    assert opt_before["state"].keys() == opt_after["state"].keys() and opt_before["state"]
+    for key, state in opt_before["state"].items():
+        assert all(torch.equal(value, opt_after["state"][key][name]) for name, value in state.items())
+    # Nothing non-finite reached the weights: only the poisoned embedding row is (still) infinite.
+    embedding = final.pop("model.embed_tokens.weight")
+    assert all(torch.isfinite(weights).all() for weights in final.values())
+    assert torch.isinf(embedding[token]).all()
+    assert torch.isfinite(torch.cat([embedding[:token], embedding[token + 1 :]])).all()
+
+
+def test_a_run_stopped_at_a_non_finite_step_resumes_past_it_with_skip(tiny_llama, tmp_path):
+    model, _, args = poisoned_at_step_3(tiny_llama, tmp_path, num_samples=8, ranks=1)
+    out = tmp_path / "out"
+    stopped = sft(model, out, *args)
+    assert_user_error(stopped, "training diverged at optimizer step 3: loss nan, grad_norm nan;")
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+
+    resumed = sft(model, out, *args, "--on_nonfinite", "skip", "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {out / 'checkpoint-2'}: step 2" in resumed.stdout
+    records = train_records(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r.get("skipped", False) for r in records] == [False, False, True, False]
+
+
+def test_skip_stops_after_max_consecutive_skips_steps_in_a_row(tiny_llama, tmp_path):
+    # As in the stop test: step 1 at LR 1e30 breaks the model, so every later step is non-finite.
+    out = tmp_path / "out"
+    args = ["--learning_rate", "1e30", "--warmup_steps", "0", "--warmup_ratio", "0", "--save_steps", "1"]
+    args += ["--max_steps", "6", "--on_nonfinite", "skip", "--max_consecutive_skips", "2"]
+    result = sft(tiny_llama, out, *args)
+    assert_user_error(
+        result,
+        "training diverged: optimizer steps 2 to 3 were all skipped (loss nan, grad_norm nan at step 3; "
+        f"max_consecutive_skips is 2); the last checkpoint is {out / 'checkpoint-2'}.",
+    )
+    records = train_records(out)
+    assert [(r["step"], r.get("skipped", False)) for r in records] == [(1, False), (2, True)]
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    one, two = (load_file(out / f"checkpoint-{s}" / "model.safetensors") for s in (1, 2))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert not (out / "final").exists()
+
+
+def test_on_nonfinite_value_that_does_not_exist(tiny_llama, tmp_path):
+    result = sft(tiny_llama, tmp_path / "out", "--on_nonfinite", "skp")
+    message = assert_user_error(result, "1 config problem(s) found before training:")
+    assert "on_nonfinite: 'skp' is not one of stop, skip\n    fix: use stop (the run stops" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_is_refused_under_deepspeed_before_training(tiny_llama, tmp_path):
+    # Accelerate's DeepSpeed backward applies the update itself, so the recipe could not drop it.
+    args = [*sft_args(tiny_llama, tmp_path / "out"), "--on_nonfinite", "skip"]
+    result = launch("accelerate_configs/ds_zero1.yaml", "recipes/sft.py", args, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert re.search(r"exitcode\s*:\s*2\b", output), output[-4000:]
+    assert "on_nonfinite: skip cannot be honoured under DeepSpeed: its backward applies" in output
+    assert "fix: use on_nonfinite: stop (the run stops at that step and keeps the last good" in output
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_is_refused_with_fp16_and_with_a_limit_below_one_before_training():
+    from recipes.core.doctor import DoctorError, preflight
+    from recipes.sft import SFTConfig
+
+    cfg = SFTConfig(learning_rate=1e-3, on_nonfinite="skip", mixed_precision="fp16", max_consecutive_skips=0)
+    with pytest.raises(DoctorError) as raised:
+        preflight(cfg, 1, env={})
+    message = str(raised.value)
+    assert message.startswith("2 config problem(s) found before training:\n")
+    assert "on_nonfinite: skip does not combine with fp16: its loss scaler skips overflowing steps" in message
+    assert "fix: use mixed_precision: bf16 or no, or on_nonfinite: stop" in message
+    assert "max_consecutive_skips: 0 would stop the run before any step is skipped" in message
+    preflight(SFTConfig(learning_rate=1e-3, on_nonfinite="skip", mixed_precision="bf16"), 1, env={})
+
+
+def test_recipes_doctor_reports_skip_with_a_deepspeed_launch_config(tmp_path, monkeypatch):
+    from recipes.core.doctor import diagnose
+
+    monkeypatch.chdir(REPO)  # the accelerate configs name their DeepSpeed JSON relative to the repo root
+    recipe = tmp_path / "sft_skip.yaml"
+    recipe.write_text("learning_rate: 0.001\non_nonfinite: skip\n")
+    findings = diagnose("accelerate_configs/ds_zero3.yaml", recipe_config=str(recipe))
+    assert [(f.file, f.key, f.line) for f in findings] == [(str(recipe), "on_nonfinite", 2)]
+    assert diagnose("accelerate_configs/multi_gpu.yaml", recipe_config=str(recipe)) == []

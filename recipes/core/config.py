@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import yaml
 
 C = TypeVar("C")
+# What an optimizer step with a non-finite loss or gradient norm does (see core/nonfinite.py).
+ON_NONFINITE_CHOICES = ("stop", "skip")
 
 
 class ConfigError(ValueError):
@@ -58,9 +60,25 @@ class TrainingConfig:
     adam_beta1: float = field(0.9, "AdamW beta1.")
     adam_beta2: float = field(0.999, "AdamW beta2.")
     adam_epsilon: float = field(1e-8, "AdamW epsilon.")
+    optim: str = field(
+        "adamw_torch_fused",
+        "adamw_torch_fused (one fused kernel per step, several times faster on CPU and GPU) or adamw_torch "
+        "(PyTorch's per-tensor AdamW); the same update either way.",
+    )
     warmup_steps: int = field(0, "Linear warmup steps; > 0 takes precedence over warmup_ratio.")
     warmup_ratio: float = field(0.0, "Warmup as a fraction of total optimizer steps, rounded up.")
     max_grad_norm: float = field(1.0, "Gradient clipping norm; 0 disables clipping.")
+    on_nonfinite: str = field(
+        "stop",
+        "stop | skip: a step whose loss or gradient norm is not finite. stop: the run stops there (exit "
+        "status 2) and keeps the last good checkpoint. skip: that update is dropped (weights and optimizer "
+        "state unchanged), logged with skipped: true and counted; the LR schedule still advances, so step "
+        "count and LRs stay as planned. The norm is measured even with max_grad_norm 0. Not with DeepSpeed "
+        "or fp16.",
+    )
+    max_consecutive_skips: int = field(
+        5, "With on_nonfinite skip: stop (as stop does) once this many steps in a row were skipped."
+    )
     mixed_precision: str = field(
         "no", "no | bf16 | fp16. The one place precision is set (DeepSpeed configs say auto)."
     )

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from recipes.core.config import ConfigError
+from recipes.core.config import ON_NONFINITE_CHOICES, ConfigError
 from recipes.core.hardware import get_device
 from recipes.core.steps import (
     batches_before_sharding,
@@ -602,6 +602,56 @@ def check_recipe(
     return findings
 
 
+def check_nonfinite(recipe: dict, deepspeed: bool, file: str = "recipe config") -> list[Finding]:
+    """on_nonfinite is a known choice, and skip runs only where the recipe itself applies each update."""
+    choice = recipe.get("on_nonfinite", "stop")
+    if choice not in ON_NONFINITE_CHOICES:
+        return [
+            Finding(
+                file,
+                "on_nonfinite",
+                f"{choice!r} is not one of {', '.join(ON_NONFINITE_CHOICES)}",
+                "use stop (the run stops at a non-finite step) or skip (that step's update is dropped and "
+                "training continues)",
+            )
+        ]
+    if choice != "skip":
+        return []
+    findings = []
+    if deepspeed:
+        findings.append(
+            Finding(
+                file,
+                "on_nonfinite",
+                "skip cannot be honoured under DeepSpeed: its backward applies the optimizer step "
+                "(engine.step) before the recipe sees the loss or the gradient norm",
+                "use on_nonfinite: stop (the run stops at that step and keeps the last good checkpoint), "
+                "or launch without DeepSpeed (DDP: accelerate_configs/multi_gpu.yaml)",
+            )
+        )
+    if recipe.get("mixed_precision") == "fp16":
+        findings.append(
+            Finding(
+                file,
+                "on_nonfinite",
+                "skip does not combine with fp16: its loss scaler skips overflowing steps itself and lowers "
+                "the scale only on the steps it sees",
+                "use mixed_precision: bf16 or no, or on_nonfinite: stop",
+            )
+        )
+    limit = recipe.get("max_consecutive_skips", 1)
+    if limit < 1:
+        findings.append(
+            Finding(
+                file,
+                "max_consecutive_skips",
+                f"{limit} would stop the run before any step is skipped",
+                "use at least 1 (the run stops after that many skipped steps in a row)",
+            )
+        )
+    return findings
+
+
 def check_precision_on_device(precision: str, gpu: str, file: str, key: str) -> list[Finding]:
     device = get_device(gpu)
     if precision in ("bf16", "fp16") and not device.supports(precision):
@@ -669,6 +719,8 @@ def diagnose(
     if recipe is not None:
         stages = pipeline_stages(ds, recipe)
         findings += check_recipe(recipe, world_size, recipe_config, set(raw), num_samples, stages)
+        deepspeed = ds is not None or (acc or {}).get("distributed_type") == "DEEPSPEED"
+        findings += check_nonfinite(recipe, deepspeed, recipe_config)
         if ds is not None:
             findings += check_deepspeed_with_run(ds, recipe, world_size, deepspeed_config, recipe_config)
     if gpu:
@@ -708,5 +760,6 @@ def preflight(cfg: Any, world_size: int, env: dict[str, str] | None = None) -> N
                 Finding("accelerate config", key, problem, "remove it from the accelerate config")
             )
     findings = check_recipe(recipe, world_size, pipeline=pipeline_stages(ds, recipe)) + findings
+    findings += check_nonfinite(recipe, deepspeed=uses_deepspeed or bool(ds_file))
     if findings:
         raise DoctorError(f"{len(findings)} config problem(s) found before training:\n{report(findings)}")

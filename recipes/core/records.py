@@ -57,9 +57,10 @@ class RunRecords:
         self, plan: Any, *, epoch: int, window_index: int, logging_steps: int, **values: Any
     ) -> None:
         """The record of an optimizer step, every `logging_steps` and at the last step. `values` holds
-        step, lr, loss, grad_norm, the step's counts and step_time; epoch becomes a fraction of epochs."""
+        step, lr, loss, grad_norm, the step's counts and step_time; epoch becomes a fraction of epochs.
+        A skipped step (on_nonfinite: skip) is always recorded."""
         step = values["step"]
-        if step % logging_steps and step != plan.total_optimizer_steps:
+        if step % logging_steps and step != plan.total_optimizer_steps and not values.get("skipped"):
             return
         grad_norm = values.pop("grad_norm")
         self.log(
