@@ -40,9 +40,11 @@ from recipes.core.classification import (
     write_test_results,
 )
 from recipes.core.config import ConfigError, TrainingConfig, field, parse_config
+from recipes.core.data import make_train_loader
 from recipes.core.errors import run_recipe
 from recipes.core.inputs import require_model
 from recipes.core.metrics import load_metrics
+from recipes.core.nonfinite import NonFiniteSteps
 from recipes.core.optim import make_optimizer
 from recipes.core.plots import write_curves
 from recipes.core.records import RunRecords
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(cfg.seed)
     log = accelerator.print
     checkpoints = Checkpointer(accelerator, cfg, log)  # checks output_dir, picks the checkpoint to resume
+    nonfinite = NonFiniteSteps(accelerator, cfg, checkpoints, log)  # on_nonfinite: stop or skip
     records = RunRecords(
         cfg.output_dir, accelerator.is_main_process, accelerator, resume_step=checkpoints.resume_step
     )
@@ -115,14 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     train_set = splits["train"]
     log(f"train samples: {len(train_set)}, classes: {label_names}")
     collate = DataCollatorWithPadding(tokenizer)
-    train_loader = DataLoader(
-        train_set,
-        batch_size=cfg.per_device_train_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        drop_last=cfg.dataloader_drop_last,
-        num_workers=cfg.dataloader_num_workers,
-    )
+    train_loader = make_train_loader(train_set, cfg, collate)
     eval_loaders = {
         name: DataLoader(data, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
         for name, data in splits.items()
@@ -186,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     progress = tqdm(
         total=plan.total_optimizer_steps, initial=step, disable=not accelerator.is_main_process, desc="train"
     )
+    # from_pretrained returns the model in eval mode (dropout off); nothing else may be relied on to switch it.
+    model.train()
     for epoch in range(start.epoch, plan.num_epochs):
         train_loader.set_epoch(epoch)
         skip = start.batches_in_epoch if epoch == start.epoch else 0  # already trained on before a resume
@@ -200,21 +198,22 @@ def main(argv: list[str] | None = None) -> None:
             # Align Accelerate's counter so that the window's last micro-batch, and only it, syncs.
             accelerator.step = ga - len(window)
             loss_sum = torch.zeros((), device=accelerator.device)
-            grad_norm = None
+            grad_norm, skipped = None, False
             for batch in window:
                 with accelerator.accumulate(model):
                     logits = model(**model_inputs(batch)).logits
                     summed = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
                     accelerator.backward(summed * backward_scale(window_samples, model_dp, ga))
                     loss_sum += summed.detach()
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
+                    if accelerator.sync_gradients:  # clips; whether to skip is decided the same on every rank
+                        grad_norm, skipped = nonfinite.check(model, loss_sum)
+                    if not skipped:  # only with on_nonfinite: skip and a non-finite loss or gradient norm
+                        optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
             step += 1
             loss = accelerator.reduce(loss_sum, reduction="sum").item() / window_samples
-            checkpoints.require_finite(step, loss, grad_norm)  # stops before a diverged step is saved
+            skip_fields = nonfinite.step_done(step, loss, grad_norm, skipped)  # or stops the run
             step_time = time.perf_counter() - started
             progress.update(1)
             progress.set_postfix(
@@ -229,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                 lr=lr,
                 loss=loss,
                 grad_norm=grad_norm,
+                **skip_fields,
                 samples=window_samples,
                 step_time=step_time,
             )

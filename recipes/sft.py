@@ -29,17 +29,18 @@ from recipes.core.accumulation import (
 from recipes.core.chat import PadCollator, make_collator, model_inputs, tokenize_dataset
 from recipes.core.checkpoint import Checkpointer
 from recipes.core.config import TrainingConfig, field, parse_config
-from recipes.core.data import DataError, first_n, load_split, require_columns
+from recipes.core.data import DataError, first_n, load_split, make_train_loader, require_columns
 from recipes.core.deepspeed_support import save_resolved_config as save_resolved_deepspeed_config
 from recipes.core.errors import run_recipe
 from recipes.core.inputs import require_model
+from recipes.core.nonfinite import NonFiniteSteps
 from recipes.core.optim import make_optimizer
 from recipes.core.plots import write_curves
 from recipes.core.records import RunRecords
 from recipes.core.runtime import setup_accelerator
 from recipes.core.steps import plan_for_config
 from recipes.core.tracking import start_tracking
-from recipes.core.usage import loop_usage
+from recipes.core.usage import LoopUsage
 
 
 @dataclass
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(cfg.seed)
     log = accelerator.print
     checkpoints = Checkpointer(accelerator, cfg, log)  # checks output_dir, picks the checkpoint to resume
+    nonfinite = NonFiniteSteps(accelerator, cfg, checkpoints, log)  # on_nonfinite: stop or skip
     records = RunRecords(
         cfg.output_dir, accelerator.is_main_process, accelerator, resume_step=checkpoints.resume_step
     )
@@ -77,14 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         f"train samples: {len(train_set)} ({train_stats.truncated} truncated to {cfg.max_seq_length} tokens, "
         f"{train_stats.dropped_without_targets} dropped with no assistant token left)"
     )
-    train_loader = DataLoader(
-        train_set,
-        batch_size=cfg.per_device_train_batch_size,
-        shuffle=True,
-        collate_fn=make_collator(cfg.packing, tokenizer.pad_token_id),
-        drop_last=cfg.dataloader_drop_last,
-        num_workers=cfg.dataloader_num_workers,
-    )
+    train_loader = make_train_loader(train_set, cfg, make_collator(cfg.packing, tokenizer.pad_token_id))
     eval_loader = (
         DataLoader(
             eval_set,
@@ -144,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     progress = tqdm(
         total=plan.total_optimizer_steps, initial=step, disable=not accelerator.is_main_process, desc="train"
     )
-    loop_started, trained_tokens = time.perf_counter(), 0
+    # from_pretrained returns the model in eval mode (dropout off); nothing else may be relied on to switch it.
+    model.train()
+    usage, trained_tokens = LoopUsage(accelerator), 0
     for epoch in range(start.epoch, plan.num_epochs):
         train_loader.set_epoch(epoch)
         skip = start.batches_in_epoch if epoch == start.epoch else 0  # already trained on before a resume
@@ -158,22 +155,23 @@ def main(argv: list[str] | None = None) -> None:
             # Align Accelerate's counter so that the window's last micro-batch, and only it, syncs.
             accelerator.step = ga - len(window)
             loss_sum = torch.zeros((), device=accelerator.device)
-            grad_norm = None
+            grad_norm, skipped = None, False
             for batch in window:
                 with accelerator.accumulate(model):
                     logits = model(**model_inputs(batch)).logits
                     summed, _ = summed_token_loss(logits, batch["labels"])
                     accelerator.backward(summed * backward_scale(window_tokens, model_dp, ga))
                     loss_sum += summed.detach()
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
+                    if accelerator.sync_gradients:  # clips; whether to skip is decided the same on every rank
+                        grad_norm, skipped = nonfinite.check(model, loss_sum)
+                    if not skipped:  # only with on_nonfinite: skip and a non-finite loss or gradient norm
+                        optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
             step += 1
             trained_tokens += window_tokens
             loss = accelerator.reduce(loss_sum, reduction="sum").item() / window_tokens
-            checkpoints.require_finite(step, loss, grad_norm)  # stops before a diverged step is saved
+            skip_fields = nonfinite.step_done(step, loss, grad_norm, skipped)  # or stops the run
             progress.update(1)
             tokens_per_s = window_tokens / (time.perf_counter() - started)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tokens_per_s=f"{tokens_per_s:.0f}")
@@ -186,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
                 lr=lr,
                 loss=loss,
                 grad_norm=grad_norm,
+                **skip_fields,
                 tokens=window_tokens,
                 step_time=time.perf_counter() - started,
             )
@@ -197,8 +196,9 @@ def main(argv: list[str] | None = None) -> None:
             if step == plan.total_optimizer_steps:
                 break
     progress.close()
-    usage = loop_usage(accelerator, loop_started, trained_tokens)  # of this process's part of a resumed run
-    records.log({"step": step, "lr_after_training": scheduler.get_last_lr()[0], **usage})
+    records.log(
+        {"step": step, "lr_after_training": scheduler.get_last_lr()[0], **usage.summary(trained_tokens)}
+    )
     evaluate(step)
 
     # ---------------------------------------------------------------- save

@@ -54,7 +54,9 @@ def make_chat_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_decoder(directory: Path, family: str = "llama", seed: int = 0, num_layers: int = 2) -> Path:
+def make_tiny_decoder(
+    directory: Path, family: str = "llama", seed: int = 0, num_layers: int = 2, attention_dropout: float = 0.0
+) -> Path:
     """A randomly initialised decoder of `family` plus the test tokenizer, saved as a model directory."""
     directory = Path(directory)
     tokenizer = make_chat_tokenizer(directory)
@@ -71,6 +73,7 @@ def make_tiny_decoder(directory: Path, family: str = "llama", seed: int = 0, num
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
+        attention_dropout=attention_dropout,
         **spec,
     )
     torch.manual_seed(seed)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import datasets
+import torch
+from torch.utils.data import DataLoader
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
@@ -52,3 +56,22 @@ def require_columns(data: datasets.Dataset, columns: list[str], where: str) -> N
 
 def first_n(data: datasets.Dataset, n: int | None) -> datasets.Dataset:
     return data.select(range(min(n, len(data)))) if n else data
+
+
+def make_train_loader(data: datasets.Dataset, cfg: Any, collate_fn: Callable) -> DataLoader:
+    """The shuffled training DataLoader of a recipe, before Accelerate shards it.
+
+    It has a generator of its own: starting an iteration draws a seed from the loader's generator, and
+    from the global RNG without one, which would make a resumed run's dropout masks differ from an
+    uninterrupted run's (the resumed run starts its iteration after restoring the RNG, not before).
+    The order itself is set by Accelerate's seedable sampler from (seed, epoch).
+    """
+    return DataLoader(
+        data,
+        batch_size=cfg.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=collate_fn,
+        drop_last=cfg.dataloader_drop_last,
+        num_workers=cfg.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )

@@ -1,29 +1,60 @@
-"""What a training loop cost: wall-clock time, throughput and each process's peak memory."""
+"""What a training loop cost: wall-clock time, throughput and each process's peak memory during it.
+
+Peak memory is counted from the start of the loop, so it shows model states, gradients, optimizer
+states and activations rather than a transient of loading the checkpoint: on a GPU the peak of allocated
+memory, on Linux CPUs the peak resident set (reset through /proc/self/clear_refs), elsewhere the
+process's lifetime peak resident set.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import re
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # "5" resets the peak resident set size (Linux 4.0+); elsewhere the lifetime peak is reported.
+    with contextlib.suppress(OSError):
+        _CLEAR_REFS.write_text("5")
+
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process: allocated device memory on a GPU, resident set size on CPU."""
+    """Peak memory of this process since the last reset_peak_memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def loop_usage(accelerator: Any, started: float, target_tokens: int) -> dict[str, Any]:
-    """Runtime of the training loop since `started` (time.perf_counter), target tokens per second over
-    all ranks, and the peak memory of every process in MiB (rank order). Every rank must call it."""
-    runtime = time.perf_counter() - started
-    peak = torch.tensor([peak_memory_bytes(accelerator.device)], device=accelerator.device)
-    per_process = accelerator.gather(peak).tolist()
-    return {
-        "train_runtime": round(runtime, 3),
-        "train_tokens_per_second": round(target_tokens / runtime, 2),
-        "peak_memory_mib_per_process": [round(b / 2**20, 1) for b in per_process],
-    }
+class LoopUsage:
+    """Start it right before the training loop; `summary` at its end. Every rank must do both."""
+
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
+        reset_peak_memory(accelerator.device)
+        self.started = time.perf_counter()
+
+    def summary(self, target_tokens: int) -> dict[str, Any]:
+        """Loop runtime, target tokens per second over all ranks, and every process's peak memory in
+        MiB (rank order); in a resumed run, of the part since the resume."""
+        runtime = time.perf_counter() - self.started
+        device = self.accelerator.device
+        per_process = self.accelerator.gather(torch.tensor([peak_memory_bytes(device)], device=device))
+        return {
+            "train_runtime": round(runtime, 6),
+            "train_tokens_per_second": round(target_tokens / runtime, 3),
+            "peak_memory_mib_per_process": [round(b / 2**20, 1) for b in per_process.tolist()],
+        }
