@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--table", metavar="RESULTS", help="print the table of an existing results file and stop"
     )
+    parser.add_argument(
+        "--update", action="store_true", help="rerun the chosen sections, keeping the others of --out"
+    )
     args = parser.parse_args(argv)
     if args.table:
         print(render_table(json.loads(Path(args.table).read_text())))
@@ -92,21 +95,28 @@ def main(argv: list[str] | None = None) -> int:
         mixed_precision="bf16" if args.device == "cuda" else "no",
         micro_batch=8 if args.device == "cuda" else Job.micro_batch,
     )
-    results = {
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(args.device),
-        "repeats": args.repeats,
-        "job": job.__dict__,
-        "sections": chosen,
-    }
+    this_machine = machine(args.device)
+    results = json.loads(Path(args.out).read_text()) if args.update and Path(args.out).is_file() else {}
+    if results and (results["machine"], results["job"], results["repeats"]) != (
+        this_machine,
+        job.__dict__,
+        args.repeats,
+    ):
+        parser.error(f"--update: {args.out} holds another machine, library versions, job or --repeats")
+    results.update(
+        {"date": datetime.date.today().isoformat(), "machine": this_machine, "repeats": args.repeats}
+    )
+    results.update({"job": job.__dict__, "measured_at": results.get("measured_at", {})})
 
     def step(name: str, fn):
         print(f"[bench] {name}", file=sys.stderr, flush=True)
         results[name] = fn()
+        results["measured_at"][name] = datetime.datetime.now().isoformat(timespec="seconds")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")  # kept after every section
 
-    if "throughput" in chosen or "plan" in chosen or "model_flops" in chosen:
+    needs_runs = {"plan", "model_flops"} & set(chosen) and "throughput" not in results
+    if "throughput" in chosen or needs_runs:
         step("throughput", lambda: sections.throughput_comparison(job, args.repeats, with_lora=True))
     if "padding" in chosen:
         step("padding", lambda: sections.padding_waste(job, micro_batch=8))

@@ -9,6 +9,7 @@ process's lifetime peak resident set.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import re
 import resource
 import time
@@ -24,6 +25,10 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    # Freed heap memory first goes back to the OS (glibc keeps it otherwise, e.g. the full weights a
+    # ZeRO-3 process loaded before partitioning), so that the peak counts memory in use during the loop.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     # "5" resets the peak resident set size (Linux 4.0+); elsewhere the lifetime peak is reported.
     with contextlib.suppress(OSError):
         _CLEAR_REFS.write_text("5")
