@@ -27,9 +27,9 @@ def batches_of(order: list[int], micro_batch: int) -> list[list[int]]:
 def real_token_fraction(lengths: list[int], batches: list[list[int]], packing: bool) -> float:
     """Share of the token slots an epoch processes that hold sample tokens: a padded batch is as wide
     as its longest sample; a packed (padding-free) batch is exactly its samples."""
-    real = sum(lengths[i] for batch in batches for i in batch)
     if packing:
-        return real / real
+        return 1.0  # every slot of a packed row is a sample token
+    real = sum(lengths[i] for batch in batches for i in batch)
     slots = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
     return real / slots
 

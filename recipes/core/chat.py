@@ -176,10 +176,3 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The model's keyword arguments for a batch of either collator. No KV cache is built in training;
     a cache would also stop transformers from reading packed position ids as sample boundaries."""
     return {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
-
-
-def real_token_fraction(batch: dict[str, torch.Tensor]) -> float:
-    """Share of the batch's token slots that hold sample tokens rather than padding."""
-    if "attention_mask" not in batch:
-        return 1.0
-    return batch["attention_mask"].sum().item() / batch["attention_mask"].numel()
