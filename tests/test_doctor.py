@@ -3,6 +3,8 @@ config the project ships passes; the recipe runs the same checks at start-up."""
 
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from helpers import REPO, launch
 
 from recipes.cli import RECIPES, _recipe_from_filename, main
 from recipes.core import doctor
+from recipes.core.config import ConfigError
 from recipes.core.doctor import (
     DoctorError,
     check_accelerate,
@@ -21,6 +24,7 @@ from recipes.core.doctor import (
     check_precision_on_device,
     check_recipe,
     diagnose,
+    known_keys,
     load_config_file,
     parse_hostfile,
     preflight,
@@ -183,6 +187,19 @@ def test_zero2_or_3_with_pipeline_stages():
     assert check_deepspeed_with_run(ds1, RECIPE, 4, "ds.json") == []
 
 
+def test_recipe_doctor_and_deepspeed_check_share_one_accumulation_rule():
+    from recipes.core.runtime import resolve_gradient_accumulation
+
+    recipe = {**RECIPE, "global_batch_size": 32}  # 32 samples / (micro 4 x 2 ranks) = GA 4, not the 2 set
+    assert resolve_gradient_accumulation(2, 32, 4, 2) == 4
+    assert check_deepspeed_with_run({**ZERO, "gradient_accumulation_steps": 4}, recipe, 2, "ds.json") == []
+    findings = check_deepspeed_with_run({**ZERO, "gradient_accumulation_steps": 2}, recipe, 2, "ds.json")
+    assert findings[0].problem.startswith("2 differs from the recipe's gradient accumulation 4")
+    with pytest.raises(ConfigError, match=r"global_batch_size 20 is not divisible by .* = 4 x 2 = 8"):
+        resolve_gradient_accumulation(2, 20, 4, 2)
+    assert keys(check_recipe({**RECIPE, "global_batch_size": 20}, 2)) == ["global_batch_size"]
+
+
 def test_pipeline_stages_that_do_not_divide_the_world_size():
     ds = {"zero_optimization": {"stage": 1}, "pipeline": {"stages": 3}}
     assert keys(check_deepspeed_with_run(ds, RECIPE, 4, "ds.json")) == ["pipeline.stages"]
@@ -258,10 +275,74 @@ def test_unknown_keys_name_the_closest_valid_key(tmp_path):
     ]
 
 
-def test_known_key_lists_match_the_installed_accelerate():
-    from accelerate.commands.config.config_args import ClusterConfig
+def test_key_lists_read_from_accelerate_and_deepspeed_hold_every_key_the_shipped_configs_use():
+    for path in sorted((REPO / "accelerate_configs").glob("*.yaml")):
+        acc = yaml.safe_load(path.read_text())
+        assert set(acc) <= known_keys.accelerate_keys(), path.name
+        assert set(acc.get("deepspeed_config") or {}) <= known_keys.accelerate_deepspeed_keys(), path.name
+        assert acc["distributed_type"] in known_keys.distributed_types(), path.name
+    for path in sorted((REPO / "ds_configs").glob("*.json")):
+        ds = json.loads(path.read_text())
+        zero = ds.get("zero_optimization") or {}
+        assert set(ds) <= known_keys.DEEPSPEED_KEYS and set(zero) <= known_keys.zero_keys(), path.name
+        for block, known in known_keys.offload_keys().items():
+            assert set(zero.get(block) or {}) <= known, path.name
+    assert {"fp16", "dynamo_backend"} <= known_keys.accelerate_keys()  # older spellings Accelerate converts
 
-    assert set(ClusterConfig.__dataclass_fields__) == doctor.ACCELERATE_KEYS - {"fp16", "dynamo_backend"}
+
+def test_deepspeed_field_names_aliases_and_deprecated_spellings_are_all_accepted():
+    # stage3_prefetch_bucket_size is the alias of prefetch_bucket_size; cpu_offload is deprecated.
+    zero = {"stage": 3, "prefetch_bucket_size": 1, "stage3_prefetch_bucket_size": 1, "cpu_offload": False}
+    for gather in ("stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save"):
+        assert check_deepspeed({"zero_optimization": {**zero, gather: True}}, "ds.json") == []
+
+
+@pytest.mark.parametrize(
+    "check, config, key, closest",
+    [
+        (
+            check_accelerate,
+            {"distributed_type": "NO", "mixed_precison": "no"},
+            "mixed_precison",
+            "mixed_precision",
+        ),
+        (
+            check_accelerate,
+            {
+                "distributed_type": "DEEPSPEED",
+                "deepspeed_config": {"zero_stage": 1, "offload_param_devce": "cpu"},
+            },
+            "deepspeed_config.offload_param_devce",
+            "offload_param_device",
+        ),
+        (check_deepspeed, {"gradient_clippping": 1.0}, "gradient_clippping", "gradient_clipping"),
+        (
+            check_deepspeed,
+            {"zero_optimization": {"stage": 1, "reduce_bucket_sise": 5}},
+            "zero_optimization.reduce_bucket_sise",
+            "reduce_bucket_size",
+        ),
+        (
+            check_deepspeed,
+            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memroy": True}}},
+            "zero_optimization.offload_optimizer.pin_memroy",
+            "pin_memory",
+        ),
+    ],
+)
+def test_a_misspelt_key_is_caught_with_the_closest_valid_key(check, config, key, closest):
+    findings = check(config, "config")
+    assert [(f.key, f.problem, f.fix) for f in findings] == [
+        (key, "unknown key", f"did you mean {closest!r}?")
+    ]
+
+
+def test_importing_the_doctor_loads_neither_accelerate_nor_deepspeed():
+    code = "import sys, recipes.core.doctor; print(sorted({'accelerate', 'deepspeed', 'torch'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------- shipped configs and the command
@@ -352,6 +433,28 @@ def test_preflight_reads_the_deepspeed_config_the_launcher_names(tmp_path):
     assert f"{tmp_path / 'ds.json'}: scheduler: a DeepSpeed scheduler block" in message
     assert "accelerate config: gradient_clipping: set next to deepspeed_config_file" in message
     preflight(cfg, 2, {})  # nothing to complain about without DeepSpeed
+
+
+def test_preflight_refuses_skip_in_the_pipeline_recipe_whose_engine_applies_each_update(monkeypatch):
+    from recipes.sft_pipeline import SFTPipelineConfig
+
+    monkeypatch.chdir(REPO)  # the recipe names its DeepSpeed JSON relative to the repo root
+    preflight(SFTPipelineConfig(), 2, env={})
+    with pytest.raises(DoctorError) as err:
+        preflight(SFTPipelineConfig(on_nonfinite="skip"), 2, env={})
+    message = str(err.value)
+    assert message.startswith("1 config problem(s) found before training:\n")
+    assert (
+        "on_nonfinite: skip cannot be honoured by a recipe that drives the DeepSpeed engine itself" in message
+    )
+    assert (
+        "fix: use on_nonfinite: stop (the run stops at that step and keeps the last good checkpoint)\n"
+        in (message + "\n")
+    )
+    with pytest.raises(
+        DoctorError, match="recipe config: pipeline_stages: 4 stages do not divide the world size 2"
+    ):
+        preflight(SFTPipelineConfig(pipeline_stages=4), 2, env={})
 
 
 def test_recipe_fails_in_seconds_with_the_doctors_message(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import sys
 import types
 import typing
@@ -161,18 +162,63 @@ def build(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A recipe YAML's mapping of field: value."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with the path of a recipe YAML")
+    return read_mapping(path)
+
+
+class ConfigFileError(ConfigError):
+    """A config file that is missing or does not parse to a mapping. The message is what a recipe stops
+    with; problem, fix and line are the same error as `recipes doctor` reports it."""
+
+    def __init__(self, message: str, problem: str, fix: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.problem, self.fix, self.line = problem, fix, line
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML file (JSON when named *.json) holds; an empty file holds {}."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass --config with the path of a recipe YAML")
+        fix = "pass the path of an existing file"
+        raise ConfigFileError(f"{path} does not exist; {fix}", "file does not exist", fix)
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        at = f"line {err.lineno}, column {err.colno}"
+        raise ConfigFileError(
+            f"{path} is not valid JSON at {at}: {err.msg}",
+            f"invalid JSON: {err.msg} (column {err.colno})",
+            _json_fix(err),
+            err.lineno,
+        ) from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{line}: {getattr(err, 'problem', err)}") from None
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None) or err
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigFileError(
+            f"{path} is not valid YAML{at}: {problem}",
+            f"invalid YAML: {problem}",
+            "fix the syntax at that line",
+            mark.line + 1 if mark else None,
+        ) from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of field: value, found {type(data).__name__}")
+        found = type(data).__name__
+        raise ConfigFileError(
+            f"{path} must hold a mapping of field: value, found {found}",
+            f"holds a {found}, not a mapping",
+            "write key: value pairs",
+        )
     return data
+
+
+def _json_fix(err: json.JSONDecodeError) -> str:
+    if "delimiter" in err.msg or "property name" in err.msg:
+        return "check commas between entries (none after the last one) and double-quoted keys"
+    return "fix the JSON syntax at that line"
 
 
 def save_config(config: Any, path: str | Path) -> None:

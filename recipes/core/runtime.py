@@ -13,10 +13,10 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import GradientAccumulationPlugin
 
+from recipes.core import steps
 from recipes.core.config import ConfigError
 from recipes.core.deepspeed_support import apply_recipe_values
 from recipes.core.doctor import preflight
-from recipes.core.steps import gradient_accumulation_for
 from recipes.core.tracking import tracker_kwargs
 
 
@@ -40,12 +40,13 @@ def init_distributed() -> PartialState:
 def resolve_gradient_accumulation(
     gradient_accumulation_steps: int, global_batch_size: int | None, micro_batch_size: int, dp_size: int
 ) -> int:
-    if global_batch_size:
-        try:
-            return gradient_accumulation_for(global_batch_size, micro_batch_size, dp_size)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    return gradient_accumulation_steps
+    """steps.resolve_gradient_accumulation, failing with the ConfigError a recipe stops on."""
+    try:
+        return steps.resolve_gradient_accumulation(
+            gradient_accumulation_steps, global_batch_size, micro_batch_size, dp_size
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def make_accelerator(

@@ -122,6 +122,18 @@ def gradient_accumulation_for(global_batch_size: int, micro_batch_size: int, dp_
     return global_batch_size // per_step
 
 
+def resolve_gradient_accumulation(
+    gradient_accumulation_steps: int, global_batch_size: int | None, micro_batch_size: int, dp_size: int
+) -> int:
+    """A config's accumulation: derived from global_batch_size when that is set, else taken as given.
+
+    Raises ValueError (gradient_accumulation_for's message) when global_batch_size does not divide.
+    """
+    if global_batch_size:
+        return gradient_accumulation_for(global_batch_size, micro_batch_size, dp_size)
+    return gradient_accumulation_steps
+
+
 @dataclass(frozen=True)
 class Plan:
     """The numbers a run is committed to before its first step (plan.json)."""

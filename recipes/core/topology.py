@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from recipes.core.config import ConfigError
-from recipes.core.doctor import load_config_file, pipeline_stages
+from recipes.core.config import read_mapping
+from recipes.core.doctor import pipeline_stages
 
 
 @dataclass(frozen=True)
@@ -26,10 +25,10 @@ class Topology:
 
 def read_topology(accelerate_config: str | None = None, deepspeed_config: str | None = None) -> Topology:
     """World size, machines, ZeRO stage, offload and precision from the config files (either may be None)."""
-    acc = _load(accelerate_config) if accelerate_config else {}
+    acc = read_mapping(accelerate_config) if accelerate_config else {}
     acc_ds = acc.get("deepspeed_config") or {}
     deepspeed_config = deepspeed_config or acc_ds.get("deepspeed_config_file")
-    ds = _load(deepspeed_config) if deepspeed_config else None
+    ds = read_mapping(deepspeed_config) if deepspeed_config else None
     if ds is None:  # DeepSpeed configured inline in the accelerate config, or not at all
         uses_ds = acc.get("distributed_type") == "DEEPSPEED"
         zero_stage = int(acc_ds.get("zero_stage", 0)) if uses_ds else 0
@@ -61,10 +60,3 @@ def read_topology(accelerate_config: str | None = None, deepspeed_config: str | 
 
 def _device(value) -> str | None:
     return value if value in ("cpu", "nvme") else None
-
-
-def _load(path: str | Path) -> dict:
-    data, errors = load_config_file(path)
-    if errors:
-        raise ConfigError("; ".join(str(e) for e in errors))
-    return data
