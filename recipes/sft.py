@@ -9,38 +9,30 @@ gradient accumulation and data parallelism give exactly the gradient of one big 
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
 from recipes.core import lora
 from recipes.core.accumulation import (
-    accumulation_windows,
     backward_scale,
+    eval_loss_results,
     per_sample_token_loss,
     summed_token_loss,
+    target_tokens,
 )
 from recipes.core.chat import PadCollator, make_collator, model_inputs, tokenize_dataset
-from recipes.core.checkpoint import Checkpointer
+from recipes.core.checkpoint_io import AccelerateIO
 from recipes.core.config import TrainingConfig, field, parse_config
-from recipes.core.data import DataError, first_n, load_split, make_train_loader, require_columns
-from recipes.core.deepspeed_support import save_resolved_config as save_resolved_deepspeed_config
+from recipes.core.data import first_n, load_split, make_train_loader, require_columns
 from recipes.core.errors import run_recipe
-from recipes.core.inputs import require_model
-from recipes.core.nonfinite import NonFiniteSteps
+from recipes.core.final_model import save_final_model
+from recipes.core.inputs import load_tokenizer
 from recipes.core.optim import make_optimizer
-from recipes.core.plots import write_curves
-from recipes.core.records import RunRecords
+from recipes.core.run import Run
 from recipes.core.runtime import setup_accelerator
-from recipes.core.steps import plan_for_config
-from recipes.core.tracking import start_tracking
-from recipes.core.usage import LoopUsage
 
 
 @dataclass
@@ -60,35 +52,20 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(SFTConfig, argv)
 
     # ---------------------------------------------------------------- compute
-    # The doctor's checks run first, so a bad config combination fails in seconds.
-    accelerator, ga = setup_accelerator(cfg)
-    set_seed(cfg.seed)
-    log = accelerator.print
-    checkpoints = Checkpointer(accelerator, cfg, log)  # checks output_dir, picks the checkpoint to resume
-    nonfinite = NonFiniteSteps(accelerator, cfg, checkpoints, log)  # on_nonfinite: stop or skip
-    records = RunRecords(
-        cfg.output_dir, accelerator.is_main_process, accelerator, resume_step=checkpoints.resume_step
-    )
+    accelerator, ga = setup_accelerator(cfg)  # the doctor's checks first: a bad combination fails in seconds
+    run = Run.of_accelerator("sft", cfg, accelerator)  # seeds; checks output_dir, picks the checkpoint
+    log, ranks = run.log, run.ranks
 
     # ---------------------------------------------------------------- data
-    require_model(cfg.model_name_or_path, cfg.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg)  # checks first that model_name_or_path names a model
     with accelerator.main_process_first():  # rank 0 tokenises and caches; the others read the cache
         train_set, eval_set, train_stats = load_data(cfg, tokenizer)
-    log(
-        f"train samples: {len(train_set)} ({train_stats.truncated} truncated to {cfg.max_seq_length} tokens, "
-        f"{train_stats.dropped_without_targets} dropped with no assistant token left)"
-    )
+    log(train_stats.summary(cfg.max_seq_length))
     train_loader = make_train_loader(train_set, cfg, make_collator(cfg.packing, tokenizer.pad_token_id))
-    eval_loader = (
-        DataLoader(
-            eval_set,
-            batch_size=cfg.per_device_eval_batch_size,
-            collate_fn=PadCollator(tokenizer.pad_token_id),
-        )
-        if eval_set
-        else None
-    )
+    eval_loader = None
+    if eval_set is not None:
+        collate = PadCollator(tokenizer.pad_token_id)
+        eval_loader = DataLoader(eval_set, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
 
     # ---------------------------------------------------------------- model and optimizer
     model = AutoModelForCausalLM.from_pretrained(
@@ -102,121 +79,41 @@ def main(argv: list[str] | None = None) -> None:
         eval_loader = accelerator.prepare(eval_loader)
 
     # ---------------------------------------------------------------- plan and schedule
-    try:
-        plan = plan_for_config(
-            cfg,
-            num_samples=len(train_set),
-            world_size=accelerator.num_processes,
-            gradient_accumulation_steps=ga,
-            tokens_per_sample=sum(train_set["num_targets"]) / len(train_set),
-            **parameters,
-        )
-    except ValueError as err:  # e.g. too few samples for one optimizer step on this world size
-        raise DataError(f"{cfg.dataset_name}: {err}") from None
-    plan.check_loader_length(len(train_loader))
+    plan = run.plan(train_set, len(train_loader), "num_targets", gradient_accumulation_steps=ga, **parameters)
     # Kept out of accelerator.prepare: a prepared scheduler steps once per process per optimizer step.
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_optimizer_steps)
-    checkpoints.track(lr_scheduler=scheduler)
-    checkpoints.total_steps = plan.total_optimizer_steps
-    start = checkpoints.resume()  # model, optimizer, scheduler, RNG and data position of the checkpoint
-    records.write_config(cfg)
-    records.write_plan(plan.to_dict())
-    save_resolved_deepspeed_config(accelerator, cfg.output_dir)
-    start_tracking(accelerator, "sft", cfg)
-    log(plan.summary())
+
+    def evaluate(step: int) -> None:
+        if eval_loader is not None:
+            run.records.log_eval(step, eval_loss_results(evaluate_loss(accelerator, model, eval_loader)), log)
 
     # ---------------------------------------------------------------- train
-    def evaluate(step: int) -> None:
-        if eval_loader is None:
-            return
-        eval_loss = evaluate_loss(accelerator, model, eval_loader)
-        records.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
-        log(f"step {step}: eval_loss {eval_loss:.4f}")
-
-    if start.step == 0:
-        evaluate(step=0)
-    step, model_dp = start.step, accelerator.num_processes
-    progress = tqdm(
-        total=plan.total_optimizer_steps, initial=step, disable=not accelerator.is_main_process, desc="train"
+    loop = run.training_loop(
+        plan=plan,
+        io=AccelerateIO(accelerator),  # resumes model, optimizer, RNG and data position
+        scheduler=scheduler,
+        evaluate=evaluate,
     )
-    # from_pretrained returns the model in eval mode (dropout off); nothing else may be relied on to switch it.
-    model.train()
-    usage, trained_tokens = LoopUsage(accelerator), 0
-    for epoch in range(start.epoch, plan.num_epochs):
-        train_loader.set_epoch(epoch)
-        skip = start.batches_in_epoch if epoch == start.epoch else 0  # already trained on before a resume
-        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        for window_index, window in enumerate(accumulation_windows(batches, ga), start=skip // ga):
-            started = time.perf_counter()
-            window_tokens = accelerator.reduce(
-                torch.stack([b["labels"][:, 1:].ne(-100).sum() for b in window]).sum(), reduction="sum"
-            ).item()
-            lr = scheduler.get_last_lr()[0]
-            # Align Accelerate's counter so that the window's last micro-batch, and only it, syncs.
-            accelerator.step = ga - len(window)
-            loss_sum = torch.zeros((), device=accelerator.device)
-            grad_norm, skipped = None, False
-            for batch in window:
+    with loop:
+        for window in loop.windows(train_loader, model):
+            # The token mean of the whole step on all ranks: accumulation and data parallelism are one batch.
+            window_tokens = ranks.sum(sum(target_tokens(batch["labels"]) for batch in window))
+            scale = backward_scale(window_tokens, accelerator.num_processes, ga)
+            for batch in window.micro_batches(accelerator, model):
                 with accelerator.accumulate(model):
                     logits = model(**model_inputs(batch)).logits
                     summed, _ = summed_token_loss(logits, batch["labels"])
-                    accelerator.backward(summed * backward_scale(window_tokens, model_dp, ga))
-                    loss_sum += summed.detach()
-                    if accelerator.sync_gradients:  # clips; whether to skip is decided the same on every rank
-                        grad_norm, skipped = nonfinite.check(model, loss_sum)
-                    if not skipped:  # only with on_nonfinite: skip and a non-finite loss or gradient norm
-                        optimizer.step()
+                    accelerator.backward(window.add_loss(summed) * scale)
+                    if accelerator.sync_gradients:  # the window's last micro-batch: gradients are complete
+                        loop.clip_gradients(window, accelerator, model)  # max_grad_norm; on_nonfinite
+                    optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
-            step += 1
-            trained_tokens += window_tokens
-            loss = accelerator.reduce(loss_sum, reduction="sum").item() / window_tokens
-            skip_fields = nonfinite.step_done(step, loss, grad_norm, skipped)  # or stops the run
-            progress.update(1)
-            tokens_per_s = window_tokens / (time.perf_counter() - started)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tokens_per_s=f"{tokens_per_s:.0f}")
-            records.log_step(
-                plan,
-                epoch=epoch,
-                window_index=window_index,
-                logging_steps=cfg.logging_steps,
-                step=step,
-                lr=lr,
-                loss=loss,
-                grad_norm=grad_norm,
-                **skip_fields,
-                tokens=window_tokens,
-                step_time=time.perf_counter() - started,
-            )
-            if cfg.eval_steps and step % cfg.eval_steps == 0 and step != plan.total_optimizer_steps:
-                evaluate(step)
-            batches_done = min((window_index + 1) * ga, len(train_loader))
-            if checkpoints.step_done(step, epoch, batches_done, len(train_loader)):  # SIGTERM/SIGINT came
-                checkpoints.exit_interrupted(step)
-            if step == plan.total_optimizer_steps:
-                break
-    progress.close()
-    records.log(
-        {"step": step, "lr_after_training": scheduler.get_last_lr()[0], **usage.summary(trained_tokens)}
-    )
-    evaluate(step)
+            loop.step_done(window, count=window_tokens)
+        loop.finish()
 
-    # ---------------------------------------------------------------- save
-    final_dir = f"{cfg.output_dir}/final"
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    accelerator.unwrap_model(model).save_pretrained(
-        final_dir,
-        state_dict=state_dict,
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        safe_serialization=True,
-    )
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(final_dir)
-        write_curves(cfg.output_dir)
-    lora.merge_in_fresh_process(accelerator, model, cfg, final_dir, lora.CAUSAL_LM)  # merge_adapter: merged/
-    accelerator.wait_for_everyone()
+        # ------------------------------------------------------------ save
+        final_dir = save_final_model(accelerator, model, tokenizer, cfg, lora.CAUSAL_LM)
     log(f"fine-tuned model saved to {final_dir}; curves in {cfg.output_dir}/curves.png")
     accelerator.end_training()
 

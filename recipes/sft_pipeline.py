@@ -13,42 +13,39 @@ over the whole optimizer step on all ranks.
 
 from __future__ import annotations
 
-import json
-import math
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from accelerate.data_loader import prepare_data_loader, skip_first_batches
-from accelerate.utils import set_seed
+from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForCausalLM, get_linear_schedule_with_warmup
 
-from recipes.core.accumulation import accumulation_windows, backward_scale
+from recipes.core.accumulation import backward_scale, eval_loss_results, target_tokens
 from recipes.core.chat import IGNORE_INDEX, PadCollator
-from recipes.core.checkpoint import Checkpointer
 from recipes.core.checkpoint_io import DeepSpeedEngineIO
-from recipes.core.config import ConfigError, field, parse_config
+from recipes.core.config import ConfigError, field, parse_config, read_mapping
 from recipes.core.data import make_train_loader
+from recipes.core.doctor import preflight
 from recipes.core.errors import run_recipe
+from recipes.core.inputs import load_tokenizer
 from recipes.core.optim import make_optimizer
 from recipes.core.pipeline import (
     PipelineClipper,
     TokenLoss,
     build_pipeline,
     check_architecture,
+    check_supported,
     export_pretrained,
     init_deepspeed_comm,
     initialize_engine,
     resolve_ds_config,
 )
 from recipes.core.pipeline_plan import module_boundaries, pipeline_view
-from recipes.core.records import RunRecords
+from recipes.core.ranks import Ranks
+from recipes.core.run import Run
 from recipes.core.runtime import init_distributed, resolve_gradient_accumulation
-from recipes.core.steps import data_parallel_size, plan_for_config
+from recipes.core.steps import data_parallel_size
 from recipes.sft import SFTConfig, load_data, plan_inputs  # noqa: F401 - plan_inputs serves `recipes plan`
 
 
@@ -64,46 +61,29 @@ class SFTPipelineConfig(SFTConfig):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(SFTPipelineConfig, recipe_args(sys.argv[1:] if argv is None else argv))
-    if cfg.mixed_precision != "no":
-        raise ConfigError(f"mixed_precision {cfg.mixed_precision!r}: the pipeline recipe trains in fp32 only")
-    if cfg.use_peft:
-        raise ConfigError(
-            "use_peft: the pipeline recipe does not support LoRA yet; train LoRA adapters with recipes/sft.py "
-            "(1 process, DDP or ZeRO-1/2/3), or set use_peft: false"
-        )
-    if cfg.packing:  # pipeline stages exchange fixed-layout tensors, not position ids
-        raise ConfigError("packing: the pipeline recipe trains padded batches only; set packing: false")
-    if cfg.on_nonfinite != "stop":  # the engine applies the update inside train_batch
-        raise ConfigError(f"on_nonfinite {cfg.on_nonfinite!r}: the pipeline recipe can only stop; set stop")
+    check_supported(cfg)  # what the pipeline engine cannot do yet (precision, LoRA, packing)
 
     # ---------------------------------------------------------------- compute
     state = init_distributed()
+    preflight(cfg, state.num_processes)  # the doctor's checks of the recipe and its DeepSpeed config
     init_deepspeed_comm()
-    try:
-        dp = data_parallel_size(state.num_processes, cfg.pipeline_stages)
-    except ValueError as err:
-        raise ConfigError(
-            f"{err} (pipeline_stages {cfg.pipeline_stages}, {state.num_processes} processes)"
-        ) from None
+    dp = data_parallel_size(state.num_processes, cfg.pipeline_stages)  # the doctor checked it divides
     ga = resolve_gradient_accumulation(
         cfg.gradient_accumulation_steps, cfg.global_batch_size, cfg.per_device_train_batch_size, dp
     )
     ds_file, micro = cfg.deepspeed_config, cfg.per_device_train_batch_size
-    ds_config = resolve_ds_config(_read_json(ds_file), micro, ga, dp, cfg.max_grad_norm, ds_file)
-    set_seed(cfg.seed)
-    log = state.print
-    engine_io = DeepSpeedEngineIO(state)  # checkpoints go through the engine once it exists
-    checkpoints = Checkpointer(engine_io, cfg, log)  # checks output_dir, picks the checkpoint to resume
-    records = RunRecords(cfg.output_dir, state.is_main_process, resume_step=checkpoints.resume_step)
+    ds_config = resolve_ds_config(read_mapping(ds_file), micro, ga, dp, cfg.max_grad_norm, ds_file)
+    log, end = state.print, torch.distributed.destroy_process_group
+    ranks = Ranks(
+        num_processes=state.num_processes, process_index=state.process_index, device=state.device, end=end
+    )
+    run = Run.begin("sft_pipeline", cfg, ranks, log=log)  # seeds; checks output_dir, picks the checkpoint
 
     # ---------------------------------------------------------------- data
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg)  # checks first that model_name_or_path names a model
     with state.main_process_first():  # rank 0 tokenises and caches; the others read the cache
         train_set, eval_set, train_stats = load_data(cfg, tokenizer)
-    log(
-        f"train samples: {len(train_set)} ({train_stats.truncated} truncated to {cfg.max_seq_length} tokens, "
-        f"{train_stats.dropped_without_targets} dropped with no assistant token left)"
-    )
+    log(train_stats.summary(cfg.max_seq_length))
 
     # ---------------------------------------------------------------- model, pipeline and optimizer
     model = AutoModelForCausalLM.from_pretrained(
@@ -112,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     loss_fn = TokenLoss()
     module, source = build_pipeline(model, cfg.pipeline_stages, loss_fn)
     optimizer = make_optimizer(module, cfg)
-    engine = engine_io.engine = initialize_engine(module, optimizer, ds_config)
+    engine = initialize_engine(module, optimizer, ds_config)
     source.release()
     model_config, num_layers = model.config, model.config.num_hidden_layers
     del model
@@ -120,111 +100,59 @@ def main(argv: list[str] | None = None) -> None:
         raise RuntimeError(f"DeepSpeed split the layers as {engine.module.parts}, not as the plan says")
     grid = engine.grid
     dp_rank, dp_group = grid.get_data_parallel_rank(), grid.get_data_parallel_group()
+    dp_ranks = ranks.over_data_parallel_group(dp_group)  # sums of tokens and losses: one per pipeline
     clipper = None
     if cfg.max_grad_norm > 0 and engine.zero_optimization_stage() == 0:
         clipper = PipelineClipper(
             optimizer, module.parameters(), cfg.max_grad_norm, grid.get_pipe_parallel_group()
         )
-
-    # Sharded over the data-parallel ranks exactly as Accelerate shards recipes/sft.py's loader (same seeded
-    # sampler, same round-robin batches), so both recipes see the same samples in the same steps.
-    collate = PadCollator(tokenizer.pad_token_id)
-    train_loader = prepare_data_loader(
-        make_train_loader(train_set, cfg, collate),
-        num_processes=dp,
-        process_index=dp_rank,
-        even_batches=True,
-        use_seedable_sampler=True,
-        data_seed=cfg.seed,
-    )
-    eval_loader = None
-    if eval_set is not None:
-        eval_loader = prepare_data_loader(
-            DataLoader(eval_set, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate),
-            num_processes=dp,
-            process_index=dp_rank,
-            even_batches=False,
-        )
+    train_loader, eval_loader = shard_loaders(train_set, eval_set, cfg, tokenizer.pad_token_id, dp, dp_rank)
 
     # ---------------------------------------------------------------- plan and schedule
-    plan = plan_for_config(
-        cfg,
-        num_samples=len(train_set),
-        world_size=state.num_processes,
+    plan = run.plan(
+        train_set,
+        len(train_loader),
+        "num_targets",
         pipeline_stages=cfg.pipeline_stages,
         gradient_accumulation_steps=ga,
-        tokens_per_sample=sum(train_set["num_targets"]) / len(train_set),
     )
-    plan.check_loader_length(len(train_loader))
     view = pipeline_view(num_layers, cfg.pipeline_stages, dp, ga)
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_optimizer_steps)
-    checkpoints.track(lr_scheduler=scheduler)
-    checkpoints.total_steps = plan.total_optimizer_steps
-    start = checkpoints.resume()  # layers, optimizer, scheduler, RNG and data position of the checkpoint
-    records.write_config(cfg)
-    records.write_plan({**plan.to_dict(), "pipeline": view})
-    log(plan.summary())
+
+    def evaluate(step: int) -> None:
+        if eval_loader is not None:
+            run.records.log_eval(
+                step, eval_loss_results(evaluate_loss(engine, loss_fn, eval_loader, dp_ranks)), log
+            )
+
+    # ---------------------------------------------------------------- train
+    loop = run.training_loop(
+        plan=plan,
+        io=DeepSpeedEngineIO(engine, state.process_index),  # resumes layers, optimizer and RNG
+        ranks=dp_ranks,
+        scheduler=scheduler,
+        evaluate=evaluate,
+        plan_record={**plan.to_dict(), "pipeline": view},
+    )
     log("pipeline: " + "; ".join(view["layer_partition"]) + f"; bubble {view['bubble_fraction']:.1%}")
     if view["bubble_advice"]:
         log(f"note: {view['bubble_advice']}")
-
-    # ---------------------------------------------------------------- train
-    def evaluate(step: int) -> None:
-        if eval_loader is None:
-            return
-        eval_loss = evaluate_loss(engine, loss_fn, eval_loader, dp_group)
-        records.log({"step": step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
-        log(f"step {step}: eval_loss {eval_loss:.4f}")
-
-    if start.step == 0:
-        evaluate(step=0)
-    step = start.step
-    progress = tqdm(total=plan.total_optimizer_steps, initial=step, disable=not records.enabled, desc="train")
-    for epoch in range(start.epoch, plan.num_epochs):
-        train_loader.set_epoch(epoch)
-        skip = start.batches_in_epoch if epoch == start.epoch else 0  # already trained on before a resume
-        batches = skip_first_batches(train_loader, skip) if skip else train_loader
-        for window_index, window in enumerate(accumulation_windows(batches, ga), start=skip // ga):
-            started = time.perf_counter()
-            window_tokens = _sum_over(dp_group, sum(_targets(b) for b in window), engine.device)
-            lr = scheduler.get_last_lr()[0]
+    with loop:
+        for window in loop.windows(train_loader):
+            window_tokens = dp_ranks.sum(sum(target_tokens(batch["labels"]) for batch in window))
             # A short last window of an epoch is an optimizer step of its own, as in recipes/sft.py.
             engine.set_train_batch_size(cfg.per_device_train_batch_size * len(window) * dp)
             loss_fn.scale = backward_scale(window_tokens, dp, len(window))
-            loss = engine.train_batch(iter(_pipe_batches(window))).item()
-            grad_norm = clipper.last_norm if clipper else engine.get_global_grad_norm()
+            loss = engine.train_batch(iter(pipe_batches(window))).item()  # forward, backward, clip, step
+            window.grad_norm = clipper.last_norm if clipper else engine.get_global_grad_norm()
             scheduler.step()
-            step += 1
-            checkpoints.require_finite(step, loss, grad_norm)  # stops before a diverged step is saved
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            records.log_step(
-                plan,
-                epoch=epoch,
-                window_index=window_index,
-                logging_steps=cfg.logging_steps,
-                step=step,
-                lr=lr,
-                loss=loss,
-                grad_norm=grad_norm,
-                tokens=window_tokens,
-                step_time=time.perf_counter() - started,
-            )
-            if cfg.eval_steps and step % cfg.eval_steps == 0 and step != plan.total_optimizer_steps:
-                evaluate(step)
-            batches_done = min((window_index + 1) * ga, len(train_loader))
-            if checkpoints.step_done(step, epoch, batches_done, len(train_loader)):  # SIGTERM/SIGINT came
-                checkpoints.exit_interrupted(step)
-            if step == plan.total_optimizer_steps:
-                break
-    progress.close()
-    records.log({"step": step, "lr_after_training": scheduler.get_last_lr()[0]})
-    evaluate(step)
+            loop.step_done(window, count=window_tokens, loss=loss)
+        loop.finish()
 
-    # ---------------------------------------------------------------- save
-    final_dir = f"{cfg.output_dir}/final"
-    export_pretrained(engine.module, dp_rank, model_config, tokenizer, final_dir)
-    torch.distributed.barrier()
+        # ------------------------------------------------------------ save
+        final_dir = f"{cfg.output_dir}/final"
+        export_pretrained(engine.module, dp_rank, model_config, tokenizer, final_dir)
+        torch.distributed.barrier()
     log(f"fine-tuned model saved to {final_dir}")
     torch.distributed.destroy_process_group()
 
@@ -246,31 +174,37 @@ def recipe_args(argv: list[str]) -> list[str]:
     return [arg for arg in argv if not arg.startswith("--local_rank")]
 
 
-def _read_json(path: str) -> dict:
-    if not Path(path).is_file():
-        raise ConfigError(
-            f"deepspeed_config {path} does not exist; point deepspeed_config at a DeepSpeed JSON file"
-        )
-    return json.loads(Path(path).read_text())
+def shard_loaders(train_set, eval_set, cfg: SFTPipelineConfig, pad_token_id, dp: int, dp_rank: int) -> tuple:
+    """Train and eval loaders of this data-parallel rank, sharded exactly as Accelerate shards
+    recipes/sft.py's (same seeded sampler, same round-robin batches), so that both recipes see the same
+    samples in the same steps. The eval loader is None without an eval split."""
+    collate = PadCollator(pad_token_id)
+    train_loader = prepare_data_loader(
+        make_train_loader(train_set, cfg, collate),
+        num_processes=dp,
+        process_index=dp_rank,
+        even_batches=True,
+        use_seedable_sampler=True,
+        data_seed=cfg.seed,
+    )
+    if eval_set is None:
+        return train_loader, None
+    eval_loader = prepare_data_loader(
+        DataLoader(eval_set, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate),
+        num_processes=dp,
+        process_index=dp_rank,
+        even_batches=False,
+    )
+    return train_loader, eval_loader
 
 
-def _targets(batch: dict) -> int:
-    return int(batch["labels"][:, 1:].ne(IGNORE_INDEX).sum())
-
-
-def _sum_over(group, value: int, device) -> int:
-    total = torch.tensor(value, dtype=torch.long, device=device)
-    torch.distributed.all_reduce(total, group=group)
-    return int(total)
-
-
-def _pipe_batches(batches: list[dict]) -> list[tuple]:
+def pipe_batches(batches: list[dict]) -> list[tuple]:
     """The engine feeds inputs to the first stage and labels to the last."""
     return [((b["input_ids"], b["attention_mask"]), b["labels"]) for b in batches]
 
 
 @torch.no_grad()
-def evaluate_loss(engine, loss_fn: TokenLoss, loader, dp_group) -> float:
+def evaluate_loss(engine, loss_fn: TokenLoss, loader, dp_ranks: Ranks) -> float:
     """Token-averaged loss over the whole eval split. Ranks with fewer batches get batches without targets, so
     every pipeline runs the same number of micro-batches and nothing is counted twice."""
     batches = list(loader)
@@ -284,10 +218,10 @@ def evaluate_loss(engine, loss_fn: TokenLoss, loader, dp_group) -> float:
             "the eval split has fewer batches than data-parallel ranks; lower per_device_eval_batch_size"
         )
     batches += [filler] * (int(count) - len(batches))
-    tokens = _sum_over(dp_group, sum(_targets(b) for b in batches), engine.device)
+    tokens = dp_ranks.sum(sum(target_tokens(b["labels"]) for b in batches))
     loss_fn.scale = 1.0
     # eval_batch averages the micro-batch sums over micro-batches and data-parallel ranks.
-    mean = engine.eval_batch(iter(_pipe_batches(batches)), num_micro_batches=int(count))
+    mean = engine.eval_batch(iter(pipe_batches(batches)), num_micro_batches=int(count))
     return float(mean) * int(count) * engine.dp_world_size / tokens
 
 

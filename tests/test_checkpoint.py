@@ -33,7 +33,8 @@ from helpers import (
     read_jsonl,
 )
 
-from recipes.core.checkpoint import EXIT_INTERRUPTED, MARKER, complete_checkpoints
+from recipes.core.run_dir import MARKER, complete_checkpoints
+from recipes.core.stop_signal import EXIT_INTERRUPTED
 
 ONE_PROCESS, TWO_PROCESSES = "accelerate_configs/cpu.yaml", "accelerate_configs/cpu_2proc.yaml"
 DROPOUT = "2proc_ddp_ga2_dropout"  # the one setup whose model has dropout
@@ -293,73 +294,81 @@ def test_sigkill_after_a_checkpoint_and_during_the_next_write_resumes_from_the_l
 
 # ---------------------------------------------------------------------- output_dir rules, in-process
 @pytest.fixture
-def checkpointer_for(tmp_path):
-    """Build Checkpointers on a real one-process CPU Accelerator; the signal handlers are put back after."""
+def run_dir(tmp_path):
+    """find_start and Checkpointers for configs writing to one output_dir, on a one-process CPU Accelerator."""
+    from types import SimpleNamespace
+
     from accelerate import Accelerator
 
     from recipes.core.checkpoint import Checkpointer
+    from recipes.core.checkpoint_io import AccelerateIO
+    from recipes.core.ranks import Ranks
+    from recipes.core.run_dir import find_start
     from recipes.sft import SFTConfig
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     accelerator = Accelerator(cpu=True)
+    ranks = Ranks.of_accelerator(accelerator)
 
-    def make(**fields) -> Checkpointer:
-        cfg = SFTConfig(output_dir=str(tmp_path / "run"), learning_rate=1e-3, **fields)
-        return Checkpointer(accelerator, cfg, log=lambda message: None)
+    def config(**fields) -> SFTConfig:
+        return SFTConfig(output_dir=str(tmp_path / "run"), learning_rate=1e-3, **fields)
 
-    yield make
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
+    def start(**fields):
+        return find_start(config(**fields), ranks, log=lambda message: None)
+
+    def checkpointer(**fields) -> Checkpointer:
+        io = AccelerateIO(accelerator)
+        return Checkpointer(io, ranks, config(**fields), total_steps=100, tracked={}, log=lambda m: None)
+
+    return SimpleNamespace(dir=tmp_path / "run", config=config, start=start, checkpointer=checkpointer)
 
 
-def test_rotation_keeps_exactly_save_total_limit_complete_checkpoints(checkpointer_for):
-    from recipes.core.checkpoint import Position
+def test_rotation_keeps_exactly_save_total_limit_complete_checkpoints(run_dir):
+    from recipes.core.run_dir import Position
 
-    checkpoints = checkpointer_for(save_total_limit=2)
+    checkpoints = run_dir.checkpointer(save_total_limit=2)
     for step in range(1, 6):
         checkpoints.save(Position(step=step))
-        kept = [p.name for p in complete_checkpoints(checkpoints.dir)]
+        kept = [p.name for p in complete_checkpoints(run_dir.dir)]
         assert kept == [f"checkpoint-{s}" for s in range(max(1, step - 1), step + 1)]
 
 
-def test_save_total_limit_below_one_is_refused(checkpointer_for):
+def test_save_total_limit_below_one_is_refused(run_dir):
     from recipes.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="save_total_limit is 0; it must be at least 1"):
-        checkpointer_for(save_total_limit=0)
+        run_dir.start(save_total_limit=0)
 
 
-def test_new_run_refuses_an_output_dir_with_another_config_unless_told_to_overwrite(checkpointer_for):
-    from recipes.core.checkpoint import Position
+def test_new_run_refuses_an_output_dir_with_another_config_unless_told_to_overwrite(run_dir):
     from recipes.core.config import ConfigError, save_config
+    from recipes.core.run_dir import Position
 
-    first = checkpointer_for()
-    first.save(Position(step=3))
-    save_config(first.cfg, first.dir / "config.yaml")
+    run_dir.checkpointer().save(Position(step=3))
+    save_config(run_dir.config(), run_dir.dir / "config.yaml")
     with pytest.raises(
         ConfigError, match=r"holds a run with a different config \(differs in num_train_epochs\)"
     ):
-        checkpointer_for(num_train_epochs=2.0)
+        run_dir.start(num_train_epochs=2.0)
     with pytest.raises(ConfigError, match="already holds checkpoints; pass --resume_from_checkpoint latest"):
-        checkpointer_for()
-    checkpointer_for(num_train_epochs=2.0, overwrite_output_dir=True)
-    assert complete_checkpoints(first.dir) == []
+        run_dir.start()
+    assert run_dir.start(num_train_epochs=2.0, overwrite_output_dir=True).checkpoint is None
+    assert complete_checkpoints(run_dir.dir) == []
 
 
-def test_resume_refuses_an_incomplete_checkpoint_path_and_a_changed_config(checkpointer_for):
-    from recipes.core.checkpoint import Position
+def test_resume_refuses_an_incomplete_checkpoint_path_and_a_changed_config(run_dir):
     from recipes.core.config import ConfigError
+    from recipes.core.run_dir import Position
 
-    first = checkpointer_for()
-    saved = first.save(Position(step=3))
+    saved = run_dir.checkpointer().save(Position(step=3, epoch=1, batches_in_epoch=6))
     partial = saved.with_name("checkpoint-4.partial")
     shutil.copytree(saved, partial)
     (partial / MARKER).unlink()
     with pytest.raises(ConfigError, match=r"checkpoint-4.partial is incomplete \(no completion marker\)"):
-        checkpointer_for(resume_from_checkpoint=str(partial))
+        run_dir.start(resume_from_checkpoint=str(partial))
     with pytest.raises(ConfigError, match=r"config differs in seed \(seed=42 there\)"):
-        checkpointer_for(resume_from_checkpoint="latest", seed=7)
-    assert checkpointer_for(resume_from_checkpoint="latest").resume_dir == saved
+        run_dir.start(resume_from_checkpoint="latest", seed=7)
+    start = run_dir.start(resume_from_checkpoint="latest")
+    assert (start.checkpoint, start.position) == (saved, Position(step=3, epoch=1, batches_in_epoch=6))
 
 
 @pytest.mark.slow

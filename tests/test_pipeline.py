@@ -297,7 +297,10 @@ def test_the_deepspeed_launchers_local_rank_argument_is_ignored():
             ["--packing", "true"],
             "packing: the pipeline recipe trains padded batches only; set packing: false",
         ),
-        (["--on_nonfinite", "skip"], "on_nonfinite 'skip': the pipeline recipe can only stop; set stop"),
+        (
+            ["--on_nonfinite", "skip"],
+            "on_nonfinite: skip cannot be honoured by a recipe that drives the DeepSpeed engine itself",
+        ),
     ],
 )
 def test_options_the_pipeline_cannot_honour_are_refused_before_it_starts(tmp_path, override, message):

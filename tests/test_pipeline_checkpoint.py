@@ -21,7 +21,8 @@ import torch
 from helpers import SFT_DATA, make_tiny_decoder
 from test_checkpoint import assert_same_run, finish, start, trained_steps, wait_for, workers
 
-from recipes.core.checkpoint import EXIT_INTERRUPTED, MARKER, complete_checkpoints
+from recipes.core.run_dir import MARKER, complete_checkpoints
+from recipes.core.stop_signal import EXIT_INTERRUPTED
 
 PIPELINE, SCRIPT = "accelerate_configs/pipeline_2proc.yaml", "recipes/sft_pipeline.py"
 STEPS_PER_EPOCH, GA, TOTAL = 8, 3, 24

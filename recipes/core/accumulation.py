@@ -8,6 +8,7 @@ backward and its token count is summed over ranks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -31,6 +32,11 @@ def accumulation_windows(batches: Iterable[B], gradient_accumulation_steps: int)
         yield window
 
 
+def target_tokens(labels: torch.Tensor) -> int:
+    """Target tokens of a batch: the labels the next-token loss counts."""
+    return int(labels[:, 1:].ne(IGNORE_INDEX).sum())
+
+
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy summed over target tokens, and the number of those tokens."""
     shift_logits = logits[:, :-1, :].float()
@@ -52,6 +58,11 @@ def per_sample_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[t
         shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
     )
     return losses.sum(dim=1), (shift_labels != IGNORE_INDEX).sum(dim=1)
+
+
+def eval_loss_results(loss: float) -> dict[str, float]:
+    """The eval record of a token-averaged loss."""
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
 def backward_scale(

@@ -27,6 +27,13 @@ class TokenizeStats:
     truncated: int = 0
     dropped_without_targets: int = 0
 
+    def summary(self, max_seq_length: int) -> str:
+        kept = self.samples - self.dropped_without_targets
+        return (
+            f"train samples: {kept} ({self.truncated} truncated to {max_seq_length} tokens, "
+            f"{self.dropped_without_targets} dropped with no assistant token left)"
+        )
+
 
 def check_messages(messages: Any, row: int) -> None:
     if not isinstance(messages, list) or not messages:

@@ -1,62 +1,35 @@
-"""How a Checkpointer (core/checkpoint.py) reaches the training state and the other ranks.
+"""How a Checkpointer (core/checkpoint.py) writes and reads the training state.
 
 The Checkpointer decides when, where and how atomically a checkpoint is written; a CheckpointIO writes
-and reads the model, optimizer and RNG states inside that directory and gives the few collectives the
-Checkpointer needs. `AccelerateIO` wraps an Accelerator (recipes/sft.py, recipes/classify.py);
-`DeepSpeedEngineIO` a DeepSpeed engine that the recipe drives itself (recipes/sft_pipeline.py).
+and reads the model, optimizer and RNG states inside that directory. `AccelerateIO` wraps an Accelerator
+(recipes/sft.py, recipes/classify.py); `DeepSpeedEngineIO` a DeepSpeed engine that the recipe drives
+itself (recipes/sft_pipeline.py).
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 
-class CheckpointIO:
-    """State files and collectives of one way of training; attributes are named as Accelerate names them."""
-
-    num_processes: int
-    process_index: int
-    is_main_process: bool
-
-    def wait_for_everyone(self) -> None:
-        raise NotImplementedError
-
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank when `flag` is True on at least one of them."""
-        raise NotImplementedError
+class CheckpointIO(Protocol):
+    """Writes and reads the training state of one way of training inside a checkpoint directory."""
 
     def save_state(self, directory: Path) -> None:
         """Write the training state into `directory`; every rank calls it."""
-        raise NotImplementedError
 
-    def load_state(self, directory: Path) -> None:
-        raise NotImplementedError
-
-    def end(self) -> None:
-        """Release the processes' resources before an early exit."""
-        raise NotImplementedError
+    def load_state(self, directory: Path) -> None: ...
 
 
-class AccelerateIO(CheckpointIO):
+class AccelerateIO:
     """Accelerate's save_state: model (safetensors), optimizer, RNG states of every rank, sampler."""
 
     def __init__(self, accelerator: Any):
         self.accelerator = accelerator
-        self.num_processes, self.process_index = accelerator.num_processes, accelerator.process_index
-        self.is_main_process = accelerator.is_main_process
-
-    def wait_for_everyone(self) -> None:
-        self.accelerator.wait_for_everyone()
-
-    def any_rank(self, flag: bool) -> bool:
-        flags = torch.tensor(float(flag), device=self.accelerator.device)
-        return self.accelerator.reduce(flags, reduction="sum").item() > 0
 
     def save_state(self, directory: Path) -> None:
         self.accelerator.save_state(str(directory), safe_serialization=True)
@@ -64,38 +37,22 @@ class AccelerateIO(CheckpointIO):
     def load_state(self, directory: Path) -> None:
         self.accelerator.load_state(str(directory))
 
-    def end(self) -> None:
-        self.accelerator.end_training()
 
-
-class DeepSpeedEngineIO(CheckpointIO):
+class DeepSpeedEngineIO:
     """A DeepSpeed engine without an Accelerator, e.g. a PipelineEngine.
 
-    Made from the launcher's PartialState before the engine exists (the Checkpointer checks output_dir
-    first); set `engine` once deepspeed.initialize has run. `engine.save_checkpoint` writes into
-    `pytorch_model/` (named as Accelerate names it for DeepSpeed) the weights layer by layer
-    (`layer_NN-model_states.pt`, by data-parallel rank 0 of each stage) and each stage's optimizer state
-    (`mp_rank_NN_model_states.pt`, or ZeRO shards); `load_checkpoint` reads them back and restores the
-    engine's step counters. All ranks write into one directory, so a multi-node run needs output_dir on
-    a shared filesystem. RNG states are saved here, per rank; the recipe's LR scheduler is tracked by the
-    Checkpointer as in the other recipes.
+    `engine.save_checkpoint` writes into `pytorch_model/` (named as Accelerate names it for DeepSpeed)
+    the weights layer by layer (`layer_NN-model_states.pt`, by data-parallel rank 0 of each stage) and
+    each stage's optimizer state (`mp_rank_NN_model_states.pt`, or ZeRO shards); `load_checkpoint` reads
+    them back and restores the engine's step counters. All ranks write into one directory, so a
+    multi-node run needs output_dir on a shared filesystem. RNG states are saved here, per rank; the
+    recipe's LR scheduler is tracked by the Checkpointer as in the other recipes.
     """
 
     TAG = "pytorch_model"
 
-    def __init__(self, state: Any):
-        self.num_processes, self.process_index = state.num_processes, state.process_index
-        self.is_main_process = state.is_main_process
-        self.device = state.device
-        self.engine: Any = None
-
-    def wait_for_everyone(self) -> None:
-        dist.barrier()
-
-    def any_rank(self, flag: bool) -> bool:
-        flags = torch.tensor(float(flag), device=self.device)
-        dist.all_reduce(flags)
-        return flags.item() > 0
+    def __init__(self, engine: Any, process_index: int):
+        self.engine, self.process_index = engine, process_index
 
     def save_state(self, directory: Path) -> None:
         # No `latest` file: the Checkpointer's completion marker says which checkpoint is usable.
@@ -111,9 +68,6 @@ class DeepSpeedEngineIO(CheckpointIO):
                 directory / f"rng_state_{self.process_index}.pt", map_location="cpu", weights_only=True
             )
         )
-
-    def end(self) -> None:
-        dist.destroy_process_group()
 
 
 def rng_states() -> dict[str, Any]:

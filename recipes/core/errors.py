@@ -8,8 +8,14 @@ from collections.abc import Callable
 from recipes.core.config import ConfigError
 from recipes.core.data import DataError
 
-USER_ERRORS = (ConfigError, DataError)
 EXIT_USER_ERROR = 2
+
+
+class RunStopped(ConfigError):
+    """Training stopped at a step on a problem the message explains; reported like a config error."""
+
+
+USER_ERRORS = (ConfigError, DataError)
 
 
 def run_recipe(main: Callable[[], None]) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
 from recipes.core.config import ConfigError
 
@@ -28,3 +29,9 @@ def require_model(model_name_or_path: str, trust_remote_code: bool = False) -> N
             f"loaded as a Hub model ({reason}); pass the directory of a saved model or a Hub id "
             "(offline, only models already in the cache; `recipes prepare` fetches the default ones)"
         ) from None
+
+
+def load_tokenizer(cfg: Any) -> Any:
+    """The tokenizer of the run's model, after checking that model_name_or_path names a model."""
+    require_model(cfg.model_name_or_path, cfg.trust_remote_code)
+    return AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)

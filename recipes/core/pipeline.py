@@ -46,6 +46,23 @@ def check_architecture(config) -> None:
         )
 
 
+def check_supported(cfg) -> None:
+    """Refuse the recipe fields the pipeline engine cannot honour (yet), before anything starts."""
+    if cfg.mixed_precision != "no":
+        raise PipelineConfigError(
+            f"mixed_precision {cfg.mixed_precision!r}: the pipeline recipe trains in fp32 only"
+        )
+    if cfg.use_peft:
+        raise PipelineConfigError(
+            "use_peft: the pipeline recipe does not support LoRA yet; train LoRA adapters with recipes/sft.py "
+            "(1 process, DDP or ZeRO-1/2/3), or set use_peft: false"
+        )
+    if cfg.packing:  # pipeline stages exchange fixed-layout tensors, not position ids
+        raise PipelineConfigError(
+            "packing: the pipeline recipe trains padded batches only; set packing: false"
+        )
+
+
 class ModelSource:
     """Holds the loaded model while the stages take their modules from it; repr stays short because
     DeepSpeed prints layer specs with their arguments."""

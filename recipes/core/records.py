@@ -53,6 +53,11 @@ class RunRecords:
                 }
                 self.accelerator.log(numbers, step=record.get("step"))
 
+    def log_eval(self, step: int, results: dict[str, float], log=print) -> None:
+        """An evaluation's record (keys start with eval_) and its line on the console."""
+        self.log({"step": step, **results})
+        log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+
     def log_step(
         self, plan: Any, *, epoch: int, window_index: int, logging_steps: int, **values: Any
     ) -> None:

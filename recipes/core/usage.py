@@ -47,19 +47,18 @@ def peak_memory_bytes(device: torch.device) -> int:
 class LoopUsage:
     """Start it right before the training loop; `summary` at its end. Every rank must do both."""
 
-    def __init__(self, accelerator: Any):
-        self.accelerator = accelerator
-        reset_peak_memory(accelerator.device)
+    def __init__(self, ranks: Any):
+        self.ranks = ranks
+        reset_peak_memory(ranks.device)
         self.started = time.perf_counter()
 
-    def summary(self, target_tokens: int) -> dict[str, Any]:
-        """Loop runtime, target tokens per second over all ranks, and every process's peak memory in
-        MiB (rank order); in a resumed run, of the part since the resume."""
+    def summary(self, trained: int, unit: str = "tokens") -> dict[str, Any]:
+        """Loop runtime, trained units (target tokens, or samples) per second over all ranks, and every
+        process's peak memory in MiB (rank order); in a resumed run, of the part since the resume."""
         runtime = time.perf_counter() - self.started
-        device = self.accelerator.device
-        per_process = self.accelerator.gather(torch.tensor([peak_memory_bytes(device)], device=device))
+        per_process = self.ranks.gather(peak_memory_bytes(self.ranks.device))
         return {
             "train_runtime": round(runtime, 6),
-            "train_tokens_per_second": round(target_tokens / runtime, 3),
-            "peak_memory_mib_per_process": [round(b / 2**20, 1) for b in per_process.tolist()],
+            f"train_{unit}_per_second": round(trained / runtime, 3),
+            "peak_memory_mib_per_process": [round(b / 2**20, 1) for b in per_process],
         }
