@@ -14,8 +14,8 @@ import torch
 from helpers import REPO, SFT_DATA, launch, load_plan, train_records
 from safetensors.torch import load_file, save_file
 
-from recipes.core.run_dir import complete_checkpoints, incomplete_checkpoints
 from recipes.core.errors import EXIT_USER_ERROR
+from recipes.core.run_dir import complete_checkpoints, incomplete_checkpoints
 from recipes.core.steps import Plan
 
 pytestmark = pytest.mark.slow  # each test launches the recipe

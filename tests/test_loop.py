@@ -78,11 +78,13 @@ def test_without_accumulation_every_micro_batch_is_a_window_of_its_own():
 
 
 def test_a_count_out_of_step_with_the_windows_stops_the_run():
-    accelerator, model, optimizer, _ = prepared(ga=2)
+    accelerator, model, _, _ = prepared(ga=2)
     with accelerator.accumulate(model):  # one micro-batch nobody planned: the count is now odd
         pass
     window = Window([torch.ones(1, 3)] * 2, epoch=0, index=0, lr=0.1)
-    with pytest.raises(AccumulationMismatch, match="synchronised gradients at micro-batch 1 of a 2-micro-batch"):
+    with pytest.raises(
+        AccumulationMismatch, match="synchronised gradients at micro-batch 1 of a 2-micro-batch"
+    ):
         for batch in window.micro_batches(accelerator, model):
             with accelerator.accumulate(model):
                 accelerator.backward(model(batch).sum())
