@@ -165,12 +165,11 @@ def main(argv: list[str] | None = None) -> None:
                     summed = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
                     accelerator.backward(window.add_loss(summed) * scale)
                     if accelerator.sync_gradients:  # the window's last micro-batch: gradients are complete
-                        loop.clip_gradients(window, accelerator, model)  # max_grad_norm; on_nonfinite
+                        loop.clip_gradients(window, accelerator, model)  # max_grad_norm; skip if non-finite
                     optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
             loop.step_done(window, count=window_samples)
-        loop.finish()
 
         # ------------------------------------------------------------ keep the best, test, save
         if best.state is not None and best.step != loop.step:

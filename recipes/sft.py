@@ -105,12 +105,11 @@ def main(argv: list[str] | None = None) -> None:
                     summed, _ = summed_token_loss(logits, batch["labels"])
                     accelerator.backward(window.add_loss(summed) * scale)
                     if accelerator.sync_gradients:  # the window's last micro-batch: gradients are complete
-                        loop.clip_gradients(window, accelerator, model)  # max_grad_norm; on_nonfinite
+                        loop.clip_gradients(window, accelerator, model)  # max_grad_norm; skip if non-finite
                     optimizer.step()
                     optimizer.zero_grad()
             scheduler.step()
             loop.step_done(window, count=window_tokens)
-        loop.finish()
 
         # ------------------------------------------------------------ save
         final_dir = save_final_model(accelerator, model, tokenizer, cfg, lora.CAUSAL_LM)

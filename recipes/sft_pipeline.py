@@ -32,13 +32,13 @@ from recipes.core.inputs import load_tokenizer
 from recipes.core.optim import make_optimizer
 from recipes.core.pipeline import (
     PipelineClipper,
-    TokenLoss,
     build_pipeline,
     check_architecture,
     check_supported,
     export_pretrained,
     init_deepspeed_comm,
     initialize_engine,
+    pipe_batches,
     resolve_ds_config,
 )
 from recipes.core.pipeline_plan import module_boundaries, pipeline_view
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model_name_or_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
     )
-    loss_fn = TokenLoss()
-    module, source = build_pipeline(model, cfg.pipeline_stages, loss_fn)
+    module, source = build_pipeline(model, cfg.pipeline_stages)
     optimizer = make_optimizer(module, cfg)
     engine = initialize_engine(module, optimizer, ds_config)
     source.release()
@@ -121,9 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def evaluate(step: int) -> None:
         if eval_loader is not None:
-            run.records.log_eval(
-                step, eval_loss_results(evaluate_loss(engine, loss_fn, eval_loader, dp_ranks)), log
-            )
+            run.records.log_eval(step, eval_loss_results(evaluate_loss(engine, eval_loader, dp_ranks)), log)
 
     # ---------------------------------------------------------------- train
     loop = run.training_loop(
@@ -142,12 +139,13 @@ def main(argv: list[str] | None = None) -> None:
             window_tokens = dp_ranks.sum(sum(target_tokens(batch["labels"]) for batch in window))
             # A short last window of an epoch is an optimizer step of its own, as in recipes/sft.py.
             engine.set_train_batch_size(cfg.per_device_train_batch_size * len(window) * dp)
-            loss_fn.scale = backward_scale(window_tokens, dp, len(window))
-            loss = engine.train_batch(iter(pipe_batches(window))).item()  # forward, backward, clip, step
+            scale = backward_scale(window_tokens, dp, len(window))
+            loss = engine.train_batch(
+                iter(pipe_batches(window, scale))
+            ).item()  # forward, backward, clip, step
             window.grad_norm = clipper.last_norm if clipper else engine.get_global_grad_norm()
             scheduler.step()
             loop.step_done(window, count=window_tokens, loss=loss)
-        loop.finish()
 
         # ------------------------------------------------------------ save
         final_dir = f"{cfg.output_dir}/final"
@@ -198,13 +196,8 @@ def shard_loaders(train_set, eval_set, cfg: SFTPipelineConfig, pad_token_id, dp:
     return train_loader, eval_loader
 
 
-def pipe_batches(batches: list[dict]) -> list[tuple]:
-    """The engine feeds inputs to the first stage and labels to the last."""
-    return [((b["input_ids"], b["attention_mask"]), b["labels"]) for b in batches]
-
-
 @torch.no_grad()
-def evaluate_loss(engine, loss_fn: TokenLoss, loader, dp_ranks: Ranks) -> float:
+def evaluate_loss(engine, loader, dp_ranks: Ranks) -> float:
     """Token-averaged loss over the whole eval split. Ranks with fewer batches get batches without targets, so
     every pipeline runs the same number of micro-batches and nothing is counted twice."""
     batches = list(loader)
@@ -219,9 +212,8 @@ def evaluate_loss(engine, loss_fn: TokenLoss, loader, dp_ranks: Ranks) -> float:
         )
     batches += [filler] * (int(count) - len(batches))
     tokens = dp_ranks.sum(sum(target_tokens(b["labels"]) for b in batches))
-    loss_fn.scale = 1.0
     # eval_batch averages the micro-batch sums over micro-batches and data-parallel ranks.
-    mean = engine.eval_batch(iter(pipe_batches(batches)), num_micro_batches=int(count))
+    mean = engine.eval_batch(iter(pipe_batches(batches, scale=1.0)), num_micro_batches=int(count))
     return float(mean) * int(count) * engine.dp_world_size / tokens
 
 

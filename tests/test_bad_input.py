@@ -1,24 +1,24 @@
-"""Bad input stops the SFT recipe with status 2 and one paragraph naming the problem and the fix, without a
-library traceback and without leaving a partial checkpoint behind. With on_nonfinite: skip, a non-finite
-step is dropped instead and training continues on plan."""
+"""Bad input stops the SFT recipe with one paragraph naming the problem and the fix, without a library
+traceback and without leaving a partial checkpoint behind; launched, with exit status 2. With
+on_nonfinite: skip, a non-finite step is dropped instead and training continues on plan.
+
+The recipe runs in this process wherever one process shows the behaviour (the error is the exception the
+recipe's entry point turns into `error: ...` and status 2, which one launched test checks)."""
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SFT_DATA, launch, load_plan, train_records
+from helpers import REPO, SFT_DATA, TWO_PROCESSES, in_process, launch, load_plan, train_records
 from safetensors.torch import load_file, save_file
 
-from recipes.core.errors import EXIT_USER_ERROR
+from recipes.core.errors import EXIT_USER_ERROR, USER_ERRORS
 from recipes.core.run_dir import complete_checkpoints, incomplete_checkpoints
 from recipes.core.steps import Plan
-
-pytestmark = pytest.mark.slow  # each test launches the recipe
 
 
 def sft_args(model: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -47,37 +47,46 @@ def sft_args(model: Path, output_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def sft(model: Path, output_dir: Path, *extra: str):
-    return launch(None, "recipes/sft.py", sft_args(model, output_dir, *extra), check=False)
+def sft(model: Path, output_dir: Path, *extra: str) -> None:
+    in_process("sft", sft_args(model, output_dir, *extra))
 
 
-def assert_user_error(result, message: str) -> str:
-    assert result.returncode == EXIT_USER_ERROR, result.stderr[-4000:]
-    assert f"error: {message}" in result.stderr, result.stderr[-4000:]
-    assert "Traceback" not in result.stderr
-    return result.stderr
+def user_error(model: Path, output_dir: Path, *extra: str) -> str:
+    """The message the recipe stops with (launched: `error: <message>` on stderr, exit status 2)."""
+    with pytest.raises(USER_ERRORS) as err:
+        sft(model, output_dir, *extra)
+    return str(err.value)
 
 
 def assert_no_partial_checkpoint(output_dir: Path) -> None:
     assert not output_dir.exists() or incomplete_checkpoints(output_dir) == []
 
 
+@pytest.mark.slow
+def test_launched_recipe_exits_2_with_the_message_and_no_traceback(tmp_path):
+    missing, out = tmp_path / "no_such_model", tmp_path / "out"
+    result = launch(None, "sft", sft_args(missing, out), check=False)
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-4000:]
+    assert f"error: model_name_or_path {missing} does not exist as a local directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert_no_partial_checkpoint(out)
+
+
 def test_model_path_that_does_not_exist(tmp_path):
     missing, out = tmp_path / "no_such_model", tmp_path / "out"
-    result = sft(missing, out)
-    assert_user_error(result, f"model_name_or_path {missing} does not exist as a local directory")
-    assert "pass the directory of a saved model or a Hub id" in result.stderr
+    message = user_error(missing, out)
+    assert message.startswith(f"model_name_or_path {missing} does not exist as a local directory")
+    assert "pass the directory of a saved model or a Hub id" in message
     assert_no_partial_checkpoint(out)
 
 
 def test_dataset_too_small_for_one_optimizer_step(tiny_llama, tmp_path):
     # 1 sample, micro batch 2 and drop_last: no full batch, so not one optimizer step
     out = tmp_path / "out"
-    result = sft(tiny_llama, out, "--max_train_samples", "1", "--dataloader_drop_last", "true")
-    assert_user_error(
-        result,
+    message = user_error(tiny_llama, out, "--max_train_samples", "1", "--dataloader_drop_last", "true")
+    assert message.startswith(
         f"{SFT_DATA}: 1 training samples give no batch on each of 1 data-parallel ranks at "
-        "per_device_train_batch_size 2 with drop_last; provide at least 2 samples",
+        "per_device_train_batch_size 2 with drop_last; provide at least 2 samples"
     )
     assert_no_partial_checkpoint(out)
 
@@ -97,9 +106,9 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(ti
         "--max_steps",
         "4",
     ]
-    result = sft(tiny_llama, out, *args)
-    assert_user_error(result, "training diverged at optimizer step 2: loss nan")
-    assert f"the last good checkpoint is {out / 'checkpoint-1'}" in result.stderr
+    message = user_error(tiny_llama, out, *args)
+    assert message.startswith("training diverged at optimizer step 2: loss nan")
+    assert f"the last good checkpoint is {out / 'checkpoint-1'}" in message
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1"]
     assert_no_partial_checkpoint(out)
     assert not (out / "final").exists()
@@ -109,26 +118,27 @@ def test_output_dir_that_cannot_be_written(tiny_llama, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     out = blocker / "run"  # a directory cannot be made under a regular file
-    result = sft(tiny_llama, out)
-    assert_user_error(result, f"output_dir {out} is not writable (Not a directory)")
+    assert user_error(tiny_llama, out).startswith(f"output_dir {out} is not writable (Not a directory)")
     assert blocker.read_text() == ""
 
 
-def test_failed_checkpoint_write_keeps_the_previous_checkpoint_which_resume_uses(tiny_llama, tmp_path):
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint_which_resume_uses(
+    tiny_llama, tmp_path, capsys
+):
     # A regular file where step 2's checkpoint is to be written makes that write fail like a full disk.
     out = tmp_path / "out"
     out.mkdir()
     (out / "checkpoint-2.partial").write_text("")
     args = ["--save_steps", "1", "--max_steps", "3"]
-    result = sft(tiny_llama, out, *args)
-    assert_user_error(result, f"writing checkpoint {out / 'checkpoint-2'} failed at step 2 (")
-    assert f"the previous checkpoint {out / 'checkpoint-1'} is intact" in result.stderr
+    message = user_error(tiny_llama, out, *args)
+    assert message.startswith(f"writing checkpoint {out / 'checkpoint-2'} failed at step 2 (")
+    assert f"the previous checkpoint {out / 'checkpoint-1'} is intact" in message
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1"]
 
     (out / "checkpoint-2.partial").unlink()
-    resumed = sft(tiny_llama, out, *args, "--resume_from_checkpoint", "latest")
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert f"resumed from {out / 'checkpoint-1'}: step 1" in resumed.stdout
+    capsys.readouterr()
+    sft(tiny_llama, out, *args, "--resume_from_checkpoint", "latest")
+    assert f"resumed from {out / 'checkpoint-1'}: step 1" in capsys.readouterr().out
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
     assert (out / "final" / "model.safetensors").is_file()
 
@@ -177,24 +187,24 @@ def poisoned_at_step_3(
 
 
 @pytest.mark.parametrize(
-    "accelerate_config, num_samples",
-    [
-        pytest.param(None, 8, id="1proc"),
-        pytest.param("accelerate_configs/cpu_2proc.yaml", 16, id="2proc_ddp"),
-    ],
+    "ranks, num_samples",
+    [pytest.param(1, 8, id="1proc"), pytest.param(2, 16, id="2proc_ddp", marks=pytest.mark.slow)],
 )
 def test_skip_drops_exactly_the_non_finite_step_and_training_continues_on_plan(
-    accelerate_config, num_samples, tiny_llama, tmp_path
+    ranks, num_samples, tiny_llama, tmp_path, capsys
 ):
     # On two processes only rank 0's sample is poisoned: rank 1's loss of step 3 is finite.
-    ranks = 1 if accelerate_config is None else 2
     model, token, args = poisoned_at_step_3(tiny_llama, tmp_path, num_samples, ranks)
     out = tmp_path / "out"
-    args += ["--on_nonfinite", "skip"]
-    result = launch(accelerate_config, "recipes/sft.py", sft_args(model, out, *args), check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"train samples: {num_samples} (" in result.stdout and "0 dropped" in result.stdout  # as order
-    assert "step 3: loss nan, grad_norm nan: update skipped (1 skipped so far, 1 in a row; " in result.stdout
+    args = sft_args(model, out, *args, "--on_nonfinite", "skip")
+    if ranks == 1:
+        capsys.readouterr()
+        in_process("sft", args)
+        output = capsys.readouterr().out
+    else:
+        output = launch(TWO_PROCESSES, "sft", args).stdout
+    assert f"train samples: {num_samples} (" in output and "0 dropped" in output  # as ordered
+    assert "step 3: loss nan, grad_norm nan: update skipped (1 skipped so far, 1 in a row; " in output
 
     records = train_records(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -224,16 +234,16 @@ def test_skip_drops_exactly_the_non_finite_step_and_training_continues_on_plan(
     assert torch.isfinite(torch.cat([embedding[:token], embedding[token + 1 :]])).all()
 
 
-def test_a_run_stopped_at_a_non_finite_step_resumes_past_it_with_skip(tiny_llama, tmp_path):
+def test_a_run_stopped_at_a_non_finite_step_resumes_past_it_with_skip(tiny_llama, tmp_path, capsys):
     model, _, args = poisoned_at_step_3(tiny_llama, tmp_path, num_samples=8, ranks=1)
     out = tmp_path / "out"
-    stopped = sft(model, out, *args)
-    assert_user_error(stopped, "training diverged at optimizer step 3: loss nan, grad_norm nan;")
+    message = user_error(model, out, *args)
+    assert message.startswith("training diverged at optimizer step 3: loss nan, grad_norm nan;")
     assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
 
-    resumed = sft(model, out, *args, "--on_nonfinite", "skip", "--resume_from_checkpoint", "latest")
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert f"resumed from {out / 'checkpoint-2'}: step 2" in resumed.stdout
+    capsys.readouterr()
+    sft(model, out, *args, "--on_nonfinite", "skip", "--resume_from_checkpoint", "latest")
+    assert f"resumed from {out / 'checkpoint-2'}: step 2" in capsys.readouterr().out
     records = train_records(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert [r.get("skipped", False) for r in records] == [False, False, True, False]
@@ -244,11 +254,10 @@ def test_skip_stops_after_max_consecutive_skips_steps_in_a_row(tiny_llama, tmp_p
     out = tmp_path / "out"
     args = ["--learning_rate", "1e30", "--warmup_steps", "0", "--warmup_ratio", "0", "--save_steps", "1"]
     args += ["--max_steps", "6", "--on_nonfinite", "skip", "--max_consecutive_skips", "2"]
-    result = sft(tiny_llama, out, *args)
-    assert_user_error(
-        result,
+    message = user_error(tiny_llama, out, *args)
+    assert message.startswith(
         "training diverged: optimizer steps 2 to 3 were all skipped (loss nan, grad_norm nan at step 3; "
-        f"max_consecutive_skips is 2); the last checkpoint is {out / 'checkpoint-2'}.",
+        f"max_consecutive_skips is 2); the last checkpoint is {out / 'checkpoint-2'}."
     )
     records = train_records(out)
     assert [(r["step"], r.get("skipped", False)) for r in records] == [(1, False), (2, True)]
@@ -259,21 +268,19 @@ def test_skip_stops_after_max_consecutive_skips_steps_in_a_row(tiny_llama, tmp_p
 
 
 def test_on_nonfinite_value_that_does_not_exist(tiny_llama, tmp_path):
-    result = sft(tiny_llama, tmp_path / "out", "--on_nonfinite", "skp")
-    message = assert_user_error(result, "1 config problem(s) found before training:")
+    message = user_error(tiny_llama, tmp_path / "out", "--on_nonfinite", "skp")
+    assert message.startswith("1 config problem(s) found before training:")
     assert "on_nonfinite: 'skp' is not one of stop, skip\n    fix: use stop (the run stops" in message
     assert not (tmp_path / "out").exists()
 
 
-def test_skip_is_refused_under_deepspeed_before_training(tiny_llama, tmp_path):
+@pytest.mark.slow  # DeepSpeed's process group loads (and on a fresh machine builds) its C++ op
+def test_skip_is_refused_under_deepspeed_before_training(deepspeed_env, tiny_llama, tmp_path):
     # Accelerate's DeepSpeed backward applies the update itself, so the recipe could not drop it.
-    args = [*sft_args(tiny_llama, tmp_path / "out"), "--on_nonfinite", "skip"]
-    result = launch("accelerate_configs/ds_zero1.yaml", "recipes/sft.py", args, check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert re.search(r"exitcode\s*:\s*2\b", output), output[-4000:]
-    assert "on_nonfinite: skip cannot be honoured under DeepSpeed: its backward applies" in output
-    assert "fix: use on_nonfinite: stop (the run stops at that step and keeps the last good" in output
+    deepspeed_env(REPO / "ds_configs" / "zero1.json")
+    message = user_error(tiny_llama, tmp_path / "out", "--on_nonfinite", "skip")
+    assert "on_nonfinite: skip cannot be honoured under DeepSpeed: its backward applies" in message
+    assert "fix: use on_nonfinite: stop (the run stops at that step and keeps the last good" in message
     assert not (tmp_path / "out").exists()
 
 

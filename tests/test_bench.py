@@ -37,6 +37,7 @@ def job_runs(tiny_llama):
     }
 
 
+@pytest.mark.slow
 def test_every_runner_trains_the_same_samples_in_the_same_steps(job_runs):
     # 20 samples in micro-batches of 4 make 5 batches: windows of 2, 2 and 1.
     for name, run in job_runs.items():
@@ -46,12 +47,14 @@ def test_every_runner_trains_the_same_samples_in_the_same_steps(job_runs):
     assert job_runs["recipe_packed"]["step_tokens"] == job_runs["recipe"]["step_tokens"]
 
 
+@pytest.mark.slow
 def test_bare_loop_computes_the_recipe_losses_on_the_same_tensors(job_runs):
     recipe, bare = job_runs["recipe"], job_runs["bare"]
     assert max(abs(a - b) for a, b in zip(recipe["step_losses"], bare["step_losses"], strict=True)) < 1e-6
     check_same_job(recipe, bare, 1e-5)
 
 
+@pytest.mark.slow
 def test_trainer_trains_the_recipe_job_to_the_same_losses(job_runs):
     recipe, trainer = job_runs["recipe"], job_runs["trainer"]
     # The Trainer logs losses rounded to 4 decimals.
@@ -59,6 +62,7 @@ def test_trainer_trains_the_recipe_job_to_the_same_losses(job_runs):
     check_same_job(recipe, trainer, 1e-3)
 
 
+@pytest.mark.slow
 def test_a_runner_on_another_job_is_refused(job_runs):
     other = {**job_runs["bare"], "step_losses": [x + 0.01 for x in job_runs["bare"]["step_losses"]]}
     with pytest.raises(RuntimeError, match=r"step 1: bare loss .* not the same job"):

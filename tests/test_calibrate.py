@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from helpers import REPO, make_tiny_decoder, offline_env
+from helpers import OFFLINE, REPO, make_tiny_decoder
 
 from recipes.cli import main
 from recipes.core.calibrate import extrapolate, micro_batches_per_rank, window_size
@@ -41,6 +41,7 @@ def test_extrapolation_counts_warmup_once_and_steady_time_per_micro_batch():
         extrapolate([1.0], calibration, PLAN)
 
 
+@pytest.mark.slow
 def test_plan_calibrate_times_real_steps_and_extrapolates_them_over_the_plan(tmp_path, monkeypatch, capsys):
     """How close the prediction lands is a speed figure, measured by the benchmark (`python -m bench`,
     section plan); this proves the command runs real steps and extrapolates them as documented."""
@@ -52,7 +53,7 @@ def test_plan_calibrate_times_real_steps_and_extrapolates_them_over_the_plan(tmp
         "max_seq_length: 512\nper_device_train_batch_size: 8\ngradient_accumulation_steps: 2\n"
         "max_train_samples: 48\ndataloader_drop_last: true\nnum_train_epochs: 4\nlogging_steps: 1\n"
     )
-    for key, value in offline_env().items():
+    for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(REPO)
     args = ["plan", "--config", str(recipe), "--accelerate-config", "accelerate_configs/cpu.yaml"]

@@ -3,102 +3,42 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import launch, load_plan, load_weights, max_weight_diff, read_jsonl, train_records
+from helpers import (
+    CLASSIFY_CONFIG,
+    TWO_PROCESSES,
+    classify_args,
+    in_process,
+    launch,
+    load_plan,
+    load_weights,
+    make_tiny_encoder,
+    max_weight_diff,
+    read_jsonl,
+    train_records,
+    write_uneven_splits,
+)
 from sklearn.metrics import accuracy_score, f1_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertModel,
-    BertTokenizer,
-)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from recipes.core.bundled_classification import LABELS, NEWS_DIR, SPLIT_SIZES, write_news_dataset
 from recipes.core.plots import curve_series
 from recipes.core.records import read_metrics
 from recipes.core.steps import linear_warmup_decay_lr
 
-CONFIG = "recipes/configs/classify_minilm.yaml"
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def make_tiny_encoder(directory: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
-    """A random 2-layer BERT (no dropout) and a word-level BERT tokenizer over the bundled train texts."""
-    directory.mkdir(parents=True, exist_ok=True)
-    words = set()
-    for row in read_jsonl(NEWS_DIR / "train.jsonl"):
-        words.update(re.findall(r"[a-z]+|\d|[^\sa-z\d]", row["text"].lower()))
-    (directory / "vocab.txt").write_text("\n".join(SPECIALS + sorted(words)) + "\n")
-    tokenizer = BertTokenizer(vocab_file=str(directory / "vocab.txt"))
-    tokenizer.save_pretrained(directory)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        pad_token_id=0,
-        initializer_range=initializer_range,
-    )
-    torch.manual_seed(seed)
-    BertModel(config).save_pretrained(directory, safe_serialization=True)
-    return directory
-
-
-def write_uneven_splits(directory: Path) -> Path:
-    """A user's JSON Lines dataset cut from the bundled one: 50 / 37 / 29 samples (37 and 29 are odd)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, size in (("train", 50), ("validation", 37), ("test", 29)):
-        lines = (NEWS_DIR / f"{split}.jsonl").read_text().splitlines()[:size]
-        (directory / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return directory
-
-
-def run_args(model: Path, data: Path, output: Path, **overrides) -> list[str]:
-    values = {
-        "model_name_or_path": model,
-        "dataset_name": data,
-        "output_dir": output,
-        "max_seq_length": 48,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 4,
-        "gradient_accumulation_steps": 2,
-        "num_train_epochs": 2,
-        "learning_rate": 3e-3,
-        "warmup_ratio": 0.25,
-        "eval_steps": 3,
-        **overrides,
-    }
-    return ["--config", CONFIG, *[x for k, v in values.items() for x in (f"--{k}", str(v))]]
-
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    """Large random weights, so that predictions differ from sample to sample (8 steps teach it little)."""
-    return make_tiny_encoder(tmp_path_factory.mktemp("tiny_bert"), initializer_range=0.5)
-
-
-@pytest.fixture(scope="module")
-def two_proc_run(encoder, tmp_path_factory):
+def two_proc_run(classify_reference):
     """50 train samples, micro batch 4 on 2 processes, GA 2: 13 batches -> 7 per rank -> 4 steps per epoch.
 
-    The model kept is the one of the lowest eval loss (a metric where lower is better).
-    """
-    root = tmp_path_factory.mktemp("classify")
-    data = write_uneven_splits(root / "data")
-    args = run_args(encoder, data, root / "out", metric_for_best_model="loss")
-    launch("accelerate_configs/cpu_2proc.yaml", "recipes/classify.py", args)
-    return root / "out", data
+    The model kept is the one of the lowest eval loss (a metric where lower is better)."""
+    out, args = classify_reference("ddp")
+    return out, Path(args[args.index("--dataset_name") + 1])
 
 
 @torch.no_grad()
@@ -130,6 +70,7 @@ def test_bundled_news_data_has_every_class_in_every_split_and_no_shared_text():
     assert not texts["validation"] & texts["test"]
 
 
+@pytest.mark.slow
 def test_two_process_run_takes_the_planned_steps_at_the_planned_lrs(two_proc_run):
     out, _ = two_proc_run
     plan = load_plan(out)
@@ -146,6 +87,7 @@ def test_two_process_run_takes_the_planned_steps_at_the_planned_lrs(two_proc_run
     assert [r["samples"] for r in records] == [16, 16, 16, 8] * 2
 
 
+@pytest.mark.slow
 def test_test_metrics_count_every_sample_once_and_equal_one_process_predictions(two_proc_run):
     out, data = two_proc_run
     test_rows = read_jsonl(data / "test.jsonl")
@@ -163,6 +105,7 @@ def test_test_metrics_count_every_sample_once_and_equal_one_process_predictions(
     assert results["test_f1"] == f1_score(labels, single, average="macro")
 
 
+@pytest.mark.slow
 def test_eval_metric_on_uneven_validation_equals_one_process_metric_of_the_kept_model(two_proc_run):
     out, data = two_proc_run
     evals = [r for r in read_metrics(out) if "eval_f1" in r]
@@ -180,6 +123,7 @@ def test_eval_metric_on_uneven_validation_equals_one_process_metric_of_the_kept_
     assert kept["eval_f1"] == f1_score(labels, single, average="macro")
 
 
+@pytest.mark.slow
 def test_run_leaves_tensorboard_loss_scalars_and_curves_of_every_step(two_proc_run):
     out, _ = two_proc_run
     records = train_records(out)
@@ -194,6 +138,7 @@ def test_run_leaves_tensorboard_loss_scalars_and_curves_of_every_step(two_proc_r
     assert series["eval_f1"][0] == series["eval_loss"][0] == [0, 3, 6, 8]
 
 
+@pytest.mark.slow
 def test_accumulation_on_two_processes_equals_one_big_batch(tmp_path):
     """GA 2 x micro 2 x 2 processes and one process with batch 8 take the same 3 steps, to ~1e-6."""
     # BERT's usual init: with large weights Adam amplifies float rounding in near-zero gradients.
@@ -208,30 +153,17 @@ def test_accumulation_on_two_processes_equals_one_big_batch(tmp_path):
         report_to="none",
         max_grad_norm=0.0,
     )
-    launch(
-        "accelerate_configs/cpu_2proc.yaml",
-        "recipes/classify.py",
-        run_args(
-            encoder,
-            data,
-            tmp_path / "ddp",
-            per_device_train_batch_size=2,
-            gradient_accumulation_steps=2,
-            **common,
-        ),
+    ddp = classify_args(encoder, data, tmp_path / "ddp", per_device_train_batch_size=2, **common)
+    launch(TWO_PROCESSES, "classify", ddp)
+    one = classify_args(
+        encoder,
+        data,
+        tmp_path / "one",
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        **common,
     )
-    launch(
-        "accelerate_configs/cpu.yaml",
-        "recipes/classify.py",
-        run_args(
-            encoder,
-            data,
-            tmp_path / "one",
-            per_device_train_batch_size=8,
-            gradient_accumulation_steps=1,
-            **common,
-        ),
-    )
+    in_process("classify", one)
     ddp, one = train_records(tmp_path / "ddp"), train_records(tmp_path / "one")
     assert [r["samples"] for r in ddp] == [r["samples"] for r in one] == [8, 8, 8]
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-5)
@@ -240,12 +172,13 @@ def test_accumulation_on_two_processes_equals_one_big_batch(tmp_path):
     assert not (tmp_path / "one" / "classify").exists()  # report_to none: no event files
 
 
-def test_recipes_plan_for_classify_prints_what_the_run_did(two_proc_run, encoder, capsys):
+@pytest.mark.slow
+def test_recipes_plan_for_classify_prints_what_the_run_did(classify_reference, capsys):
     from recipes.cli import main as cli
 
-    out, data = two_proc_run
-    args = run_args(encoder, data, out)[2:]
-    assert cli(["plan", "--config", CONFIG, "--num-processes", "2", "--json", *args]) == 0
+    out, args = classify_reference("ddp")
+    assert args[:2] == ["--config", CLASSIFY_CONFIG]
+    assert cli(["plan", *args, "--num-processes", "2", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     plan = load_plan(out)
     assert {k: printed[k] for k in plan} == plan

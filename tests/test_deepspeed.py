@@ -2,91 +2,41 @@
 steps, schedule, losses and final weights as DDP, with the recipe as the only source of the batch,
 accumulation, clipping and precision settings.
 
-Shared runs: 56 samples at micro batch 2 on 2 ranks are 14 batches per rank, so GA 4 makes windows of
-4, 4, 4 and 2 micro-batches: 4 optimizer steps per epoch, 8 over 2 epochs, with a partial window at the
-end of each epoch. max_grad_norm 0.5 is below every gradient norm of these runs, so DeepSpeed's silent
-default of 1.0 would clip differently.
+The runs are the shared job (helpers.JOB) on every shipped ZeRO config: 44 samples at micro batch 2 on 2
+ranks, GA 2, so every epoch ends in a short window; 12 steps over 2 epochs. max_grad_norm 0.5 is below
+every gradient norm of these runs, so DeepSpeed's silent default of 1.0 would clip differently.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 from helpers import (
+    JOB_STEPS,
+    JOB_WARMUP,
     REPO,
-    SFT_DATA,
     eval_records,
-    free_port,
+    in_process,
+    job_args,
     load_plan,
     load_weights,
     max_weight_diff,
-    offline_env,
     train_records,
 )
 
 from recipes.core.deepspeed_support import DeepSpeedConfigError, apply_recipe_values
 
-DDP = "accelerate_configs/cpu_2proc.yaml"
-ZERO_CONFIGS = {  # accelerate config -> the ds config it must point at
-    "ds_zero1": "ds_configs/zero1.json",
-    "ds_zero2": "ds_configs/zero2.json",
-    "ds_zero2_offload": "ds_configs/zero2_offload.json",
-    "ds_zero3": "ds_configs/zero3.json",
-    "ds_zero3_offload": "ds_configs/zero3_offload.json",
+ZERO_CONFIGS = {  # reference run -> the ds config its accelerate config (accelerate_configs/ds_<name>.yaml) names
+    "zero1": "ds_configs/zero1.json",
+    "zero2": "ds_configs/zero2.json",
+    "zero2_offload": "ds_configs/zero2_offload.json",
+    "zero3": "ds_configs/zero3.json",
+    "zero3_offload": "ds_configs/zero3_offload.json",
 }
-COMMON = [
-    "--config", "recipes/configs/sft_smollm2.yaml", "--dataset_name", str(SFT_DATA),
-    "--max_seq_length", "96", "--learning_rate", "1e-3", "--max_grad_norm", "0.5", "--seed", "7",
-    "--logging_steps", "1",
-]  # fmt: skip
-SHARED = [
-    "--max_train_samples", "56", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4",
-    "--num_train_epochs", "2", "--warmup_steps", "3", "--max_eval_samples", "8", "--per_device_eval_batch_size", "4",
-]  # fmt: skip
-EXPECTED_STEPS = 8  # worked out in the module docstring
-
-
-def accelerate_launch(
-    config: str, args: list[str], launch_args: list[str] = (), check: bool = True
-) -> subprocess.CompletedProcess:
-    """The real `accelerate launch` on a free port; raises with the output when it fails and check is set."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
-           "--main_process_port", str(free_port()), *launch_args, str(REPO / "recipes/sft.py"), *args]  # fmt: skip
-    result = subprocess.run(
-        cmd, cwd=REPO, env={**os.environ, **offline_env()}, capture_output=True, text=True, timeout=900
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-8000:]}")
-    return result
-
-
-def run(config: str, out_dir, model, extra: list[str], num_processes: int = 2) -> None:
-    args = [*COMMON, "--model_name_or_path", str(model), "--output_dir", str(out_dir), *extra]
-    accelerate_launch(config, args, ["--num_processes", str(num_processes)])
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    run(DDP, out, tiny_llama, SHARED)
-    return out
-
-
-@pytest.fixture(scope="module")
-def zero_runs(tiny_llama, tmp_path_factory):
-    """One run per shipped ZeRO accelerate config (the first one builds DeepSpeed's C++ op on a fresh machine)."""
-    out = {}
-    for name in ZERO_CONFIGS:
-        out[name] = tmp_path_factory.mktemp(name)
-        run(f"accelerate_configs/{name}.yaml", out[name], tiny_llama, SHARED)
-    return out
+LAUNCHED = [pytest.param(name, marks=pytest.mark.slow) for name in ZERO_CONFIGS]
 
 
 def expected_lr(step: int, peak: float, warmup: int, total: int) -> float:
@@ -94,49 +44,48 @@ def expected_lr(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * done / warmup if done < warmup else peak * (total - done) / (total - warmup)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ZERO_CONFIGS)
-def test_zero_stage_runs_the_planned_steps_with_the_exact_schedule(zero_runs, name):
-    out = zero_runs[name]
+@pytest.mark.parametrize("name", LAUNCHED)
+def test_zero_stage_runs_the_planned_steps_with_the_exact_schedule(reference, name):
+    out = reference(name)
     plan = load_plan(out)
-    assert plan["world_size"] == 2
-    assert plan["gradient_accumulation_steps"] == 4
-    assert plan["total_optimizer_steps"] == EXPECTED_STEPS
+    assert (plan["world_size"], plan["gradient_accumulation_steps"]) == (2, 2)
+    assert plan["total_optimizer_steps"] == JOB_STEPS
     records = train_records(out)
-    assert [r["step"] for r in records] == list(range(1, EXPECTED_STEPS + 1))
+    assert [r["step"] for r in records] == list(range(1, JOB_STEPS + 1))
     for r in records:
-        assert r["lr"] == pytest.approx(expected_lr(r["step"], 1e-3, 3, EXPECTED_STEPS), rel=1e-12, abs=1e-15)
+        assert r["lr"] == pytest.approx(
+            expected_lr(r["step"], 1e-3, JOB_WARMUP, JOB_STEPS), rel=1e-12, abs=1e-15
+        )
     assert records[0]["lr"] == 0.0  # warmup starts at 0: the first step must not move the weights
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ZERO_CONFIGS)
-def test_zero_stage_matches_ddp_losses_grad_norms_and_final_weights(zero_runs, ddp_run, tiny_llama, name):
+@pytest.mark.parametrize("name", LAUNCHED)
+def test_zero_stage_matches_ddp_losses_grad_norms_and_final_weights(reference, tiny_llama, name):
     """The LR the records show is the LR the engine's optimizer used: a scheduler that changed only a copy
     of the param groups would leave DeepSpeed at the peak LR from step 1 (where DDP uses 0), and the
     weights would differ by about the LR (1e-3), ten times the tolerance."""
-    ours, reference = train_records(zero_runs[name]), train_records(ddp_run)
-    assert [r["tokens"] for r in ours] == [r["tokens"] for r in reference]  # same data in every step
-    for a, b in zip(ours, reference, strict=True):
+    zero, ddp = reference(name), reference("ddp")
+    ours, theirs = train_records(zero), train_records(ddp)
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in theirs]  # same data in every step
+    for a, b in zip(ours, theirs, strict=True):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4)
         assert a["grad_norm"] is not None  # logged from the engine, which clipped inside backward
         assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
         assert b["grad_norm"] > 0.5  # clipping was active on every step
-    for a, b in zip(eval_records(zero_runs[name]), eval_records(ddp_run), strict=True):
+    for a, b in zip(eval_records(zero), eval_records(ddp), strict=True):
         assert math.isclose(a["eval_loss"], b["eval_loss"], rel_tol=1e-4)
-    final = load_weights(zero_runs[name] / "final")
-    assert max_weight_diff(final, load_weights(ddp_run / "final")) <= 1e-4
+    final = load_weights(zero / "final")
+    assert max_weight_diff(final, load_weights(ddp / "final")) <= 1e-4
     assert max_weight_diff(final, load_weights(tiny_llama)) > 1e-3  # training moved well past the tolerance
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ZERO_CONFIGS)
-def test_deepspeed_receives_the_recipe_values_for_every_auto_entry(zero_runs, name):
-    resolved = json.loads((zero_runs[name] / "ds_config.json").read_text())
-    assert resolved["gradient_accumulation_steps"] == 4
+@pytest.mark.parametrize("name", LAUNCHED)
+def test_deepspeed_receives_the_recipe_values_for_every_auto_entry(reference, name):
+    resolved = json.loads((reference(name) / "ds_config.json").read_text())
+    assert resolved["gradient_accumulation_steps"] == 2
     assert resolved["gradient_clipping"] == 0.5  # the recipe's max_grad_norm, not Accelerate's default 1.0
     assert resolved["train_micro_batch_size_per_gpu"] == 2
-    assert resolved["train_batch_size"] == 2 * 4 * 2
+    assert resolved["train_batch_size"] == 2 * 2 * 2
     assert resolved["bf16"]["enabled"] is False and resolved["fp16"]["enabled"] is False
     assert "scheduler" not in resolved and "optimizer" not in resolved
     shipped = json.loads((REPO / ZERO_CONFIGS[name]).read_text())
@@ -146,11 +95,11 @@ def test_deepspeed_receives_the_recipe_values_for_every_auto_entry(zero_runs, na
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ds_zero3", "ds_zero3_offload"])
-def test_zero3_final_model_is_gathered_and_reloads_with_from_pretrained(zero_runs, tiny_llama, name):
+@pytest.mark.parametrize("name", ["zero3", "zero3_offload"])
+def test_zero3_final_model_is_gathered_and_reloads_with_from_pretrained(reference, tiny_llama, name):
     from transformers import AutoModelForCausalLM
 
-    final_dir = zero_runs[name] / "final"
+    final_dir = reference(name) / "final"
     saved = load_weights(final_dir)
     original = load_weights(tiny_llama)
     # Full tensors, not ZeRO-3 partitions.
@@ -159,25 +108,11 @@ def test_zero3_final_model_is_gathered_and_reloads_with_from_pretrained(zero_run
     assert max_weight_diff({k: reloaded[k] for k in saved}, saved) == 0.0
 
 
-# -------------------------------------------------------------------- accumulation under ZeRO-2
-@pytest.fixture(scope="module")
-def zero2_equivalent_runs(tiny_llama, tmp_path_factory):
-    """48 samples: 16 per optimizer step either way, and the same samples in each step (batch i goes to
-    rank i mod 2, so a rank's 4 micro-batches of 2 cover the same 16 samples as 2 ranks x one batch of 8)."""
-    out = {}
-    for name, micro, ga in (("micro2_ga4", 2, 4), ("micro8_ga1", 8, 1)):
-        out[name] = tmp_path_factory.mktemp(name)
-        extra = ["--max_train_samples", "48", "--per_device_train_batch_size", str(micro),
-                 "--gradient_accumulation_steps", str(ga), "--num_train_epochs", "1", "--warmup_steps", "0",
-                 "--eval_split", "null"]  # fmt: skip
-        run("accelerate_configs/ds_zero2.yaml", out[name], tiny_llama, extra)
-    return out
-
-
 @pytest.mark.slow
-def test_zero2_accumulation_equals_one_big_batch(zero2_equivalent_runs, tiny_llama):
-    small, big = zero2_equivalent_runs["micro2_ga4"], zero2_equivalent_runs["micro8_ga1"]
-    assert load_plan(small)["total_optimizer_steps"] == load_plan(big)["total_optimizer_steps"] == 3
+def test_zero2_accumulation_equals_one_big_batch(reference, tiny_llama):
+    """Micro batch 2 x GA 2 on 2 ranks covers the same 8 samples per step as one process at batch 8 (batch
+    i goes to rank i mod 2), the short last window of each epoch included."""
+    small, big = reference("zero2"), reference("big_batch")
     small_records, big_records = train_records(small), train_records(big)
     assert [r["tokens"] for r in small_records] == [r["tokens"] for r in big_records]
     for a, b in zip(small_records, big_records, strict=True):
@@ -188,23 +123,21 @@ def test_zero2_accumulation_equals_one_big_batch(zero2_equivalent_runs, tiny_lla
 
 
 # -------------------------------------------------------------------- conflicts fail before training
-@pytest.mark.slow
-def test_a_ds_config_number_that_contradicts_the_recipe_stops_the_run(tiny_llama, tmp_path):
-    """Clipping in the JSON against the recipe's max_grad_norm: caught when the Accelerator is made."""
+@pytest.mark.slow  # DeepSpeed's process group loads (and on a fresh machine builds) its C++ op
+def test_a_ds_config_number_that_contradicts_the_recipe_stops_the_run(deepspeed_env, tiny_llama, tmp_path):
+    """Clipping in the JSON against the recipe's max_grad_norm: caught when the Accelerator is made, in a
+    one-process DeepSpeed run in this process (the environment `accelerate launch` would set)."""
     ds_config = json.loads((REPO / "ds_configs/zero2.json").read_text())
     ds_config["gradient_clipping"] = 1.0
     (tmp_path / "ds.json").write_text(json.dumps(ds_config))
-    accelerate_config = yaml.safe_load((REPO / "accelerate_configs/ds_zero2.yaml").read_text())
-    accelerate_config["deepspeed_config"]["deepspeed_config_file"] = str(tmp_path / "ds.json")
-    (tmp_path / "accelerate.yaml").write_text(yaml.safe_dump(accelerate_config))
-    args = [*COMMON, *SHARED, "--model_name_or_path", str(tiny_llama), "--output_dir", str(tmp_path / "out")]
-    result = accelerate_launch(str(tmp_path / "accelerate.yaml"), args, ["--num_processes", "1"], check=False)
-    assert result.returncode != 0
-    assert (
-        f"error: DeepSpeed config {tmp_path / 'ds.json'} disagrees with the recipe:\n"
+    deepspeed_env(tmp_path / "ds.json")
+    with pytest.raises(DeepSpeedConfigError) as err:
+        in_process("sft", job_args(tiny_llama, tmp_path / "out"))
+    assert str(err.value) == (
+        f"DeepSpeed config {tmp_path / 'ds.json'} disagrees with the recipe:\n"
         "- gradient_clipping is 1.0 but the recipe's max_grad_norm gives 0.5; "
         'set it to "auto" so that the recipe decides'
-    ) in result.stderr
+    )
     assert not (tmp_path / "out" / "plan.json").exists()  # stopped before training
 
 
@@ -223,7 +156,7 @@ def resolve(config: dict, **overrides) -> dict:
 
 
 def test_auto_entries_take_the_recipe_values():
-    config = resolve(shipped("ds_zero2"), max_grad_norm=0.0, gradient_accumulation_steps=3)
+    config = resolve(shipped("zero2"), max_grad_norm=0.0, gradient_accumulation_steps=3)
     assert config["gradient_accumulation_steps"] == 3
     assert config["gradient_clipping"] == 0.0  # 0 disables clipping in the recipe and in DeepSpeed
     assert config["train_micro_batch_size_per_gpu"] == 2
@@ -246,7 +179,7 @@ def test_auto_entries_take_the_recipe_values():
     ],
 )  # fmt: skip
 def test_a_value_set_in_the_ds_config_and_the_recipe_must_agree(key, value, message):
-    config = shipped("ds_zero2")
+    config = shipped("zero2")
     config[key] = value
     with pytest.raises(
         DeepSpeedConfigError, match=r"DeepSpeed config ds\.json disagrees with the recipe"
@@ -256,7 +189,7 @@ def test_a_value_set_in_the_ds_config_and_the_recipe_must_agree(key, value, mess
 
 
 def test_zero3_without_gathering_on_save_is_refused_before_training():
-    config = shipped("ds_zero3")
+    config = shipped("zero3")
     config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = "auto"
     with pytest.raises(DeepSpeedConfigError, match="stage3_gather_16bit_weights_on_model_save must be true"):
         resolve(config)
@@ -282,7 +215,7 @@ def test_every_ds_accelerate_config_loads_and_points_at_its_ds_config():
     from accelerate.commands.config.config_args import load_config_from_file
 
     for name, ds_path in ZERO_CONFIGS.items():
-        config = load_config_from_file(str(REPO / f"accelerate_configs/{name}.yaml"))
+        config = load_config_from_file(str(REPO / f"accelerate_configs/ds_{name}.yaml"))
         assert config.distributed_type == "DEEPSPEED"
         assert config.deepspeed_config == {"deepspeed_config_file": ds_path}, name
         assert config.num_machines == 1

@@ -13,9 +13,11 @@ import shutil
 import subprocess
 
 import pytest
-from helpers import SFT_DATA, launch, read_jsonl
+from helpers import SFT_DATA, in_process, read_jsonl
 
-from recipes.core.errors import EXIT_USER_ERROR
+from recipes.core.checkpoint import CheckpointWriteFailed
+
+pytestmark = pytest.mark.slow  # mounting the small disk is a process
 
 CHECKPOINT_ROOM = 1.5  # checkpoints that fit: the first one, and half of the second
 
@@ -54,19 +56,20 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resume_continu
 ):
     # How much one checkpoint of this run takes, measured on a roomy disk.
     roomy = tmp_path / "roomy"
-    launch(None, "recipes/sft.py", args(tiny_llama, roomy))
+    in_process("sft", args(tiny_llama, roomy))
     checkpoint_bytes = sum(f.stat().st_size for f in (roomy / "checkpoint-4").rglob("*") if f.is_file())
     disk = small_disk(int(CHECKPOINT_ROOM * checkpoint_bytes) + 64 * 1024)  # + records and config
     out = disk / "run"
 
-    # Plain python, as a one-process run: the launcher would add its own traceback to the exit.
-    result = launch(None, "recipes/sft.py", args(tiny_llama, out), check=False)
-
-    assert result.returncode == EXIT_USER_ERROR, result.stderr[-3000:]
-    message = re.search(r"error: writing checkpoint .*", result.stderr).group(0)
-    assert message.startswith(f"error: writing checkpoint {out}/checkpoint-4 failed at step 4 (")
-    assert f"MiB free in {out}); the previous checkpoint {out}/checkpoint-2 is intact" in message
-    assert "Traceback" not in result.stderr
+    # The error a launched recipe prints as `error: <message>` with exit status 2 (test_bad_input).
+    with pytest.raises(CheckpointWriteFailed) as err:
+        in_process("sft", args(tiny_llama, out))
+    message = str(err.value)
+    assert message.startswith(f"writing checkpoint {out}/checkpoint-4 failed at step 4 (")
+    assert re.search(
+        rf"[\d.]+ MiB free in {re.escape(str(out))}\); the previous checkpoint {out}/checkpoint-2 is intact",
+        message,
+    )
     # The failed write left nothing behind; the previous checkpoint is complete and says where it stands.
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
@@ -76,7 +79,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resume_continu
     # Nothing is lost: with space again, the run continues from checkpoint-2 to the end.
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
-    launch(None, "recipes/sft.py", args(tiny_llama, moved, "--resume_from_checkpoint", "latest"))
+    in_process("sft", args(tiny_llama, moved, "--resume_from_checkpoint", "latest"))
     resumed = [r for r in read_jsonl(moved / "metrics.jsonl") if "loss" in r]
     uninterrupted = [r for r in read_jsonl(roomy / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]

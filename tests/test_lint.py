@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO
+
+pytestmark = pytest.mark.slow  # ruff runs as a process
 
 
 def test_ruff_check_is_clean():

@@ -12,10 +12,26 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SFT_DATA, launch, load_plan, load_weights, offline_env, read_jsonl, train_records
+from helpers import (
+    OFFLINE,
+    ONE_PROCESS,
+    REPO,
+    SFT_DATA,
+    TWO_PROCESSES,
+    classify_args,
+    in_process,
+    launch,
+    load_plan,
+    load_weights,
+    make_tiny_encoder,
+    read_jsonl,
+    train_records,
+    write_uneven_splits,
+)
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -41,32 +57,46 @@ COMMON = [
     "--lora_dropout", "0",
 ]  # fmt: skip
 RUNS = {  # name: (accelerate config, micro batch, GA, extra overrides)
-    "1proc_micro2_ga4": ("accelerate_configs/cpu.yaml", 2, 4,
+    "1proc_micro2_ga4": (ONE_PROCESS, 2, 4,
                          ["--max_eval_samples", "8", "--per_device_eval_batch_size", "4", "--merge_adapter", "true",
                           "--save_steps", "4"]),
-    "1proc_micro8_ga1": ("accelerate_configs/cpu.yaml", 8, 1, ["--eval_split", "null"]),
-    "ddp_micro2_ga2": ("accelerate_configs/cpu_2proc.yaml", 2, 2, ["--eval_split", "null"]),
+    "1proc_micro8_ga1": (ONE_PROCESS, 8, 1, ["--eval_split", "null"]),
+    "ddp_micro2_ga2": (TWO_PROCESSES, 2, 2, ["--eval_split", "null"]),
     "zero2_micro2_ga2": ("accelerate_configs/ds_zero2.yaml", 2, 2, ["--eval_split", "null", "--merge_adapter", "true"]),
     "zero3_micro2_ga2": ("accelerate_configs/ds_zero3.yaml", 2, 2, ["--eval_split", "null", "--merge_adapter", "true"]),
 }  # fmt: skip
 TOTAL_STEPS = 6  # 48 samples / 8 per step
 
 
+class Runs:
+    """`runs[name]`: the output_dir of RUNS[name], made on first use (one-process runs in this process)."""
+
+    def __init__(self, model: Path, tmp_path_factory):
+        self.model, self.tmp_path_factory, self.made = model, tmp_path_factory, {}
+
+    def __getitem__(self, name: str) -> Path:
+        if name not in self.made:
+            config, micro, ga, extra = RUNS[name]
+            out = self.tmp_path_factory.mktemp(name)
+            args = [*COMMON, "--model_name_or_path", str(self.model), "--output_dir", str(out)]
+            args += [
+                "--per_device_train_batch_size",
+                str(micro),
+                "--gradient_accumulation_steps",
+                str(ga),
+                *extra,
+            ]
+            if config == ONE_PROCESS:
+                in_process("sft", args)
+            else:
+                launch(config, "sft", args)
+            self.made[name] = out
+        return self.made[name]
+
+
 @pytest.fixture(scope="module")
-def runs(tiny_llama, tmp_path_factory):
-    out = {}
-    for name, (config, micro, ga, extra) in RUNS.items():
-        out[name] = tmp_path_factory.mktemp(name)
-        args = [*COMMON, "--model_name_or_path", str(tiny_llama), "--output_dir", str(out[name])]
-        args += [
-            "--per_device_train_batch_size",
-            str(micro),
-            "--gradient_accumulation_steps",
-            str(ga),
-            *extra,
-        ]
-        launch(config, "recipes/sft.py", args)
-    return out
+def runs(tiny_llama, tmp_path_factory) -> Runs:
+    return Runs(tiny_llama, tmp_path_factory)
 
 
 def adapter(run_dir) -> dict[str, torch.Tensor]:
@@ -182,7 +212,7 @@ def test_merged_model_loads_without_peft_and_gives_the_outputs_of_base_plus_adap
         f"ids = torch.load({str(tmp_path / 'input_ids.pt')!r})\n"
         f"with torch.no_grad(): torch.save(model(input_ids=ids).logits, {str(tmp_path / 'logits.pt')!r})\n"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, env=offline_env() | _path_env())
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, env=OFFLINE | _path_env())
     merged_logits = torch.load(tmp_path / "logits.pt")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     with torch.no_grad():
@@ -283,11 +313,11 @@ def test_checkpoint_holds_the_pretrained_weights_bit_identical_and_resume_contin
     assert frozen.keys() == base.keys()
     assert all(torch.equal(frozen[k], base[k]) for k in base)  # steps 2-4 ran at LRs 5e-4 and 1e-3
     resumed = tmp_path / "resumed"
-    config, micro, ga, extra = RUNS["1proc_micro2_ga4"]
+    _, micro, ga, extra = RUNS["1proc_micro2_ga4"]
     args = [*COMMON, "--model_name_or_path", str(tiny_llama), "--output_dir", str(resumed), *extra,
             "--per_device_train_batch_size", str(micro), "--gradient_accumulation_steps", str(ga),
             "--resume_from_checkpoint", str(checkpoint)]  # fmt: skip
-    launch(config, "recipes/sft.py", args)
+    in_process("sft", args)  # one process: no launcher needed to resume
     ours, theirs = train_records(resumed), train_records(reference)
     assert [r["step"] for r in ours] == [5, 6]
     for a, b in zip(ours, theirs[4:], strict=True):
@@ -336,15 +366,13 @@ def _path_env() -> dict:
 @pytest.fixture(scope="module")
 def classify_run(tmp_path_factory):
     """50 train samples, micro 4 x GA 2 on 1 process: 13 batches, 7 optimizer steps in one epoch."""
-    from test_classify import make_tiny_encoder, run_args, write_uneven_splits
-
     root = tmp_path_factory.mktemp("classify_lora")
     encoder = make_tiny_encoder(root / "encoder")
     data = write_uneven_splits(root / "data")
     lora_args = ["--use_peft", "true", "--lora_r", str(R), "--lora_alpha", str(ALPHA), "--lora_dropout", "0",
                  "--merge_adapter", "true", "--report_to", "none"]  # fmt: skip
-    args = run_args(encoder, data, root / "out", num_train_epochs=1) + lora_args
-    launch("accelerate_configs/cpu.yaml", "recipes/classify.py", args)
+    args = classify_args(encoder, data, root / "out", num_train_epochs=1) + lora_args
+    in_process("classify", args)
     return root / "out", encoder, data, args
 
 

@@ -1,93 +1,42 @@
 """Multi-node DeepSpeed on one machine: two `accelerate launch` invocations of the standard-launcher config,
 as two machines would run it (machine_rank 0 and 1, one process each, main process at 127.0.0.1), train
-together and give the single-node 2-process result. The SLURM script is run the same way, with stand-ins
-for srun/scontrol that start its per-machine task twice on this machine. The pdsh config and the hostfile
-cannot be launched without ssh between machines: they are checked with Accelerate's and DeepSpeed's
-own parsers and command builder.
+together and give the single-node 2-process result (the shared job's ZeRO-2 reference run, which uses the
+same ds_configs/zero2.json). The SLURM script is run the same way, with stand-ins for srun/scontrol that
+start its per-machine task twice on this machine. The pdsh config and the hostfile cannot be launched
+without ssh between machines: they are checked with Accelerate's and DeepSpeed's own parsers and command
+builder.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
-import socket
 import stat
 import subprocess
 import sys
 
 import pytest
-from helpers import REPO, SFT_DATA, load_plan, load_weights, max_weight_diff, offline_env, train_records
+from helpers import (
+    JOB_STEPS,
+    OFFLINE,
+    REPO,
+    assert_same_training,
+    finish,
+    launch,
+    load_plan,
+)
+
+from recipes.core.launching import free_port
 
 MULTINODE = "accelerate_configs/ds_multinode.yaml"
 PDSH = "accelerate_configs/ds_multinode_pdsh.yaml"
-SLURM = "accelerate_configs/slurm_multinode.sbatch"
 SINGLE_NODE = "accelerate_configs/ds_zero2.yaml"  # the same ds_configs/zero2.json on one machine
-# 40 samples at micro batch 2 on 2 ranks: 10 batches per rank, GA 3 -> windows 3, 3, 3, 1 = 4 steps.
-TRAIN_ARGS = [
-    "recipes/sft.py", "--config", "recipes/configs/sft_smollm2.yaml", "--dataset_name", str(SFT_DATA),
-    "--max_train_samples", "40", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "3",
-    "--num_train_epochs", "1", "--warmup_steps", "1", "--learning_rate", "1e-3", "--max_seq_length", "96",
-    "--eval_split", "null", "--seed", "3",
-]  # fmt: skip
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env(**extra: str) -> dict:
-    # LOGLEVEL=INFO makes torchrun print the rendezvous result (ranks and world size) of each machine.
-    return {**os.environ, **offline_env(), "LOGLEVEL": "INFO", **extra}
-
-
-def finish(proc: subprocess.Popen, what: str, timeout: int = 900) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{what} failed ({proc.returncode}):\n{out[-8000:]}")
-    return out
-
-
-def start(cmd: list[str], environment: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def run_args(model, out_dir) -> list[str]:
-    return [*TRAIN_ARGS, "--model_name_or_path", str(model), "--output_dir", str(out_dir)]
-
-
-@pytest.fixture(scope="module")
-def single_node(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single_node")
-    cmd = [
-        *ACCELERATE,
-        "--config_file",
-        SINGLE_NODE,
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-    ]
-    finish(start([*cmd, *run_args(tiny_llama, out)], env()), "single-node run")
-    return out
-
-
-@pytest.fixture(scope="module")
-def two_machines(tiny_llama, tmp_path_factory):
-    """Both 'machines' write to one output directory, as nodes sharing a file system do."""
-    out, port = tmp_path_factory.mktemp("two_machines"), free_port()
-    procs = []
-    for rank in (0, 1):
-        cmd = [*ACCELERATE, "--config_file", MULTINODE, "--num_machines", "2", "--num_processes", "2",
-               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]  # fmt: skip
-        procs.append(start([*cmd, *run_args(tiny_llama, out)], env()))
-    logs = [finish(p, f"machine_rank {rank}") for rank, p in enumerate(procs)]
-    return out, logs
+SLURM = "accelerate_configs/slurm_multinode.sbatch"
+# LOGLEVEL=INFO makes torchrun print the rendezvous result (ranks and world size) of each machine.
+RENDEZVOUS_LOG = {"LOGLEVEL": "INFO"}
+# Only the all-reduce implementation differs (shared memory within one machine, gloo between machines),
+# which changes float rounding far below this.
+REL = 1e-6
 
 
 def rendezvous(log: str) -> dict[str, str]:
@@ -99,35 +48,36 @@ def rendezvous(log: str) -> dict[str, str]:
     return fields
 
 
-def assert_same_training(ours, reference) -> None:
-    """Same ops on the same data; only the all-reduce implementation differs (shared memory within one
-    machine, gloo between machines), which changes float rounding far below 1e-6."""
+def assert_trained_like_one_machine(ours, reference) -> None:
     plan = load_plan(ours)
-    assert plan["world_size"] == 2 and plan["total_optimizer_steps"] == 4
-    a, b = train_records(ours), train_records(reference)
-    assert [r["step"] for r in a] == [1, 2, 3, 4]
-    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
-    assert [r["lr"] for r in a] == [r["lr"] for r in b]
-    for x, y in zip(a, b, strict=True):
-        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-6)
-    assert max_weight_diff(load_weights(ours / "final"), load_weights(reference / "final")) <= 1e-6
+    assert plan["world_size"] == 2 and plan["total_optimizer_steps"] == JOB_STEPS
+    assert_same_training(ours, reference("zero2"), REL)
 
 
 @pytest.mark.slow
-def test_two_machines_of_one_process_each_train_as_one_world_of_two(two_machines, single_node):
-    out, logs = two_machines
-    for rank, log in enumerate(logs):
-        assert rendezvous(log) == {
+def test_two_machines_of_one_process_each_train_as_one_world_of_two(reference, tmp_path):
+    """Both 'machines' write to one output directory, as nodes sharing a file system do."""
+    out, port = tmp_path / "out", free_port()
+    args = [*reference.args("zero2"), "--output_dir", str(out)]
+    machines = []
+    for rank in (0, 1):
+        launch_args = ["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank)]
+        launch_args += ["--main_process_ip", "127.0.0.1"]
+        log = tmp_path / f"machine_{rank}.log"
+        proc = launch(MULTINODE, "sft", args, env=RENDEZVOUS_LOG, log=log, port=port, launch_args=launch_args)
+        machines.append((proc, log))
+    for rank, (proc, log) in enumerate(machines):
+        assert rendezvous(finish(proc, log)) == {
             "group_rank": str(rank),
             "group_world_size": "2",
             "global_ranks": f"[{rank}]",
             "global_world_sizes": "[2]",
         }
-    assert_same_training(out, single_node)
+    assert_trained_like_one_machine(out, reference)
 
 
 @pytest.mark.slow
-def test_slurm_script_starts_one_launcher_per_machine_that_train_together(tiny_llama, single_node, tmp_path):
+def test_slurm_script_starts_one_launcher_per_machine_that_train_together(reference, tmp_path):
     """srun and scontrol are replaced by scripts that do on one machine what SLURM does on two: run the
     task once per node with SLURM_NODEID set, and list the job's host names (rank 0 first)."""
     bin_dir = tmp_path / "bin"
@@ -143,15 +93,22 @@ def test_slurm_script_starts_one_launcher_per_machine_that_train_together(tiny_l
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(stat.S_IRWXU)
     out, port = tmp_path / "out", free_port()
-    environment = env(
-        PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="127.0.0.1,localhost",
-        GPUS_PER_NODE="1", MAIN_PROCESS_PORT=str(port),
-    )  # fmt: skip
-    log = finish(start(["bash", SLURM, *run_args(tiny_llama, out)], environment), "slurm script")
+    environment = {
+        **os.environ, **OFFLINE, **RENDEZVOUS_LOG, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "127.0.0.1,localhost", "GPUS_PER_NODE": "1",
+        "MAIN_PROCESS_PORT": str(port),
+    }  # fmt: skip
+    args = [*reference.args("zero2"), "--output_dir", str(out)]
+    # The script runs `accelerate launch` itself: it is started as a job scheduler would start it.
+    result = subprocess.run(
+        ["bash", SLURM, "recipes/sft.py", *args], cwd=REPO, env=environment, capture_output=True, text=True
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-8000:]
     assert f"machines: 2, processes: 2, main process: 127.0.0.1:{port}" in log
     assert sorted(re.findall(r"\]\s+group_rank=(\d)", log)) == ["0", "1"]
     assert re.findall(r"\]\s+global_world_sizes=(\S+)", log) == ["[2]", "[2]"]
-    assert_same_training(out, single_node)
+    assert_trained_like_one_machine(out, reference)
 
 
 def load_accelerate_config(path: str):
@@ -207,9 +164,33 @@ def test_standard_multinode_config_is_consistent_for_every_machine():
     assert config.mixed_precision in (None, "no")  # precision comes from the recipe only
 
 
+@pytest.mark.slow  # runs `bash -n`
 def test_slurm_script_is_valid_bash_and_names_files_that_exist():
     subprocess.run(["bash", "-n", str(REPO / SLURM)], check=True)
     text = (REPO / SLURM).read_text()
     for path in re.findall(r"(?:accelerate_configs|recipes)/[\w/]+\.(?:yaml|py)", text):
         assert (REPO / path).is_file(), path
     assert '--machine_rank "$SLURM_NODEID"' in text
+
+
+@pytest.mark.slow  # runs the script with stand-ins
+def test_slurm_script_reads_a_long_host_list_without_dying_of_sigpipe(tmp_path):
+    """A scheduler that writes 2,000 host names line by line: the script takes the first as the main
+    process every time (an early-closing reader under pipefail would fail most of these runs)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shims = {
+        "scontrol": '#!/bin/bash\nfor ((i = 0; i < 2000; i++)); do echo "node$i"; done\n',
+        "srun": '#!/bin/bash\necho "main process at ${@: -4:1}"\n',  # the task's main_process_ip argument
+    }
+    for name, text in shims.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    environment = {
+        **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "2000",
+        "SLURM_JOB_NODELIST": "node[0-1999]", "GPUS_PER_NODE": "1",
+    }  # fmt: skip
+    for _ in range(20):
+        result = subprocess.run(["bash", SLURM], cwd=REPO, env=environment, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "machines: 2000, processes: 2000, main process: node0:29500" in result.stdout

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
-    SFT_DATA,
-    launch,
+    JOB_STEPS,
+    in_process,
     load_plan,
     load_weights,
     make_tiny_decoder,
@@ -66,51 +66,17 @@ def test_packed_forward_gives_each_sample_the_logits_it_gets_padded(tmp_path, fa
     assert abs(padded_sum.item() - packed_sum.item()) < 1e-4 * padded_sum.item()
 
 
-def test_packed_training_takes_the_same_steps_losses_and_weights_as_padded(tiny_llama, tmp_path):
-    runs = {}
-    for packing in ("false", "true"):
-        out = tmp_path / f"packing_{packing}"
-        launch(
-            "accelerate_configs/cpu.yaml",
-            "recipes/sft.py",
-            [
-                "--config",
-                "recipes/configs/sft_smollm2.yaml",
-                "--model_name_or_path",
-                str(tiny_llama),
-                "--dataset_name",
-                str(SFT_DATA),
-                "--output_dir",
-                str(out),
-                "--max_train_samples",
-                "24",
-                "--max_eval_samples",
-                "8",
-                "--per_device_train_batch_size",
-                "4",
-                "--gradient_accumulation_steps",
-                "2",
-                "--num_train_epochs",
-                "1",
-                "--learning_rate",
-                "1e-3",
-                "--logging_steps",
-                "1",
-                "--max_seq_length",
-                "96",
-                "--packing",
-                packing,
-            ],
-        )
-        runs[packing] = out
-    padded, packed = (train_records(runs[p]) for p in ("false", "true"))
-    assert load_plan(runs["true"]) == load_plan(runs["false"])
-    assert [r["step"] for r in packed] == [1, 2, 3]  # 24 samples / (4 x 2)
+def test_packed_training_takes_the_same_steps_losses_and_weights_as_padded(reference, tiny_llama, tmp_path):
+    packed_run, padded_run = tmp_path / "packed", reference("1proc")
+    in_process("sft", [*reference.args("1proc"), "--output_dir", str(packed_run), "--packing", "true"])
+    padded, packed = train_records(padded_run), train_records(packed_run)
+    assert load_plan(packed_run) == load_plan(padded_run)
+    assert [r["step"] for r in packed] == list(range(1, JOB_STEPS + 1))
     assert [r["tokens"] for r in packed] == [r["tokens"] for r in padded]
     assert [r["lr"] for r in packed] == [r["lr"] for r in padded]
     for a, b in zip(padded, packed, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
-    final = {p: load_weights(runs[p] / "final") for p in runs}
-    assert max_weight_diff(final["false"], final["true"]) < 1e-5
+    final = {run: load_weights(run / "final") for run in (padded_run, packed_run)}
+    assert max_weight_diff(final[padded_run], final[packed_run]) < 1e-5
     # Training moved the weights by far more than the packed/padded difference.
-    assert max_weight_diff(final["false"], load_weights(tiny_llama)) > 1e-3
+    assert max_weight_diff(final[padded_run], load_weights(tiny_llama)) > 1e-3

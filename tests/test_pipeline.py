@@ -1,9 +1,9 @@
 """Pipeline-parallel SFT (recipes/sft_pipeline.py) against the plain SFT recipe on one process.
 
-20 training samples at micro batch 2 make 10 batches. With global batch 8, one process accumulates 4
-micro-batches per step, a 2 x 2 pipeline-data grid 2 per rank, and a 2-stage pipeline alone 4: every
-epoch has 3 optimizer steps (windows of 8, 8 and 4 samples), the same samples in the same steps on
-every topology, so the per-step losses, gradient norms and final weights must agree.
+The runs are the shared job (helpers.JOB): 8 samples per optimizer step, so one process accumulates 4
+micro-batches of 2, a 2-stage pipeline alone 4 as well, and a 2 x 2 pipeline-data grid 2 per rank: the
+same samples in the same steps on every topology (6 per epoch, the last window short), so the per-step
+losses, gradient norms and final weights must agree.
 """
 
 from __future__ import annotations
@@ -14,23 +14,26 @@ import re
 import pytest
 import torch
 from helpers import (
-    SFT_DATA,
-    eval_records,
+    JOB_STEPS,
+    PIPELINE,
+    PIPELINE_CONFIG,
+    assert_same_training,
+    in_process,
+    job_args,
     launch,
     load_plan,
     load_weights,
     make_tiny_decoder,
-    max_weight_diff,
     train_records,
 )
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from recipes.cli import main as recipes_cli
+from recipes.core.doctor import DoctorError
 from recipes.core.pipeline import (
     ModelSource,
     PipelineConfigError,
     TiedLayerSpec,
-    TokenLoss,
     build_pipeline,
     layer_specs,
     resolve_ds_config,
@@ -41,33 +44,11 @@ from recipes.core.pipeline_plan import (
     module_boundaries,
     pipeline_view,
 )
-from recipes.core.steps import data_parallel_size
+from recipes.core.steps import data_parallel_size, linear_warmup_decay_lr
 
-ONE_PROCESS, PIPELINE = "accelerate_configs/cpu.yaml", "accelerate_configs/pipeline_2proc.yaml"
-SFT_CONFIG, PIPELINE_CONFIG = "recipes/configs/sft_smollm2.yaml", "recipes/configs/sft_pipeline_smollm2.yaml"
-MAX_GRAD_NORM = 1.0
-TRAINING = [
-    "--dataset_name", str(SFT_DATA), "--max_train_samples", "20", "--max_eval_samples", "10",
-    "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4", "--global_batch_size", "8",
-    "--max_seq_length", "64", "--learning_rate", "1e-3", "--warmup_steps", "1", "--weight_decay", "0.01",
-    "--max_grad_norm", str(MAX_GRAD_NORM), "--seed", "7", "--logging_steps", "1", "--eval_steps", "0",
-]  # fmt: skip
-
-
-def run(
-    config: str, script: str, recipe_config: str, model, out, epochs: int, processes=None, extra=()
-) -> str:
-    args = ["--config", recipe_config, "--model_name_or_path", str(model), "--output_dir", str(out), *extra]
-    launch(config, script, [*args, *TRAINING, "--num_train_epochs", str(epochs)], num_processes=processes)
-    return str(out)
-
-
-def sft(model, out, epochs):
-    return run(ONE_PROCESS, "recipes/sft.py", SFT_CONFIG, model, out, epochs)
-
-
-def pipeline(model, out, epochs, processes, extra=()):
-    return run(PIPELINE, "recipes/sft_pipeline.py", PIPELINE_CONFIG, model, out, epochs, processes, extra)
+MAX_GRAD_NORM = 0.5  # the shared job's
+# Pipeline and data parallelism reduce in another order than one process: float rounding, far below this.
+REL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -75,38 +56,14 @@ def llama4(tmp_path_factory):
     return make_tiny_decoder(tmp_path_factory.mktemp("llama4"), "llama", num_layers=4)
 
 
-@pytest.fixture(scope="module")
-def sft_run(llama4, tmp_path_factory):
-    return sft(llama4, tmp_path_factory.mktemp("sft"), epochs=2)
-
-
-@pytest.fixture(scope="module")
-def two_stage_run(llama4, tmp_path_factory):
-    return pipeline(llama4, tmp_path_factory.mktemp("pp2"), epochs=2, processes=2)
-
-
-def assert_same_training(pipe_dir: str, sft_dir: str, rel: float = 1e-4) -> None:
-    pipe, ref = train_records(pipe_dir), train_records(sft_dir)
-    assert [r["step"] for r in pipe] == [r["step"] for r in ref]
-    assert [r["tokens"] for r in pipe] == [r["tokens"] for r in ref]
-    assert [r["lr"] for r in pipe] == [r["lr"] for r in ref]
-    for p, r in zip(pipe, ref, strict=True):
-        assert p["loss"] == pytest.approx(r["loss"], rel=rel), p["step"]
-        assert p["grad_norm"] == pytest.approx(r["grad_norm"], rel=rel), p["step"]
-    pipe_eval, ref_eval = eval_records(pipe_dir), eval_records(sft_dir)
-    assert [r["step"] for r in pipe_eval] == [r["step"] for r in ref_eval]
-    for p, r in zip(pipe_eval, ref_eval, strict=True):
-        assert p["eval_loss"] == pytest.approx(r["eval_loss"], rel=rel)
-    assert max_weight_diff(load_weights(f"{pipe_dir}/final"), load_weights(f"{sft_dir}/final")) < 1e-4
-
-
-def test_two_stage_pipeline_trains_exactly_like_single_process_sft(two_stage_run, sft_run):
-    records = train_records(two_stage_run)
-    assert len(records) == 6
-    # Clipping is exercised: some steps' norms exceed max_grad_norm and the weights still agree.
-    assert any(r["grad_norm"] > MAX_GRAD_NORM for r in records)
-    assert_same_training(two_stage_run, sft_run)
-    plan = load_plan(two_stage_run)
+@pytest.mark.slow
+def test_two_stage_pipeline_trains_exactly_like_single_process_sft(reference):
+    records = train_records(reference("pipeline"))
+    assert len(records) == JOB_STEPS
+    # Clipping is exercised: the steps' norms exceed max_grad_norm and the weights still agree.
+    assert all(r["grad_norm"] > MAX_GRAD_NORM for r in records)
+    assert_same_training(reference("pipeline"), reference("1proc"), REL)
+    plan = load_plan(reference("pipeline"))
     assert (plan["pipeline_stages"], plan["data_parallel_size"], plan["gradient_accumulation_steps"]) == (
         2,
         1,
@@ -114,27 +71,30 @@ def test_two_stage_pipeline_trains_exactly_like_single_process_sft(two_stage_run
     )
 
 
-def test_two_stages_by_two_data_parallel_follow_plan_and_match_sft(llama4, sft_run, tmp_path):
-    out = pipeline(llama4, tmp_path / "pp4", epochs=2, processes=4)
+@pytest.mark.slow
+def test_two_stages_by_two_data_parallel_follow_plan_and_match_sft(reference, tiny_llama, tmp_path):
+    out = tmp_path / "pp4"
+    launch(PIPELINE, "sft_pipeline", job_args(tiny_llama, out, config=PIPELINE_CONFIG), num_processes=4)
     plan = load_plan(out)
     assert (plan["world_size"], plan["pipeline_stages"], plan["data_parallel_size"]) == (4, 2, 2)
-    # 10 batches over 2 data-parallel ranks = 5 per rank; windows of 2, 2, 1 -> 3 steps per epoch.
-    assert (plan["gradient_accumulation_steps"], plan["batches_per_epoch_per_rank"]) == (2, 5)
-    assert plan["total_optimizer_steps"] == 6
+    # 22 batches over 2 data-parallel ranks = 11 per rank; windows of 2, 2, 2, 2, 2, 1 -> 6 steps per epoch.
+    assert (plan["gradient_accumulation_steps"], plan["batches_per_epoch_per_rank"]) == (2, 11)
+    assert plan["total_optimizer_steps"] == JOB_STEPS
     records = train_records(out)
-    assert [r["step"] for r in records] == list(range(1, 7))
-    assert [r["lr"] for r in records] == [0.0, 1e-3, 8e-4, 6e-4, 4e-4, 2e-4]
+    assert [r["step"] for r in records] == list(range(1, JOB_STEPS + 1))
+    assert [r["lr"] for r in records] == [linear_warmup_decay_lr(s, 1e-3, 3, JOB_STEPS) for s in range(1, 13)]
     assert plan["pipeline"]["layer_partition"] == [
-        "stage 0: embedding, layers 0-1",
-        "stage 1: layers 2-3, norm + lm_head",
+        "stage 0: embedding, layer 0",
+        "stage 1: layer 1, norm + lm_head",
     ]
-    assert_same_training(out, sft_run)
+    assert_same_training(out, reference("1proc"), REL)
 
 
-def test_exported_model_reloads_and_generates_like_the_sft_model(two_stage_run, sft_run):
+@pytest.mark.slow
+def test_exported_model_reloads_and_generates_like_the_sft_model(reference):
     prompt = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
     outputs = []
-    for directory in (f"{two_stage_run}/final", f"{sft_run}/final"):
+    for directory in (reference("pipeline") / "final", reference("1proc") / "final"):
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -144,16 +104,16 @@ def test_exported_model_reloads_and_generates_like_the_sft_model(two_stage_run, 
     assert outputs[0] == outputs[1]
 
 
-def test_tied_qwen2_trains_through_a_zero1_pipeline_like_sft(tmp_path):
-    model = make_tiny_decoder(tmp_path / "qwen2", "qwen2", num_layers=2)
-    ref = sft(model, tmp_path / "sft", epochs=1)
-    # ZeRO-1 shards optimizer states and clips with DeepSpeed's own (pipeline-aware) norm.
-    out = pipeline(model, tmp_path / "pp", 1, 2, extra=["--deepspeed_config", "ds_configs/zero1.json"])
-    assert len(train_records(out)) == 3
-    assert_same_training(out, ref)
-    exported = load_weights(f"{out}/final")
+@pytest.mark.slow
+def test_tied_qwen2_trains_through_a_zero1_pipeline_like_sft(reference):
+    # ZeRO-1 shards optimizer states and clips with DeepSpeed's own (pipeline-aware) norm; the tied
+    # embedding lives on both stages and its gradients are summed.
+    out = reference("pipeline_zero1_qwen2")
+    assert len(train_records(out)) == JOB_STEPS
+    assert_same_training(out, reference("1proc_qwen2"), REL)
+    exported = load_weights(out / "final")
     assert "lm_head.weight" not in exported and "model.embed_tokens.weight" in exported
-    reloaded = AutoModelForCausalLM.from_pretrained(f"{out}/final", dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
 
 
@@ -228,7 +188,7 @@ def test_zero_2_and_3_are_refused(stage):
         resolve_ds_config({"zero_optimization": {"stage": stage}}, 2, 4, 1, 1.0, "ds.json")
 
 
-def test_zero_2_is_refused_by_the_launched_recipe_before_deepspeed_asserts(tmp_path, llama4):
+def test_zero_2_is_refused_by_the_recipe_before_deepspeed_starts(tmp_path, llama4):
     ds = tmp_path / "zero2.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": "auto"}))
     args = [
@@ -239,13 +199,15 @@ def test_zero_2_is_refused_by_the_launched_recipe_before_deepspeed_asserts(tmp_p
         "--output_dir",
         str(tmp_path / "o"),
     ]
-    result = launch(PIPELINE, "recipes/sft_pipeline.py", [*args, "--deepspeed_config", str(ds)], check=False)
-    assert result.returncode != 0
-    assert (
-        f"error: {ds} sets ZeRO stage 2, but pipeline parallelism works with ZeRO stage 0 or 1 only"
-        in result.stderr
-    )
-    assert "AssertionError" not in result.stderr
+    with pytest.raises(DoctorError) as err:
+        in_process("sft_pipeline", [*args, "--deepspeed_config", str(ds)])
+    message = str(err.value)
+    assert re.search(
+        rf"{re.escape(str(ds))}(:\d+)?: zero_optimization.stage: ZeRO-2 with 2 pipeline stages: DeepSpeed "
+        "supports only ZeRO-0/1 with pipeline parallelism",
+        message,
+    ), message
+    assert not (tmp_path / "o").exists()
 
 
 def test_stages_that_do_not_divide_the_world_size_are_refused():
@@ -258,14 +220,14 @@ def test_stages_that_do_not_divide_the_world_size_are_refused():
 def test_more_stages_than_layers_are_refused(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(make_tiny_decoder(tmp_path, "llama", num_layers=2))
     with pytest.raises(ValueError, match="pipeline_stages 3 is more than the model's 2 decoder layers"):
-        build_pipeline(model, 3, TokenLoss())
+        build_pipeline(model, 3)
 
 
 def test_unknown_architecture_is_refused():
     config = AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=4, vocab_size=64)
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(PipelineConfigError, match="the pipeline splitter does not know model_type 'gpt2'"):
-        build_pipeline(model, 2, TokenLoss())
+        build_pipeline(model, 2)
 
 
 def test_ds_config_values_the_recipe_owns_must_be_auto():
@@ -305,7 +267,9 @@ def test_the_deepspeed_launchers_local_rank_argument_is_ignored():
 )
 def test_options_the_pipeline_cannot_honour_are_refused_before_it_starts(tmp_path, override, message):
     from recipes.core.config import ConfigError
-    from recipes.sft_pipeline import main
 
     with pytest.raises(ConfigError, match=re.escape(message)):
-        main(["--config", PIPELINE_CONFIG, "--output_dir", str(tmp_path), *override])
+        in_process(
+            "sft_pipeline", ["--config", PIPELINE_CONFIG, "--output_dir", str(tmp_path / "o"), *override]
+        )
+    assert not (tmp_path / "o").exists()

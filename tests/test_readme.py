@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import REPO, offline_env, read_jsonl
+from helpers import OFFLINE, REPO, read_jsonl
 
 README = (REPO / "README.md").read_text()
 
@@ -57,11 +57,12 @@ def test_launch_commands_name_files_that_exist(command):
 @pytest.mark.parametrize(
     "command", [c for c in COMMANDS if c.startswith("recipes plan") or c.startswith("recipes doctor")]
 )
+@pytest.mark.slow
 def test_recipes_commands_in_the_readme_run(command):
     result = subprocess.run(
         [str(REPO / ".venv" / "bin" / "recipes"), *shlex.split(command)[1:]],
         cwd=REPO,
-        env={**__import__("os").environ, **offline_env()},
+        env={**__import__("os").environ, **OFFLINE},
         capture_output=True,
         text=True,
         timeout=600,
@@ -70,6 +71,7 @@ def test_recipes_commands_in_the_readme_run(command):
     assert result.stdout.strip()
 
 
+@pytest.mark.slow
 def test_quickstart_runs_the_default_job_on_the_real_default_model(tmp_path):
     """The same entry point a user runs, shortened to 2 optimizer steps."""
     out = tmp_path / "quickstart"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import eval_records, launch, train_records
+from helpers import JOB_STEPS, eval_records, train_records
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from recipes.cli import main as cli
@@ -17,31 +17,12 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def sft_run(tiny_llama, tmp_path_factory):
-    """SFT on 16 samples, micro batch 4, one process: 4 steps, evaluated at steps 0, 2 and 4."""
-    out = tmp_path_factory.mktemp("sft_tracked")
-    args = [
-        "--config",
-        "recipes/configs/sft_smollm2.yaml",
-        "--model_name_or_path",
-        str(tiny_llama),
-        "--output_dir",
-        str(out),
-        "--max_train_samples",
-        "16",
-        "--max_eval_samples",
-        "8",
-        "--per_device_train_batch_size",
-        "4",
-        "--gradient_accumulation_steps",
-        "1",
-        "--eval_steps",
-        "2",
-        "--max_seq_length",
-        "64",
-    ]
-    launch("accelerate_configs/cpu.yaml", "recipes/sft.py", args)
-    return out
+def sft_run(reference):
+    """The shared job on one process, with TensorBoard: 12 steps, evaluated at steps 0, 4, 8 and 12."""
+    return reference("1proc")
+
+
+STEPS = list(range(1, JOB_STEPS + 1))
 
 
 def test_sft_run_writes_tensorboard_loss_and_lr_scalars_equal_to_its_records(sft_run):
@@ -49,20 +30,20 @@ def test_sft_run_writes_tensorboard_loss_and_lr_scalars_equal_to_its_records(sft
     assert len(events) == 1
     board = EventAccumulator(str(events[0])).Reload()
     records = train_records(sft_run)
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == STEPS
     for key in ("loss", "lr", "grad_norm"):
         scalars = board.Scalars(key)
-        assert [e.step for e in scalars] == [1, 2, 3, 4]
+        assert [e.step for e in scalars] == STEPS
         assert [e.value for e in scalars] == [np.float32(r[key]) for r in records]
-    assert [e.step for e in board.Scalars("eval_loss")] == [0, 2, 4]
+    assert [e.step for e in board.Scalars("eval_loss")] == [0, 4, 8, 12]
 
 
 def test_sft_run_draws_curves_of_every_step_and_evaluation(sft_run):
     assert (sft_run / "curves.png").read_bytes()[:8] == PNG
     series = curve_series([*train_records(sft_run), *eval_records(sft_run)])
-    assert series["loss"] == ([1, 2, 3, 4], [r["loss"] for r in train_records(sft_run)])
-    assert series["lr"][0] == [1, 2, 3, 4]
-    assert series["eval_loss"][0] == series["eval_perplexity"][0] == [0, 2, 4]
+    assert series["loss"] == (STEPS, [r["loss"] for r in train_records(sft_run)])
+    assert series["lr"][0] == STEPS
+    assert series["eval_loss"][0] == series["eval_perplexity"][0] == [0, 4, 8, 12]
 
 
 def test_curve_series_takes_train_keys_from_train_records_and_every_eval_key():

@@ -4,17 +4,16 @@ A recipe keeps the lines its training is about (accumulate, forward, loss, backw
 optimizer and scheduler steps) and hands the rest to a TrainingLoop:
 
     with TrainingLoop(...) as loop:
-        for window in loop.windows(train_loader):
+        for window in loop.windows(train_loader, model):
             ...  # one optimizer step over the window's micro-batches
-            loop.step_done(window, loss=..., count=..., grad_norm=...)
-        loop.finish()
+            loop.step_done(window, count=...)
         ...  # save the final model
 
 The loop runs the epochs from where a resumed run stands, groups micro-batches into accumulation windows
 (read ahead, so that a step's target tokens can be counted on every rank before its first backward),
 shows progress, writes each step's record, evaluates every eval_steps, checks each step for non-finite
 values, checkpoints every save_steps, stops cleanly on SIGTERM/SIGINT (core/stop_signal.py) and stops at
-the plan's last step; `finish` writes the run's cost (core/usage.py) and evaluates the final model.
+the plan's last step, where it writes the run's cost (core/usage.py) and evaluates the final model.
 """
 
 from __future__ import annotations
@@ -139,9 +138,10 @@ class TrainingLoop:
         self.signals.__exit__(*exc_info)
 
     def windows(self, loader: Any, model: Any = None) -> Iterator[Window]:
-        """The accumulation windows of the rest of the run; the last one is the plan's last step.
-        `loader` is the prepared (sharded) train loader; `model`, if given, is put in train mode once the
-        step-0 evaluation ran (from_pretrained returns it in eval mode, dropout off)."""
+        """The accumulation windows of the rest of the run; the last one is the plan's last step, after
+        which the run's record (LR after training, runtime, throughput, peak memory) is written and the
+        final model evaluated. `loader` is the prepared (sharded) train loader; `model`, if given, is put
+        in train mode once the step-0 evaluation ran (from_pretrained returns it in eval mode)."""
         if self.step == 0:
             self.evaluate(0)
         if model is not None:
@@ -159,6 +159,7 @@ class TrainingLoop:
             for index, batches_of_step in enumerate(accumulation_windows(batches, ga), start=skip // ga):
                 yield Window(batches_of_step, epoch, index, lr=self.scheduler.get_last_lr()[0])
                 if self.step == total:
+                    self._finish()
                     return
 
     def clip_gradients(self, window: Window, accelerator: Any, model: Any) -> None:
@@ -223,9 +224,7 @@ class TrainingLoop:
             self.ranks.end()
             raise SystemExit(EXIT_INTERRUPTED)
 
-    def finish(self) -> None:
-        """After the last step: the run's record (LR after training, runtime, throughput, peak memory) and
-        the evaluation of the final model."""
+    def _finish(self) -> None:
         self.progress.close()
         self.records.log(
             {

@@ -159,22 +159,25 @@ def _is_sliding(config, index: int) -> bool:
     return getattr(config, "sliding_window", None) is not None
 
 
-class TokenLoss:
-    """Last-stage loss: the micro-batch's summed token loss times `scale`.
+def scaled_token_loss(
+    logits: torch.Tensor, labels_and_scale: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Last-stage loss: the micro-batch's summed token loss times the scale that travels with its labels.
 
     For training, scale = dp x micro-batches / (target tokens of the step on all dp ranks): the engine
     divides by its micro-batch count and averages over dp ranks, which leaves exactly the step's
-    token-mean loss and its gradient. For evaluation scale = 1 returns plain sums.
+    token-mean loss and its gradient. For evaluation scale = 1 gives plain sums.
     """
+    labels, scale = labels_and_scale
+    summed, _ = summed_token_loss(logits, labels)
+    return summed * scale
 
-    __name__ = "token_loss"
 
-    def __init__(self):
-        self.scale = 1.0
-
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        summed, _ = summed_token_loss(logits, labels)
-        return summed * self.scale
+def pipe_batches(batches: list[dict], scale: float) -> list[tuple]:
+    """Micro-batches as the engine takes them: inputs for the first stage, and for the last stage the
+    labels with the loss scale of their step (scaled_token_loss)."""
+    scale_tensor = torch.tensor(scale, dtype=torch.float32)
+    return [((b["input_ids"], b["attention_mask"]), (b["labels"], scale_tensor)) for b in batches]
 
 
 def layer_specs(source: ModelSource) -> list[LayerSpec]:
@@ -192,7 +195,7 @@ def layer_specs(source: ModelSource) -> list[LayerSpec]:
     return [first, *decoder, LayerSpec(FinalNormPipe, source), head]
 
 
-def build_pipeline(model, stages: int, loss_fn: TokenLoss) -> tuple[PipelineModule, ModelSource]:
+def build_pipeline(model, stages: int) -> tuple[PipelineModule, ModelSource]:
     """Split a loaded HF causal LM into `stages` stages; call `source.release()` once the engine exists."""
     check_architecture(model.config)
     try:
@@ -203,7 +206,7 @@ def build_pipeline(model, stages: int, loss_fn: TokenLoss) -> tuple[PipelineModu
     module = PipelineModule(
         layers=layer_specs(source),
         num_stages=stages,
-        loss_fn=loss_fn,
+        loss_fn=scaled_token_loss,
         partition_method=f"type:{DecoderLayerPipe.__name__}",
         dynamic_shape=True,  # padded batches differ in length, so every send carries its shape
     )

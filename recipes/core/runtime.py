@@ -61,7 +61,7 @@ def make_accelerator(
 
     sync_with_dataloader is off because the recipe reads each accumulation window ahead (to count its
     tokens); the end-of-dataloader flag would otherwise force a sync on every micro-batch of the last
-    window. The recipe aligns `accelerator.step` at the start of each window instead.
+    window. A short last window is padded with empty `accumulate` entries instead (core/loop.py).
 
     The seedable sampler draws each epoch's order from (seed, epoch) alone; the default sampler draws it
     from the global RNG, so the order would change with batch size, process count and anything else
