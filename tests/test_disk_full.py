@@ -38,7 +38,7 @@ def small_disk(tmp_path):
         return mount_point
 
     yield mount
-    subprocess.run(["umount", str(mount_point)], capture_output=True)
+    subprocess.run(["umount", "--lazy", str(mount_point)], capture_output=True)
 
 
 def args(model, output_dir, *extra):
@@ -47,7 +47,7 @@ def args(model, output_dir, *extra):
         "--dataset_name", str(SFT_DATA), "--output_dir", str(output_dir), "--max_train_samples", "24",
         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--max_steps", "6",
         "--max_seq_length", "64", "--eval_split", "null", "--logging_steps", "1", "--save_steps", "2",
-        "--save_total_limit", "1", "--learning_rate", "1e-3", *extra,
+        "--save_total_limit", "1", "--learning_rate", "1e-3", "--report_to", "none", *extra,
     ]  # fmt: skip
 
 

@@ -8,6 +8,7 @@ become one TiedLayerSpec on the first and last stage, whose gradients DeepSpeed 
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -110,8 +111,8 @@ class DecoderLayerPipe(nn.Module):
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
-            past_key_values=None,
             position_ids=position_ids,
+            **{_CACHE_ARGUMENT: None},  # training keeps no KV cache
         )
         cos_sin = self.rotary_emb(hidden, position_ids=position_ids)
         hidden = self.layer(
@@ -146,6 +147,12 @@ class LMHeadPipe(nn.Module):
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"lm_head.{k}": v for k, v in self.lm_head.state_dict().items()}
+
+
+# transformers renamed the mask functions' cache argument (past_key_values -> cache) in 5.x.
+_CACHE_ARGUMENT = (
+    "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+)
 
 
 def _tied_head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
