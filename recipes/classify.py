@@ -15,7 +15,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import (
@@ -42,6 +41,7 @@ from recipes.core.errors import run_recipe
 from recipes.core.final_model import save_final_model
 from recipes.core.inputs import load_tokenizer
 from recipes.core.metrics import load_metrics
+from recipes.core.model_setup import load_pretrained
 from recipes.core.optim import make_optimizer
 from recipes.core.run import Run
 from recipes.core.runtime import setup_accelerator
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = load_metrics(cfg.metrics)
     train_set = splits["train"]
     log(f"train samples: {len(train_set)}, classes: {label_names}")
-    collate = DataCollatorWithPadding(tokenizer)
+    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of)
     train_loader = make_train_loader(train_set, cfg, collate)
     eval_loaders = {
         name: DataLoader(data, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
@@ -113,14 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     }
 
     # ---------------------------------------------------------------- model and optimizer
-    model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.model_name_or_path,
+    model = load_pretrained(  # a new head for these classes; attention kernel, activation checkpointing
+        AutoModelForSequenceClassification,
+        cfg,
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
         ignore_mismatched_sizes=True,
-        dtype=torch.float32,
-        trust_remote_code=cfg.trust_remote_code,
     )
     model = lora.apply_lora(model, cfg, lora.SEQUENCE_CLASSIFICATION)  # the head trains in full
     parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned

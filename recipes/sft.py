@@ -16,13 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
 from recipes.core import lora
-from recipes.core.accumulation import (
-    backward_scale,
-    eval_loss_results,
-    per_sample_token_loss,
-    summed_token_loss,
-    target_tokens,
-)
+from recipes.core.accumulation import backward_scale, eval_loss_results, target_tokens
 from recipes.core.chat import PadCollator, make_collator, model_inputs, tokenize_dataset
 from recipes.core.checkpoint_io import AccelerateIO
 from recipes.core.config import TrainingConfig, field, parse_config
@@ -30,6 +24,8 @@ from recipes.core.data import first_n, load_split, make_train_loader, require_co
 from recipes.core.errors import run_recipe
 from recipes.core.final_model import save_final_model
 from recipes.core.inputs import load_tokenizer
+from recipes.core.lm_loss import CausalLMLoss
+from recipes.core.model_setup import load_pretrained
 from recipes.core.optim import make_optimizer
 from recipes.core.run import Run
 from recipes.core.runtime import setup_accelerator
@@ -46,6 +42,12 @@ class SFTConfig(TrainingConfig):
         "Padding-free training batches: each micro-batch's samples go end to end in one row, attending only "
         "within their own sample, so no compute is spent on padding. Same samples, loss and steps as padded.",
     )
+    loss_chunk_tokens: int = field(
+        1024,
+        "The loss is computed from the last hidden states through the LM head for this many target tokens at "
+        "a time, so logits of all tokens never exist at once (forward or backward); the same loss. 0: all "
+        "logits at once.",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,17 +63,18 @@ def main(argv: list[str] | None = None) -> None:
     with accelerator.main_process_first():  # rank 0 tokenises and caches; the others read the cache
         train_set, eval_set, train_stats = load_data(cfg, tokenizer)
     log(train_stats.summary(cfg.max_seq_length))
-    train_loader = make_train_loader(train_set, cfg, make_collator(cfg.packing, tokenizer.pad_token_id))
+    collate = make_collator(cfg.packing, tokenizer.pad_token_id, cfg.pad_to_multiple_of)
+    train_loader = make_train_loader(train_set, cfg, collate)
     eval_loader = None
     if eval_set is not None:
-        collate = PadCollator(tokenizer.pad_token_id)
+        collate = PadCollator(tokenizer.pad_token_id, cfg.pad_to_multiple_of)
         eval_loader = DataLoader(eval_set, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
 
     # ---------------------------------------------------------------- model and optimizer
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model_name_or_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-    )
+    model = load_pretrained(AutoModelForCausalLM, cfg)  # attention kernel, activation checkpointing
     model = lora.apply_lora(model, cfg, lora.CAUSAL_LM)  # unchanged without use_peft
+    # The loss from the last hidden states, through the LM head a chunk of tokens at a time.
+    loss_of = CausalLMLoss(model, cfg.loss_chunk_tokens, accelerator.autocast)
     parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned
     optimizer = make_optimizer(model, cfg)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def evaluate(step: int) -> None:
         if eval_loader is not None:
-            run.records.log_eval(step, eval_loss_results(evaluate_loss(accelerator, model, eval_loader)), log)
+            eval_loss = evaluate_loss(accelerator, model, loss_of, eval_loader)
+            run.records.log_eval(step, eval_loss_results(eval_loss), log)
 
     # ---------------------------------------------------------------- train
     loop = run.training_loop(
@@ -101,8 +105,8 @@ def main(argv: list[str] | None = None) -> None:
             scale = backward_scale(window_tokens, accelerator.num_processes, ga)
             for batch in window.micro_batches(accelerator, model):
                 with accelerator.accumulate(model):
-                    logits = model(**model_inputs(batch)).logits
-                    summed, _ = summed_token_loss(logits, batch["labels"])
+                    outputs = model(**model_inputs(batch), **loss_of.model_kwargs)
+                    summed = loss_of(outputs, batch["labels"])
                     accelerator.backward(window.add_loss(summed) * scale)
                     if accelerator.sync_gradients:  # the window's last micro-batch: gradients are complete
                         loop.clip_gradients(window, accelerator, model)  # max_grad_norm; skip if non-finite
@@ -147,13 +151,13 @@ def plan_parameters(cfg: SFTConfig) -> dict[str, int]:
 
 
 @torch.no_grad()
-def evaluate_loss(accelerator, model, loader) -> float:
+def evaluate_loss(accelerator, model, loss_of: CausalLMLoss, loader) -> float:
     """Token-averaged loss over the whole eval split; duplicates from uneven sharding are dropped."""
     model.eval()
     total_loss, total_tokens = 0.0, 0
     for batch in loader:
-        logits = model(**model_inputs(batch)).logits
-        losses, counts = per_sample_token_loss(logits, batch["labels"])
+        outputs = model(**model_inputs(batch), **loss_of.model_kwargs)
+        losses, counts = loss_of.per_sample(outputs, batch["labels"])
         losses, counts = accelerator.gather_for_metrics((losses, counts))
         total_loss += losses.sum().item()
         total_tokens += counts.sum().item()

@@ -29,6 +29,7 @@ from recipes.core.data import make_train_loader
 from recipes.core.doctor import preflight
 from recipes.core.errors import run_recipe
 from recipes.core.inputs import load_tokenizer
+from recipes.core.model_setup import load_pretrained
 from recipes.core.optim import make_optimizer
 from recipes.core.pipeline import (
     PipelineClipper,
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> None:
         cfg.gradient_accumulation_steps, cfg.global_batch_size, cfg.per_device_train_batch_size, dp
     )
     ds_file, micro = cfg.deepspeed_config, cfg.per_device_train_batch_size
-    ds_config = resolve_ds_config(read_mapping(ds_file), micro, ga, dp, cfg.max_grad_norm, ds_file)
+    ds_config = resolve_ds_config(
+        read_mapping(ds_file), micro, ga, dp, cfg.max_grad_norm, ds_file, cfg.mixed_precision
+    )
     log, end = state.print, torch.distributed.destroy_process_group
     ranks = Ranks(
         num_processes=state.num_processes, process_index=state.process_index, device=state.device, end=end
@@ -86,10 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     log(train_stats.summary(cfg.max_seq_length))
 
     # ---------------------------------------------------------------- model, pipeline and optimizer
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model_name_or_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-    )
-    module, source = build_pipeline(model, cfg.pipeline_stages)
+    model = load_pretrained(AutoModelForCausalLM, cfg)  # fp32 master weights, attention kernel
+    module, source = build_pipeline(model, cfg.pipeline_stages, cfg.loss_chunk_tokens)
     optimizer = make_optimizer(module, cfg)
     engine = initialize_engine(module, optimizer, ds_config)
     source.release()

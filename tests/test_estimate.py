@@ -8,6 +8,7 @@ from transformers import AutoConfig
 
 from recipes.cli import main
 from recipes.core.estimate import (
+    Levers,
     ModelShape,
     activation_bytes,
     device_memory,
@@ -108,9 +109,22 @@ def test_offloaded_states_leave_the_device():
 def test_activation_estimate_follows_the_stated_formula(small_llama):
     shape = model_shape(str(small_llama))
     # per layer s b h (34 + 5 a s / h) = 64 x 4 x 32 x (34 + 5 x 4 x 64 / 32) = 8,192 x 74 = 606,208 (16-bit)
-    # 2 layers = 1,212,416; logits 4 s b V = 4 x 64 x 4 x 1,000 = 1,024,000
-    assert activation_bytes(shape, 4, 64, "bf16") == 1_212_416 + 1_024_000
-    assert activation_bytes(shape, 4, 64, "fp32") == 2 * 1_212_416 + 1_024_000
+    # 2 layers = 1,212,416; fp32 logits and their gradient 8 s b V = 8 x 64 x 4 x 1,000 = 2,048,000
+    assert activation_bytes(shape, 4, 64, "bf16") == 1_212_416 + 2_048_000
+    assert activation_bytes(shape, 4, 64, "fp32") == 2 * 1_212_416 + 2_048_000
+
+
+def test_activation_estimate_counts_checkpointing_and_the_chunked_loss(small_llama):
+    shape = model_shape(str(small_llama))
+    # checkpointed: each layer's 16-bit input 2 s b h = 2 x 64 x 4 x 32 = 16,384 per layer, 2 layers, plus
+    # one layer recomputed (606,208); chunks of 100 tokens: 8 x 100 x 1,000 = 800,000 for the logits
+    levers = Levers(gradient_checkpointing=True, loss_chunk_tokens=100)
+    assert activation_bytes(shape, 4, 64, "bf16", levers) == 2 * 16_384 + 606_208 + 800_000
+    assert activation_bytes(shape, 4, 64, "fp32", levers) == 2 * (2 * 16_384 + 606_208) + 800_000
+    # a chunk larger than the micro-batch's s b = 256 tokens holds them all
+    assert activation_bytes(shape, 4, 64, "bf16", Levers(loss_chunk_tokens=1024)) == 1_212_416 + 2_048_000
+    assert levers.describe() == "activation checkpointing, chunked loss (100 tokens)"
+    assert Levers().describe() == "none"
 
 
 def test_wall_clock_divides_flops_by_devices_peak_and_utilisation():
@@ -150,8 +164,8 @@ def test_estimate_warns_when_the_model_states_do_not_fit(small_llama):
     ).to_dict()
     tiny_gpu = Device("tiny", 2_000_000, {"bf16": 1e12})
     est = estimate_run(plan, shape, "bf16", 64, zero_stage=0, device=tiny_gpu)
-    # 16 x 82,592 = 1,321,472 bytes of model states + 2,236,416 of activations = 3,557,888 > 2,000,000
-    assert est["memory_per_device"]["total"] == 1_321_472 + 2_236_416
+    # 16 x 82,592 = 1,321,472 bytes of model states + 3,260,416 of activations = 4,581,888 > 2,000,000
+    assert est["memory_per_device"]["total"] == 1_321_472 + 3_260_416
     assert est["fits"] is False and est["warning"].startswith("does not fit: needs 0.0 GB per device")
     assert "a higher ZeRO stage (now 0)" in est["warning"]
 
@@ -196,7 +210,9 @@ def test_plan_cli_reads_topology_and_prints_hand_computed_estimate(small_llama, 
     # ZeRO-2 on 2 ranks, bf16: params 2 x 82,592; grads 2 x 82,592 / 2; optimizer 12 x 82,592 / 2
     mem = est["memory_per_device"]
     assert (mem["parameters"], mem["gradients"], mem["optimizer_states"]) == (165_184, 82_592, 495_552)
-    assert mem["activations"] == 2_236_416
+    # the recipe's chunked loss (1,024 tokens) holds all 64 x 4 tokens of a micro-batch: 8 x 256 x 1,000
+    assert mem["activations"] == 1_212_416 + 2_048_000
+    assert est["memory_levers"] == "chunked loss (1024 tokens)"
     assert est["zero_stage"] == 2 and est["fits"] is True
     assert "6 x non-embedding params x tokens" in est["flops_formula"]
 

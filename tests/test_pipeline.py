@@ -24,6 +24,7 @@ from helpers import (
     load_plan,
     load_weights,
     make_tiny_decoder,
+    max_weight_diff,
     train_records,
 )
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -115,6 +116,43 @@ def test_tied_qwen2_trains_through_a_zero1_pipeline_like_sft(reference):
     assert "lm_head.weight" not in exported and "model.embed_tokens.weight" in exported
     reloaded = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.slow
+def test_pipeline_with_all_logits_at_once_equals_its_chunked_loss(reference, tmp_path):
+    """The last stage's chunked loss (the reference, the default) against logits of every token."""
+    out = tmp_path / "full"
+    launch(
+        PIPELINE,
+        "sft_pipeline",
+        [*reference.args("pipeline"), "--output_dir", str(out), "--loss_chunk_tokens", "0"],
+    )
+    a, b = train_records(out), train_records(reference("pipeline"))
+    assert [(r["step"], r["lr"]) for r in a] == [(r["step"], r["lr"]) for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+    assert max_weight_diff(load_weights(out / "final"), load_weights(reference("pipeline") / "final")) <= 1e-6
+
+
+@pytest.mark.slow
+def test_bf16_pipeline_follows_the_fp32_plan_with_fp32_master_states(reference, tmp_path):
+    """A 2-stage ZeRO-1 pipeline of tied Qwen2 in bf16: the plan, steps and LRs of the fp32 run exactly,
+    losses within 1% (bf16 keeps 8 significant bits, 2^-9 relative rounding per operation), and every
+    stage keeps its fp32 master weights and Adam states."""
+    out = tmp_path / "bf16"
+    args = [*reference.args("pipeline_zero1_qwen2"), "--output_dir", str(out), "--mixed_precision", "bf16"]
+    launch(PIPELINE, "sft_pipeline", args)
+    fp32 = reference("pipeline_zero1_qwen2")
+    assert load_plan(out) == load_plan(fp32)
+    a, b = train_records(out), train_records(fp32)
+    assert [(r["step"], r["tokens"], r["lr"]) for r in a] == [(r["step"], r["tokens"], r["lr"]) for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-2)
+    for optimizer_file in sorted((out / "checkpoint-4" / "pytorch_model").glob("*optim_states.pt")):
+        saved = torch.load(optimizer_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        assert {t.dtype for t in saved["single_partition_of_fp32_groups"]} == {torch.float32}
+        adam = saved["base_optimizer_state"]["state"]
+        assert {t.dtype for state in adam.values() for t in state.values()} == {torch.float32}
 
 
 @pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen2", "mistral"])
@@ -241,6 +279,20 @@ def test_ds_config_values_the_recipe_owns_must_be_auto():
         resolve_ds_config({"train_micro_batch_size_per_gpu": 4}, 2, 4, 1, 1.0, "d")
 
 
+def test_bf16_is_the_recipes_field_and_needs_zero1_in_a_pipeline():
+    zero1 = {"gradient_clipping": "auto", "zero_optimization": {"stage": 1}, "bf16": {"enabled": "auto"}}
+    assert resolve_ds_config(zero1, 2, 4, 1, 0.5, "d", "bf16")["bf16"] == {"enabled": True}
+    assert "bf16" not in resolve_ds_config(zero1, 2, 4, 1, 0.5, "d", "no")
+    with pytest.raises(PipelineConfigError, match=re.escape('d sets bf16.enabled; set it to "auto"')):
+        resolve_ds_config({**zero1, "bf16": {"enabled": True}}, 2, 4, 1, 0.5, "d", "no")
+    # DeepSpeed's stage-0 bf16 optimizer measured one stage's gradient norm: 0.645 where the whole
+    # model's was 0.895 on the first step of the shared job, and clipped by it.
+    with pytest.raises(
+        PipelineConfigError, match="d is ZeRO stage 0, but a bf16 pipeline needs ZeRO stage 1"
+    ):
+        resolve_ds_config({"gradient_clipping": "auto"}, 2, 4, 1, 0.5, "d", "bf16")
+
+
 def test_the_deepspeed_launchers_local_rank_argument_is_ignored():
     from recipes.sft_pipeline import recipe_args
 
@@ -263,6 +315,12 @@ def test_the_deepspeed_launchers_local_rank_argument_is_ignored():
             ["--on_nonfinite", "skip"],
             "on_nonfinite: skip cannot be honoured by a recipe that drives the DeepSpeed engine itself",
         ),
+        (["--mixed_precision", "fp16"], "mixed_precision 'fp16': the pipeline recipe trains in fp32 or bf16"),
+        (
+            ["--gradient_checkpointing", "true"],
+            "gradient_checkpointing: the pipeline recipe does not support it yet",
+        ),
+        (["--torch_compile", "true"], "torch_compile: the pipeline recipe does not support it yet"),
     ],
 )
 def test_options_the_pipeline_cannot_honour_are_refused_before_it_starts(tmp_path, override, message):

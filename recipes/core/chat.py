@@ -133,14 +133,20 @@ def tokenize_dataset(
     return kept.remove_columns("truncated"), stats
 
 
-class PadCollator:
-    """Right-pads a list of tokenised samples to the longest one; padding is never a target."""
+def _round_up(length: int, multiple: int | None) -> int:
+    return length if not multiple else -(-length // multiple) * multiple
 
-    def __init__(self, pad_token_id: int | None):
+
+class PadCollator:
+    """Right-pads a list of tokenised samples to the longest one (rounded up to a multiple of
+    `pad_to_multiple_of`, so that shapes repeat); padding is never a target."""
+
+    def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int | None = None):
         self.pad_token_id = 0 if pad_token_id is None else pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(s["input_ids"]) for s in samples)
+        width = _round_up(max(len(s["input_ids"]) for s in samples), self.pad_to_multiple_of)
         input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
@@ -161,6 +167,10 @@ class PackedCollator:
     sample learns to predict the start of the next one.
     """
 
+    def __init__(self, pad_token_id: int | None = None, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = 0 if pad_token_id is None else pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         input_ids, labels, positions = [], [], []
         for s in samples:
@@ -168,6 +178,11 @@ class PackedCollator:
             input_ids.extend(s["input_ids"])
             labels.extend([IGNORE_INDEX, *s["labels"][1:]])
             positions.extend(range(n))
+        # Padding up to the multiple is one more sample of its own: never a target, attended by nothing else.
+        padding = _round_up(len(input_ids), self.pad_to_multiple_of) - len(input_ids)
+        input_ids.extend([self.pad_token_id] * padding)
+        labels.extend([IGNORE_INDEX] * padding)
+        positions.extend(range(padding))
         return {
             "input_ids": torch.tensor([input_ids]),
             "position_ids": torch.tensor([positions]),
@@ -175,8 +190,11 @@ class PackedCollator:
         }
 
 
-def make_collator(packing: bool, pad_token_id: int | None) -> PadCollator | PackedCollator:
-    return PackedCollator() if packing else PadCollator(pad_token_id)
+def make_collator(
+    packing: bool, pad_token_id: int | None, pad_to_multiple_of: int | None = None
+) -> PadCollator | PackedCollator:
+    collator = PackedCollator if packing else PadCollator
+    return collator(pad_token_id, pad_to_multiple_of)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -81,7 +81,27 @@ class TrainingConfig:
         5, "With on_nonfinite skip: stop (as stop does) once this many steps in a row were skipped."
     )
     mixed_precision: str = field(
-        "no", "no | bf16 | fp16. The one place precision is set (DeepSpeed configs say auto)."
+        "no",
+        "no | bf16 | fp16. The one place precision is set (DeepSpeed configs say auto). bf16 runs on CPUs "
+        "too; fp16 needs a GPU. Master weights and optimizer states stay fp32.",
+    )
+    gradient_checkpointing: bool = field(
+        False,
+        "Recompute each layer's activations in backward instead of keeping them (non-reentrant): less "
+        "memory, about a third more compute, the same losses and weights.",
+    )
+    attn_implementation: str = field(
+        "sdpa",
+        "Attention kernel passed to from_pretrained: sdpa | eager | flex_attention | flash_attention_2 | "
+        "flash_attention_3 (the flash kernels need their package and a GPU).",
+    )
+    torch_compile: bool = field(
+        False,
+        "Compile the model's repeated layers with torch.compile (inductor; on CPU it needs a C++ compiler). "
+        "Set pad_to_multiple_of so that batch shapes repeat instead of recompiling.",
+    )
+    pad_to_multiple_of: int | None = field(
+        None, "Pad every batch's length (or packed row) up to a multiple of this; null pads to the longest."
     )
     seed: int = field(42, "Seed for model init, data order and dropout.")
     logging_steps: int = field(1, "Write a metrics.jsonl record every this many optimizer steps.")

@@ -14,7 +14,10 @@ Formulas (printed with every estimate, so nobody has to guess which one was used
   data-parallel ranks, stage 2 also the gradients, stage 3 also the parameters; offloaded parts
   leave the device.
 - activations per device = n_layer x s x b x h x (34 + 5 x a x s / h) bytes for 16-bit activations,
-  x2 for fp32 (Korthikanti et al. 2022, no recomputation), + 4 x s x b x V for the fp32 logits.
+  x2 for fp32 (Korthikanti et al. 2022, no recomputation). With activation checkpointing only each
+  layer's input is kept (2 x s x b x h bytes, x2 in fp32) plus one layer's activations while it is
+  recomputed. Logits: fp32 logits of every token and their gradient, 8 x s x b x V bytes; with the
+  chunked loss only one chunk's, 8 x min(chunk, s x b) x V.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ MEMORY_FORMULA = (
     "pipeline stages split them evenly; grads and optimizer states only for trainable params (LoRA)"
 )
 ACTIVATION_FORMULA = (
-    "layers x s x b x h x (34 + 5 a s / h) bytes (x2 in fp32) + 4 s b V (fp32 logits of an LM head)"
+    "layers x s x b x h x (34 + 5 a s / h) bytes (x2 in fp32); checkpointed: layers x 2 s b h + one layer's; "
+    "+ 8 x tokens x V for fp32 logits and their gradient (tokens = s b, or one chunk with the chunked loss)"
 )
 DEFAULT_UTILIZATION = 0.4  # model FLOPs utilisation of a well-tuned dense training job on GPUs
 
@@ -152,11 +156,35 @@ def model_state_bytes(
     return params, grads, optim, offloaded
 
 
-def activation_bytes(shape: ModelShape, micro_batch_size: int, seq_len: float, precision: str) -> float:
+@dataclass(frozen=True)
+class Levers:
+    """The memory levers of a run that change its activations (precision is passed on its own)."""
+
+    gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = 0  # 0: logits of every token at once
+
+    def describe(self) -> str:
+        on = []
+        if self.gradient_checkpointing:
+            on.append("activation checkpointing")
+        if self.loss_chunk_tokens:
+            on.append(f"chunked loss ({self.loss_chunk_tokens} tokens)")
+        return ", ".join(on) or "none"
+
+
+def activation_bytes(
+    shape: ModelShape, micro_batch_size: int, seq_len: float, precision: str, levers: Levers = Levers()
+) -> float:
     s, b, h, a = seq_len, micro_batch_size, shape.hidden_size, shape.num_heads
-    per_layer = s * b * h * (34 + 5 * a * s / h) * (2 if precision == "fp32" else 1)
-    logits = 4 * s * b * shape.vocab_size if shape.has_lm_head else 0
-    return shape.num_layers * per_layer + logits
+    width = 2 if precision == "fp32" else 1  # fp32 activations take twice the 16-bit bytes
+    per_layer = s * b * h * (34 + 5 * a * s / h) * width
+    if levers.gradient_checkpointing:  # the layers' inputs, and one layer at a time recomputed
+        layers = shape.num_layers * 2 * s * b * h * width + per_layer
+    else:
+        layers = shape.num_layers * per_layer
+    tokens = min(levers.loss_chunk_tokens, s * b) if levers.loss_chunk_tokens else s * b
+    logits = 8 * tokens * shape.vocab_size if shape.has_lm_head else 0
+    return layers + logits
 
 
 def device_memory(
@@ -170,6 +198,7 @@ def device_memory(
     offload_param: str | None = None,
     pipeline_stages: int = 1,
     trainable_params: int | None = None,
+    levers: Levers = Levers(),
 ) -> DeviceMemory:
     """Activations are not divided by pipeline stages: under 1F1B a stage holds up to one micro-batch
     per stage in flight, which is about one micro-batch through all layers. `trainable_params` (e.g.
@@ -183,9 +212,8 @@ def device_memory(
         offload_param,
         None if trainable_params is None else trainable_params // pipeline_stages,
     )
-    return DeviceMemory(
-        params, grads, optim, activation_bytes(shape, micro_batch_size, seq_len, precision), offloaded
-    )
+    activations = activation_bytes(shape, micro_batch_size, seq_len, precision, levers)
+    return DeviceMemory(params, grads, optim, activations, offloaded)
 
 
 def fit_warning(memory: DeviceMemory, device_name: str, device_bytes: float, zero_stage: int) -> str | None:
@@ -211,6 +239,7 @@ def estimate_run(
     offload_param: str | None = None,
     device=None,
     utilization: float = DEFAULT_UTILIZATION,
+    levers: Levers = Levers(),
 ) -> dict:
     """Tokens, FLOPs, wall clock (with a `hardware.Device`) and per-device memory of a plan."""
     tokens = plan["samples_per_step"] * plan["total_optimizer_steps"] * seq_len
@@ -226,6 +255,7 @@ def estimate_run(
         offload_param,
         plan.get("pipeline_stages", 1),
         plan.get("trainable_parameters"),
+        levers,
     )
     out = {
         "model_params": shape.total_params,
@@ -239,6 +269,7 @@ def estimate_run(
         "zero_stage": zero_stage,
         "offload_optimizer": offload_optimizer,
         "offload_param": offload_param,
+        "memory_levers": levers.describe(),
         "memory_per_device": memory.to_dict(),
         "memory_formula": MEMORY_FORMULA,
         "activation_formula": ACTIVATION_FORMULA,
@@ -316,6 +347,7 @@ def estimate_table(est: dict) -> str:
             f"{_gb(mem['optimizer_states'])} + activations {_gb(mem['activations'])} = {_gb(mem['total'])}"
             + (f"; {offload}: {_gb(mem['offloaded'])} in host memory" if offload else ""),
         ),
+        ("memory levers", est["memory_levers"]),
         ("memory formula", est["memory_formula"]),
         ("activation formula", est["activation_formula"]),
     ]

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from recipes.core.accumulation import accumulation_windows
 from recipes.core.checkpoint import Checkpointer
+from recipes.core.model_setup import compiled_graphs
 from recipes.core.nonfinite import NonFiniteSteps
 from recipes.core.ranks import Ranks
 from recipes.core.records import RunRecords
@@ -113,10 +114,12 @@ class TrainingLoop:
         logging_steps: int,
         eval_steps: int,
         unit: str = "tokens",
+        count_compilations: bool = False,
         log: Callable[[str], None] = print,
     ):
         """`evaluate(step)` evaluates (and records) the model at an optimizer step; `unit` names what a
-        step's count is (target tokens, or samples) in records, progress and throughput."""
+        step's count is (target tokens, or samples) in records, progress and throughput;
+        `count_compilations`: the run's record says how many graphs torch.compile built."""
         self.plan, self.start, self.ranks, self.records = plan, start, ranks, records
         self.checkpoints, self.nonfinite, self.scheduler = checkpoints, nonfinite, scheduler
         self.evaluate, self.logging_steps, self.eval_steps = evaluate, logging_steps, eval_steps
@@ -127,6 +130,7 @@ class TrainingLoop:
         self.usage: LoopUsage | None = None
         self.progress: Any = None
         self.batches_per_epoch = 0
+        self.graphs_before = compiled_graphs() if count_compilations else None
 
     def __enter__(self) -> TrainingLoop:
         self.signals.__enter__()
@@ -226,11 +230,13 @@ class TrainingLoop:
 
     def _finish(self) -> None:
         self.progress.close()
-        self.records.log(
-            {
-                "step": self.step,
-                "lr_after_training": self.scheduler.get_last_lr()[0],
-                **self.usage.summary(self.trained, self.unit),
-            }
-        )
+        record = {
+            "step": self.step,
+            "lr_after_training": self.scheduler.get_last_lr()[0],
+            **self.usage.summary(self.trained, self.unit),
+        }
+        if self.graphs_before is not None:  # recompilations show as graphs beyond the first few
+            record["compiled_graphs"] = compiled_graphs() - self.graphs_before
+            self.log(f"torch.compile built {record['compiled_graphs']} graphs in this run")
+        self.records.log(record)
         self.evaluate(self.step)

@@ -8,6 +8,7 @@ become one TiedLayerSpec on the first and last stage, whose gradients DeepSpeed 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from recipes.core.accumulation import summed_token_loss
 from recipes.core.config import ConfigError
+from recipes.core.lm_loss import chunked_token_loss
 from recipes.core.pipeline_plan import check_pipeline_stages
 
 # Decoder-only families whose modules follow model.{embed_tokens, layers, norm, rotary_emb} + lm_head and
@@ -49,10 +51,16 @@ def check_architecture(config) -> None:
 
 def check_supported(cfg) -> None:
     """Refuse the recipe fields the pipeline engine cannot honour (yet), before anything starts."""
-    if cfg.mixed_precision != "no":
+    if cfg.mixed_precision not in ("no", "bf16"):
         raise PipelineConfigError(
-            f"mixed_precision {cfg.mixed_precision!r}: the pipeline recipe trains in fp32 only"
+            f"mixed_precision {cfg.mixed_precision!r}: the pipeline recipe trains in fp32 or bf16; set no or bf16"
         )
+    for lever in ("gradient_checkpointing", "torch_compile"):
+        if getattr(cfg, lever):
+            raise PipelineConfigError(
+                f"{lever}: the pipeline recipe does not support it yet; set {lever}: false, or use "
+                "recipes/sft.py (1 process, DDP or ZeRO-1/2/3)"
+            )
     if cfg.use_peft:
         raise PipelineConfigError(
             "use_peft: the pipeline recipe does not support LoRA yet; train LoRA adapters with recipes/sft.py "
@@ -138,12 +146,15 @@ class FinalNormPipe(nn.Module):
 
 
 class LMHeadPipe(nn.Module):
-    def __init__(self, source: ModelSource):
+    """The LM head; with a chunked loss it passes the hidden states on and the loss applies the head."""
+
+    def __init__(self, source: ModelSource, chunked: bool = False):
         super().__init__()
         self.lm_head = source.model.lm_head
+        self.chunked = chunked
 
     def forward(self, hidden):
-        return self.lm_head(hidden)
+        return hidden if self.chunked else self.lm_head(hidden)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"lm_head.{k}": v for k, v in self.lm_head.state_dict().items()}
@@ -159,6 +170,10 @@ def _tied_head(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden, embedding.embed_tokens.weight)
 
 
+def _tied_hidden(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
+    return hidden  # a chunked loss applies the tied head itself
+
+
 def _is_sliding(config, index: int) -> bool:
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
@@ -166,44 +181,56 @@ def _is_sliding(config, index: int) -> bool:
     return getattr(config, "sliding_window", None) is not None
 
 
-def scaled_token_loss(
-    logits: torch.Tensor, labels_and_scale: tuple[torch.Tensor, torch.Tensor]
-) -> torch.Tensor:
-    """Last-stage loss: the micro-batch's summed token loss times the scale that travels with its labels.
+class PipelineLoss:
+    """Last-stage loss: the micro-batch's summed token loss times the scale that travels with its labels,
+    from the logits, or with `chunk_tokens` from the hidden states through `head` a chunk at a time.
 
     For training, scale = dp x micro-batches / (target tokens of the step on all dp ranks): the engine
     divides by its micro-batch count and averages over dp ranks, which leaves exactly the step's
     token-mean loss and its gradient. For evaluation scale = 1 gives plain sums.
     """
-    labels, scale = labels_and_scale
-    summed, _ = summed_token_loss(logits, labels)
-    return summed * scale
+
+    def __init__(self, head, chunk_tokens: int):
+        self.head, self.chunk_tokens = head, chunk_tokens
+
+    def __call__(
+        self, outputs: torch.Tensor, labels_and_scale: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        labels, scale = labels_and_scale
+        if self.chunk_tokens:
+            summed = chunked_token_loss(outputs, labels, self.head, self.chunk_tokens)
+        else:
+            summed, _ = summed_token_loss(outputs, labels)
+        return summed * scale
 
 
 def pipe_batches(batches: list[dict], scale: float) -> list[tuple]:
     """Micro-batches as the engine takes them: inputs for the first stage, and for the last stage the
-    labels with the loss scale of their step (scaled_token_loss)."""
+    labels with the loss scale of their step (PipelineLoss)."""
     scale_tensor = torch.tensor(scale, dtype=torch.float32)
     return [((b["input_ids"], b["attention_mask"]), (b["labels"], scale_tensor)) for b in batches]
 
 
-def layer_specs(source: ModelSource) -> list[LayerSpec]:
-    """[embedding, decoder layers, final norm, LM head] as specs; tied embeddings share one TiedLayerSpec key."""
+def layer_specs(source: ModelSource, chunked: bool = False) -> list[LayerSpec]:
+    """[embedding, decoder layers, final norm, LM head] as specs; tied embeddings share one TiedLayerSpec key.
+    `chunked`: the head passes the hidden states to a chunked loss (PipelineLoss) instead of logits."""
     config = source.model.config
     check_architecture(config)
     if getattr(config, "tie_word_embeddings", False):
         first = TiedLayerSpec(TIED_KEY, EmbeddingPipe, source, tied_weight_attr=["embed_tokens.weight"])
+        forward_fn = _tied_hidden if chunked else _tied_head
         head = TiedLayerSpec(
-            TIED_KEY, EmbeddingPipe, source, forward_fn=_tied_head, tied_weight_attr=["embed_tokens.weight"]
+            TIED_KEY, EmbeddingPipe, source, forward_fn=forward_fn, tied_weight_attr=["embed_tokens.weight"]
         )
     else:
-        first, head = LayerSpec(EmbeddingPipe, source), LayerSpec(LMHeadPipe, source)
+        first, head = LayerSpec(EmbeddingPipe, source), LayerSpec(LMHeadPipe, source, chunked)
     decoder = [LayerSpec(DecoderLayerPipe, source, i) for i in range(config.num_hidden_layers)]
     return [first, *decoder, LayerSpec(FinalNormPipe, source), head]
 
 
-def build_pipeline(model, stages: int) -> tuple[PipelineModule, ModelSource]:
-    """Split a loaded HF causal LM into `stages` stages; call `source.release()` once the engine exists."""
+def build_pipeline(model, stages: int, loss_chunk_tokens: int = 0) -> tuple[PipelineModule, ModelSource]:
+    """Split a loaded HF causal LM into `stages` stages; call `source.release()` once the engine exists.
+    `loss_chunk_tokens` > 0: the last stage computes the loss through the head in chunks (core/lm_loss.py)."""
     check_architecture(model.config)
     try:
         check_pipeline_stages(model.config.num_hidden_layers, stages)
@@ -211,13 +238,25 @@ def build_pipeline(model, stages: int) -> tuple[PipelineModule, ModelSource]:
         raise PipelineConfigError(str(err)) from None
     source = ModelSource(model)
     module = PipelineModule(
-        layers=layer_specs(source),
+        layers=layer_specs(source, chunked=loss_chunk_tokens > 0),
         num_stages=stages,
-        loss_fn=scaled_token_loss,
         partition_method=f"type:{DecoderLayerPipe.__name__}",
         dynamic_shape=True,  # padded batches differ in length, so every send carries its shape
     )
+    # The loss needs the head the last stage built from its layer specs, so it comes after them.
+    module.loss_fn = PipelineLoss(_local_head(module) if loss_chunk_tokens else None, loss_chunk_tokens)
     return module, source
+
+
+def _local_head(module: PipelineModule):
+    """This stage's LM head as a function of the hidden states (None on a stage without it)."""
+    for layer in module.forward_funcs:
+        if isinstance(layer, LMHeadPipe):
+            return layer.lm_head
+    if module.stage_id == module.num_stages - 1 and TIED_KEY in module.tied_modules:
+        embedding = module.tied_modules[TIED_KEY]
+        return functools.partial(_tied_head, embedding)
+    return None
 
 
 def init_deepspeed_comm() -> None:
@@ -238,6 +277,7 @@ def resolve_ds_config(
     dp_size: int,
     max_grad_norm: float,
     where: str,
+    mixed_precision: str = "no",
 ) -> dict:
     """Fill the values the recipe owns (raw deepspeed.initialize does not resolve "auto") and reject what a
     pipeline cannot run."""
@@ -265,15 +305,25 @@ def resolve_ds_config(
         raise PipelineConfigError(
             f'{where} sets gradient_clipping; set it to "auto" and use the recipe\'s max_grad_norm'
         )
-    # DeepSpeed's own fp32 clipping under a pipeline counts only the first stage's gradients, so without
-    # ZeRO the recipe clips (PipelineClipper); ZeRO-1 computes the full norm and clips correctly itself.
+    # DeepSpeed's own clipping under a ZeRO-0 pipeline counts only the first stage's gradients, so there the
+    # recipe clips (PipelineClipper); ZeRO-1 computes the norm over every stage and clips correctly itself.
     config["gradient_clipping"] = max_grad_norm if stage == 1 else 0.0
+    if mixed_precision == "bf16" and stage == 0:
+        # bf16 without ZeRO is DeepSpeed's bf16 optimizer: it clips by one stage's norm too, and keeps the
+        # gradients where the recipe's clipper cannot reach them.
+        raise PipelineConfigError(
+            f"{where} is ZeRO stage 0, but a bf16 pipeline needs ZeRO stage 1 (DeepSpeed's stage-0 bf16 "
+            "optimizer clips by the gradient norm of one stage only); use --deepspeed_config "
+            "ds_configs/zero1.json, or mixed_precision: no"
+        )
     for key in ("fp16", "bf16"):
-        if config.get(key, {}).get("enabled") not in (None, False, "auto"):
+        if config.get(key, {}).get("enabled") not in (None, False, "auto", mixed_precision == key):
             raise PipelineConfigError(
-                f"{where} enables {key}; precision is the recipe's mixed_precision field"
+                f'{where} sets {key}.enabled; set it to "auto": precision is the recipe\'s mixed_precision field'
             )
         config.pop(key, None)
+    if mixed_precision == "bf16":
+        config["bf16"] = {"enabled": True}  # fp32 master weights and optimizer states, bf16 compute
     return _drop_auto(config)
 
 

@@ -126,5 +126,6 @@ class Run:
             logging_steps=cfg.logging_steps,
             eval_steps=cfg.eval_steps,
             unit=unit,
+            count_compilations=cfg.torch_compile,
             log=log,
         )

@@ -1,0 +1,325 @@
+"""The memory and speed levers, each exact where the arithmetic says it must be: the chunked loss and
+activation checkpointing give the losses and weights of the plain run; bf16 keeps fp32 master weights and
+optimizer states, the plan's steps and LRs exactly, and losses within bf16's precision; the attention
+kernel and compilation are what the config asks for.
+
+Runs are the shared tiny job (helpers.JOB); its references use the chunked loss, the default. The job's
+micro-batches hold fewer target tokens than the default chunk, so whole runs exercise one chunk per
+micro-batch; several chunks are proven on the loss and every gradient directly, and on a run with tiny
+chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    JOB_STEPS,
+    SFT_DATA,
+    TWO_PROCESSES,
+    in_process,
+    launch,
+    load_plan,
+    load_weights,
+    make_tiny_decoder,
+    max_weight_diff,
+    read_jsonl,
+    train_records,
+)
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from recipes.core.chat import IGNORE_INDEX, PackedCollator, PadCollator, model_inputs
+from recipes.core.config import ConfigError, parse_config
+from recipes.core.lm_loss import CausalLMLoss
+from recipes.core.model_setup import check_attention
+from recipes.sft import SFTConfig, load_data
+
+FULL_LOGITS = ["--loss_chunk_tokens", "0"]
+CHECKPOINTING = ["--gradient_checkpointing", "true"]
+BF16 = ["--mixed_precision", "bf16"]
+# bf16 keeps 8 significant bits: each rounding is within 2^-9 (0.2%) of the value, and the forward
+# compounds a few of them, so a bf16 run's losses are held to 1% of the fp32 run's.
+BF16_LOSS_REL = 1e-2
+
+
+def batch_of(model_dir: Path, size: int = 4) -> dict[str, torch.Tensor]:
+    """`size` bundled chat samples, tokenised and padded as the recipe does."""
+    cfg = parse_config(SFTConfig, ["--dataset_name", str(SFT_DATA), "--max_seq_length", "96"])
+    train_set, _, _ = load_data(cfg, AutoTokenizer.from_pretrained(model_dir))
+    return PadCollator(0)([train_set[i] for i in range(size)])
+
+
+def gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory) -> Path:
+    """Tied input and output embeddings: the head's weight is the embedding's."""
+    return make_tiny_decoder(tmp_path_factory.mktemp("qwen2"), "qwen2")
+
+
+# -------------------------------------------------------------------- the chunked loss
+@pytest.mark.parametrize("family", ["llama", "qwen2", "llama_lora"])
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 64])
+def test_chunked_loss_gives_the_full_logits_loss_and_every_gradient(tiny_llama, qwen2, family, chunk_tokens):
+    model_dir = qwen2 if family == "qwen2" else tiny_llama
+    batch = batch_of(model_dir)
+    targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert targets > 64  # every chunk size splits the batch into several chunks
+
+    def loss_and_gradients(chunk: int) -> tuple[float, dict[str, torch.Tensor]]:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if family == "llama_lora":
+            from recipes.core.lora import CAUSAL_LM, apply_lora
+
+            torch.manual_seed(0)  # the same adapters' initial weights in both models
+            model = apply_lora(model, SFTConfig(use_peft=True, lora_r=4, lora_alpha=8), CAUSAL_LM)
+        loss = CausalLMLoss(model, chunk)
+        summed = loss(model(**model_inputs(batch), **loss.model_kwargs), batch["labels"])
+        summed.backward()
+        return summed.item(), gradients(model)
+
+    full_loss, full_grads = loss_and_gradients(0)
+    chunked_loss, chunked_grads = loss_and_gradients(chunk_tokens)
+    assert math.isclose(chunked_loss, full_loss, rel_tol=1e-6)
+    assert chunked_grads.keys() == full_grads.keys() and full_grads
+    for name, grad in full_grads.items():
+        scale = grad.abs().max().item()
+        assert (chunked_grads[name] - grad).abs().max().item() <= 1e-6 * max(scale, 1e-12), name
+
+
+def test_chunked_loss_never_computes_more_logits_than_a_chunk(tiny_llama):
+    """The model returns no logits; the head only ever sees a chunk of target positions, once in the
+    forward and once more in the backward's recomputation."""
+    batch = batch_of(tiny_llama)
+    targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    loss = CausalLMLoss(model, chunk_tokens=16)
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: rows.append(out.shape[:-1]))
+    outputs = model(**model_inputs(batch), **loss.model_kwargs)
+    assert outputs.logits.shape[:2] == (batch["labels"].shape[0], 0)  # the model computed no logits
+    rows.clear()
+    loss(outputs, batch["labels"]).backward()
+    chunks = [min(16, targets - start) for start in range(0, targets, 16)]
+    assert rows == [(n,) for n in chunks] + [(n,) for n in reversed(chunks)]
+
+
+def test_chunked_loss_refuses_a_negative_chunk_and_a_model_without_logits_to_keep(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with pytest.raises(ConfigError, match="loss_chunk_tokens is -1; use a positive number, or 0"):
+        CausalLMLoss(model, -1)
+
+    class NoLogitsToKeep(torch.nn.Module):
+        def forward(self, input_ids): ...
+
+    with pytest.raises(ConfigError, match=r"NoLogitsToKeep\.forward takes no logits_to_keep"):
+        CausalLMLoss(NoLogitsToKeep(), 8)
+    CausalLMLoss(NoLogitsToKeep(), 0)  # all logits at once needs nothing of the model
+
+
+def assert_same_run(ours: Path, reference: Path, weights: float = 1e-6) -> None:
+    """Per-step losses within 1e-6 (relative), LRs and token counts equal, final weights within `weights`."""
+    a, b = train_records(ours), train_records(reference)
+    assert [(r["step"], r["tokens"], r["lr"]) for r in a] == [(r["step"], r["tokens"], r["lr"]) for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-6), (x, y)
+    assert max_weight_diff(load_weights(ours / "final"), load_weights(reference / "final")) <= weights
+
+
+def train(reference, name: str, out: Path, *extra: str) -> Path:
+    """The reference run `name`'s arguments with `extra`, in this process, into `out`."""
+    in_process("sft", [*reference.args(name), "--output_dir", str(out), "--report_to", "none", *extra])
+    return out
+
+
+@pytest.mark.parametrize("name", ["1proc", "1proc_qwen2"])
+def test_one_process_run_with_all_logits_at_once_equals_the_chunked_run(reference, name, tmp_path):
+    assert_same_run(train(reference, name, tmp_path / "full", *FULL_LOGITS), reference(name))
+
+
+def test_a_run_in_chunks_of_three_tokens_takes_the_losses_of_the_full_logits_run(reference, tmp_path):
+    """Many chunks per micro-batch: the losses agree to 1e-6. The weights are held to 1e-5: the head's
+    gradient adds its chunks in another order, and Adam's update (gradient over its root mean square)
+    turns the float noise of a component that nearly cancels into an update of up to the LR."""
+    chunked = train(reference, "1proc", tmp_path / "chunks", "--loss_chunk_tokens", "3")
+    full = train(reference, "1proc", tmp_path / "full", *FULL_LOGITS)
+    assert_same_run(chunked, full, weights=1e-5)
+
+
+def test_lora_run_with_all_logits_at_once_equals_the_chunked_run(reference, tmp_path):
+    lora = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8"]
+    chunked = train(reference, "1proc", tmp_path / "chunked", *lora)
+    full = train(reference, "1proc", tmp_path / "full", *lora, *FULL_LOGITS)
+    a, b = train_records(chunked), train_records(full)
+    for x, y in zip(a, b, strict=True):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-6)
+    adapter_a, adapter_b = (load_file(run / "final" / "adapter_model.safetensors") for run in (chunked, full))
+    assert max_weight_diff(adapter_a, adapter_b) <= 1e-6
+
+
+# -------------------------------------------------------------------- activation checkpointing
+def test_gradient_checkpointing_gives_the_same_losses_and_weights(reference, tmp_path):
+    assert_same_run(train(reference, "1proc", tmp_path / "ckpt", *CHECKPOINTING), reference("1proc"))
+
+
+def test_gradient_checkpointing_replays_the_dropout_masks(reference, tmp_path):
+    model = make_tiny_decoder(tmp_path / "dropout", attention_dropout=0.1)
+    plain = train(reference, "1proc", tmp_path / "plain", "--model_name_or_path", str(model))
+    recomputed = train(
+        reference, "1proc", tmp_path / "ckpt", "--model_name_or_path", str(model), *CHECKPOINTING
+    )
+    assert_same_run(recomputed, plain)
+
+
+def test_gradient_checkpointing_with_lora_gives_the_same_adapter(reference, tmp_path):
+    lora = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8"]
+    plain = train(reference, "1proc", tmp_path / "plain", *lora)
+    recomputed = train(reference, "1proc", tmp_path / "ckpt", *lora, *CHECKPOINTING)
+    for x, y in zip(train_records(recomputed), train_records(plain), strict=True):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-6)
+    adapters = [load_file(run / "final" / "adapter_model.safetensors") for run in (recomputed, plain)]
+    assert max_weight_diff(*adapters) <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, accelerate_config",
+    [
+        ("ddp", TWO_PROCESSES),
+        ("zero2", "accelerate_configs/ds_zero2.yaml"),
+        ("zero3", "accelerate_configs/ds_zero3.yaml"),  # the head's weight is partitioned
+    ],
+)
+def test_all_logits_with_gradient_checkpointing_equals_the_chunked_run_on_two_processes(
+    reference, name, accelerate_config, tmp_path
+):
+    """Both levers at once, against the reference (chunked, no checkpointing): each must be exact."""
+    out = tmp_path / "run"
+    launch(
+        accelerate_config,
+        "sft",
+        [*reference.args(name), "--output_dir", str(out), *FULL_LOGITS, *CHECKPOINTING],
+    )
+    assert_same_run(out, reference(name))
+
+
+# -------------------------------------------------------------------- bf16
+def assert_bf16_run_follows_the_fp32_plan(ours: Path, fp32: Path) -> None:
+    """The plan, the steps and every LR exactly; losses within bf16's precision of the fp32 run."""
+    assert load_plan(ours) == load_plan(fp32)
+    a, b = train_records(ours), train_records(fp32)
+    assert [(r["step"], r["tokens"], r["lr"]) for r in a] == [(r["step"], r["tokens"], r["lr"]) for r in b]
+    assert len(a) == JOB_STEPS
+    for x, y in zip(a, b, strict=True):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=BF16_LOSS_REL), (x, y)
+
+
+def test_bf16_on_one_process_keeps_fp32_master_weights_and_optimizer_states(reference, tmp_path):
+    from accelerate.utils.other import load
+
+    out = train(reference, "1proc", tmp_path / "bf16", *BF16)
+    assert_bf16_run_follows_the_fp32_plan(out, reference("1proc"))
+    checkpoint = out / "checkpoint-4"
+    assert {t.dtype for t in load_file(checkpoint / "model.safetensors").values()} == {torch.float32}
+    states = load(checkpoint / "optimizer.bin", map_location="cpu")["state"]
+    assert {t.dtype for s in states.values() for k, t in s.items() if k != "step"} == {torch.float32}
+    assert {t.dtype for t in load_weights(out / "final").values()} == {torch.float32}
+
+
+def test_bf16_accumulation_equals_one_big_bf16_batch(reference, tmp_path):
+    """Micro 2 x GA 4 against micro 8 in bf16: the same samples per step, but bf16 rounds differently
+    when a batch's shape changes (padding lengths change the attention's reductions), so the losses are
+    held to 1e-3 and the gradient norms to 1e-2 (relative): a few bf16 roundings (2^-9 each), not
+    1e-5 as in fp32."""
+    small = train(reference, "1proc", tmp_path / "small", *BF16)
+    big = train(reference, "big_batch", tmp_path / "big", *BF16)
+    a, b = train_records(small), train_records(big)
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-3)
+        assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, accelerate_config",
+    [
+        ("ddp", TWO_PROCESSES),
+        ("zero1", "accelerate_configs/ds_zero1.yaml"),
+        ("zero2", "accelerate_configs/ds_zero2.yaml"),
+        ("zero3", "accelerate_configs/ds_zero3.yaml"),
+    ],
+)
+def test_bf16_on_two_processes_follows_the_plan_with_fp32_master_states(
+    reference, name, accelerate_config, tmp_path
+):
+    out = tmp_path / "bf16"
+    launch(accelerate_config, "sft", [*reference.args(name), "--output_dir", str(out), *BF16])
+    assert_bf16_run_follows_the_fp32_plan(out, reference(name))
+    checkpoint = out / "checkpoint-4"
+    if name == "ddp":
+        from accelerate.utils.other import load
+
+        assert {t.dtype for t in load_file(checkpoint / "model.safetensors").values()} == {torch.float32}
+        states = load(checkpoint / "optimizer.bin", map_location="cpu")["state"]
+        assert {t.dtype for s in states.values() for k, t in s.items() if k != "step"} == {torch.float32}
+        return
+    # DeepSpeed computes with bf16 weights and keeps the fp32 master partition, and Adam's states, in
+    # its optimizer files (its own pickles, read here as DeepSpeed reads them).
+    [optimizer_file, *_] = sorted((checkpoint / "pytorch_model").glob("bf16_zero_pp_rank_0_*optim_states.pt"))
+    saved = torch.load(optimizer_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    masters = saved["fp32_flat_groups" if name == "zero3" else "single_partition_of_fp32_groups"]
+    assert masters and {t.dtype for t in masters} == {torch.float32}
+    adam = saved["optimizer_state_dict" if name == "zero3" else "base_optimizer_state"]["state"]
+    assert {t.dtype for s in adam.values() for t in s.values()} == {torch.float32}
+    assert json.loads((out / "ds_config.json").read_text())["bf16"]["enabled"] is True
+
+
+# -------------------------------------------------------------------- attention, padding, compilation
+def test_eager_attention_trains_like_sdpa(reference, tmp_path):
+    eager = train(reference, "1proc", tmp_path / "eager", "--attn_implementation", "eager")
+    # Another attention kernel adds in another order: float noise, which Adam can lift to 1e-5.
+    assert_same_run(eager, reference("1proc"), weights=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, on_gpu, message",
+    [
+        ("flash_attention_2", True, "attn_implementation flash_attention_2 needs the package flash-attn, which is not installed"),
+        ("flex_attention", False, "attn_implementation flex_attention cannot train on a CPU (its backward needs a GPU)"),
+        ("flash", True, "attn_implementation 'flash' is not one of eager, sdpa, flex_attention"),
+    ],
+)  # fmt: skip
+def test_attention_the_machine_cannot_train_with_is_refused_naming_what_is_missing(name, on_gpu, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_attention(name, on_gpu)
+
+
+def test_padding_to_a_multiple_changes_shapes_but_not_the_run(reference, tmp_path):
+    padded = train(reference, "1proc", tmp_path / "padded", "--pad_to_multiple_of", "32")
+    assert_same_run(padded, reference("1proc"), weights=1e-5)
+    pad = PadCollator(0, pad_to_multiple_of=8)([{"input_ids": [5] * 11, "labels": [5] * 11}])
+    assert pad["input_ids"].shape == (1, 16) and pad["attention_mask"].sum() == 11
+    packed = PackedCollator(0, pad_to_multiple_of=8)([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}] * 3)
+    assert packed["input_ids"].shape == (1, 16)
+    assert packed["position_ids"].tolist() == [[0, 1, 2] * 3 + list(range(7))]  # padding: a sample of its own
+    assert (packed["labels"][0, 9:] == IGNORE_INDEX).all()
+
+
+@pytest.mark.slow  # inductor compiles in worker processes
+def test_torch_compile_trains_like_the_eager_run_and_records_its_compilations(reference, tmp_path):
+    compiled = train(
+        reference, "1proc", tmp_path / "compiled", "--torch_compile", "true", "--pad_to_multiple_of", "32"
+    )
+    assert_same_run(compiled, reference("1proc"), weights=1e-5)  # compiled kernels add in another order
+    [end] = [r for r in read_jsonl(compiled / "metrics.jsonl") if "train_runtime" in r]
+    assert end["compiled_graphs"] >= 2  # the decoder layer forward and its backward, at least
+    assert set(load_weights(compiled / "final")) == set(load_weights(reference("1proc") / "final"))
