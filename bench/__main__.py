@@ -26,7 +26,7 @@ from bench import sections
 from bench.job import REPO, Job
 from bench.report import render_table
 
-SECTIONS = ("throughput", "padding", "plan", "scale", "tokenization", "model_flops")
+SECTIONS = ("throughput", "padding", "plan", "scale", "tokenization", "model_flops", "levers")
 
 
 def machine(device: str) -> dict:
@@ -129,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         step("tokenization", lambda: sections.tokenization(job, copies=10))
     if "model_flops" in chosen:
         step("model_flops", lambda: sections.model_flops(job, results["throughput"], args.gpu))
+    if "levers" in chosen:
+        from bench import levers
+
+        model = levers.qwen_shaped_model(REPO / ".cache/bench/qwen2.5-0.5b-shape", job.model)
+        data = levers.long_conversations(
+            REPO / ".cache/bench/long_chat", REPO / job.dataset, job.model, tokens=1024, count=8
+        )
+        step("levers", lambda: levers.levers(job, model, data, seq_len=1024, steps=3))
     print(render_table(results))
     print(f"results: {args.out}", file=sys.stderr)
     return 0

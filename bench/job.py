@@ -37,6 +37,10 @@ class Job:
     learning_rate: float = 1e-4
     warmup_ratio: float = 0.1
     seed: int = 42
+    loss_chunk_tokens: int = 256
+    gradient_checkpointing: bool = False
+    torch_compile: bool = False
+    pad_to_multiple_of: int | None = None
 
     def recipe_args(self, output_dir: str | Path) -> list[str]:
         """Overrides of the default SFT config that make the recipe run exactly this job."""
@@ -53,6 +57,10 @@ class Job:
             "learning_rate": self.learning_rate,
             "warmup_ratio": self.warmup_ratio,
             "seed": self.seed,
+            "loss_chunk_tokens": self.loss_chunk_tokens,
+            "gradient_checkpointing": str(self.gradient_checkpointing).lower(),
+            "torch_compile": str(self.torch_compile).lower(),
+            "pad_to_multiple_of": "null" if self.pad_to_multiple_of is None else self.pad_to_multiple_of,
             "num_train_epochs": 1,
             "max_steps": -1,
             "eval_split": "null",

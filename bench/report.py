@@ -89,6 +89,7 @@ def render_table(results: dict) -> str:
         if flops.get("device"):
             mfus = ", ".join(_pct(flops[n]["mfu"]) for n in ("recipe", "recipe_packed"))
             rows.append((f"MFU on {flops['device']}, recipe padded and packed", mfus, "reported"))
+    rows += _lever_rows(results.get("levers"))
     lines = [
         f"Measured on {machine['description']} ({results['date']}), {results['repeats']} repetitions.",
         "",
@@ -97,3 +98,41 @@ def render_table(results: dict) -> str:
         *(f"| {a} | {b} | {c} |" for a, b, c in rows),
     ]
     return "\n".join(lines)
+
+
+def _gib(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB"
+
+
+def _lever_rows(levers: dict | None) -> list[tuple[str, str, str]]:
+    if not levers:
+        return []
+    model = f"{levers['model']['parameters'] / 1e6:.0f}M-parameter {levers['model']['shape']}-shaped model"
+    loss, act = levers["loss_memory"], levers["activation_memory"]
+    rows = [
+        (
+            f"Loss peak memory, {loss['tokens']} tokens x {levers['model']['vocab_size']:,} vocabulary: all logits vs "
+            f"chunks of {loss['chunk_tokens']}",
+            f"{_gib(loss['all logits']['peak_growth_bytes'])} vs {_gib(loss['chunked']['peak_growth_bytes'])} "
+            f"({loss['reduction']:.1f}x less)",
+            ">= 4x less",
+        ),
+        (
+            f"Activation memory, {model}, {act['tokens']} tokens: kept vs checkpointed",
+            f"{_gib(act['kept']['peak_growth_bytes'])} vs {_gib(act['checkpointed']['peak_growth_bytes'])} "
+            f"({act['reduction']:.1f}x less)",
+            ">= 2x less",
+        ),
+    ]
+    for name, run in levers["runs"].items():
+        rows.append(
+            (
+                f"{model}, {levers['seq_len']} tokens, {name}: peak memory, tokens/s, plan estimate / peak",
+                f"{_gib(run['peak_memory_bytes'])}, {run['tokens_per_second']:.0f}, {run['estimate_over_measured']:.2f}",
+                "estimate within 25%",
+            )
+        )
+    rows.append(
+        ("torch.compile speed, bf16 with both levers", f"{levers['compile_speedup']:.2f}x", "reported")
+    )
+    return rows

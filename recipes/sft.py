@@ -43,7 +43,7 @@ class SFTConfig(TrainingConfig):
         "within their own sample, so no compute is spent on padding. Same samples, loss and steps as padded.",
     )
     loss_chunk_tokens: int = field(
-        1024,
+        256,
         "The loss is computed from the last hidden states through the LM head for this many target tokens at "
         "a time, so logits of all tokens never exist at once (forward or backward); the same loss. 0: all "
         "logits at once.",

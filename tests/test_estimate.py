@@ -210,9 +210,9 @@ def test_plan_cli_reads_topology_and_prints_hand_computed_estimate(small_llama, 
     # ZeRO-2 on 2 ranks, bf16: params 2 x 82,592; grads 2 x 82,592 / 2; optimizer 12 x 82,592 / 2
     mem = est["memory_per_device"]
     assert (mem["parameters"], mem["gradients"], mem["optimizer_states"]) == (165_184, 82_592, 495_552)
-    # the recipe's chunked loss (1,024 tokens) holds all 64 x 4 tokens of a micro-batch: 8 x 256 x 1,000
+    # the recipe's chunks of 256 tokens hold all 64 x 4 tokens of a micro-batch: 8 x 256 x 1,000
     assert mem["activations"] == 1_212_416 + 2_048_000
-    assert est["memory_levers"] == "chunked loss (1024 tokens)"
+    assert est["memory_levers"] == "chunked loss (256 tokens)"
     assert est["zero_stage"] == 2 and est["fits"] is True
     assert "6 x non-embedding params x tokens" in est["flops_formula"]
 

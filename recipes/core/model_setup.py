@@ -60,16 +60,22 @@ def load_pretrained(auto_class: Any, cfg: Any, **kwargs: Any) -> torch.nn.Module
             )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.torch_compile:
-        compile_layers(model)
+        compile_model(model, cfg.gradient_checkpointing)
     return model
 
 
-def compile_layers(model: torch.nn.Module) -> int:
-    """Compile the model's repeated layers (the classes transformers never splits across devices: the
-    decoder or encoder layers) in place with torch.compile (inductor). One layer class compiles once and
-    every layer reuses it, so the compile time does not grow with depth; the embeddings, the head and the
-    loss stay as they are, and parameter names do not change (nothing is wrapped), so checkpoints and the
-    final model are those of an uncompiled run. Returns the number of layers compiled."""
+def compile_model(model: torch.nn.Module, checkpointed: bool) -> None:
+    """Compile the model in place with torch.compile (inductor); parameter names do not change (nothing
+    is wrapped), so checkpoints and the final model are those of an uncompiled run.
+
+    Without activation checkpointing the repeated layer class (the one transformers never splits across
+    devices) is compiled once and every layer reuses it, so the compile time does not grow with depth.
+    torch.compile does not compile code running inside a non-reentrant checkpoint, which each layer is
+    when checkpointed, so then the model's body (the layers and what joins them) is compiled as one
+    region with the checkpoints inside it. The head and the loss run as they are in both cases."""
+    if checkpointed:
+        model.base_model.compile(backend="inductor")
+        return
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
@@ -79,7 +85,6 @@ def compile_layers(model: torch.nn.Module) -> int:
         )
     for layer in layers:
         layer.compile(backend="inductor")
-    return len(layers)
 
 
 def compiled_graphs() -> int:

@@ -1,0 +1,266 @@
+"""The GPU check: bf16 exactness of the levers on CUDA, then throughput, MFU and peak memory of 0.5B- and
+1.5B-shaped models with every lever on. Started by bench/gpu_check.sh (which installs what is missing
+from wheels carried next to it); `--dry-run` runs the same steps on tiny shapes on the CPU.
+
+    python -m bench.gpu_check --out bench/results/h200.json
+    python -m bench.gpu_check --dry-run --out /tmp/gpu_check_dry.json
+
+Exactness here is bf16's: each check compares two ways of computing the same thing in bf16 on the GPU (a
+lever against the run without it) and holds the per-step losses to 1% (bf16 keeps 8 significant bits,
+2^-9 relative rounding per operation, and GPU kernels add in orders of their own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.levers import QWEN_05B, long_conversations
+
+REPO = Path(__file__).resolve().parent.parent
+QWEN_15B = {
+    **QWEN_05B,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+}
+TINY = {
+    **QWEN_05B,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 49152,  # the chat tokenizer's
+}
+BF16_REL = 1e-2
+
+
+def build_model(directory: Path, shape: dict, tokenizer_from: str) -> Path:
+    """A random model of `shape` with the default model's chat tokenizer, saved as a model directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    spec = dict(shape)
+    config = AutoConfig.for_model(
+        spec.pop("model_type"),
+        **spec,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def train(model: Path, data: Path, out: Path, *fields: str) -> list[dict]:
+    """The SFT recipe in this process (one GPU, or the CPU in a dry run); its metrics records."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from recipes.core.records import read_metrics
+    from recipes.sft import main
+
+    args = [
+        "--config",
+        "recipes/configs/sft_smollm2.yaml",
+        "--model_name_or_path",
+        str(model),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--eval_split",
+        "null",
+        "--report_to",
+        "none",
+        "--mixed_precision",
+        "bf16",
+        "--save_steps",
+        "0",
+        "--warmup_steps",
+        "0",
+        *fields,
+    ]
+    try:
+        main(args)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return read_metrics(out)
+
+
+def compare(ours: list[dict], theirs: list[dict], rel: float) -> dict:
+    """Largest relative difference of the per-step losses, and whether it is within `rel`."""
+    a, b = [r for r in ours if "loss" in r], [r for r in theirs if "loss" in r]
+    if [r["step"] for r in a] != [r["step"] for r in b]:
+        return {"passed": False, "reason": "different steps"}
+    worst = max(abs(x["loss"] - y["loss"]) / abs(y["loss"]) for x, y in zip(a, b, strict=True))
+    return {"max_relative_loss_difference": worst, "tolerance": rel, "passed": worst <= rel}
+
+
+def exactness(model: Path, data: Path, work: Path, seq_len: int) -> dict:
+    """Each lever against the run without it, in bf16 on this device."""
+    base = [
+        "--max_seq_length",
+        str(seq_len),
+        "--max_train_samples",
+        "16",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "4",
+        "--learning_rate",
+        "1e-4",
+    ]
+    runs = {
+        "reference": [*base, "--loss_chunk_tokens", "0"],
+        "chunked_loss": [*base, "--loss_chunk_tokens", "64"],
+        "gradient_checkpointing": [*base, "--loss_chunk_tokens", "0", "--gradient_checkpointing", "true"],
+        "packing": [*base, "--loss_chunk_tokens", "0", "--packing", "true"],
+        "one_big_batch": [
+            *base,
+            "--loss_chunk_tokens",
+            "0",
+            "--per_device_train_batch_size",
+            "8",
+            "--gradient_accumulation_steps",
+            "1",
+        ],
+    }
+    records = {name: train(model, data, work / name, *fields) for name, fields in runs.items()}
+    return {
+        name: compare(records[name], records["reference"], BF16_REL) for name in runs if name != "reference"
+    }
+
+
+def throughput(
+    model: Path,
+    data: Path,
+    work: Path,
+    shape: dict,
+    seq_len: int,
+    micro_batch: int,
+    steps: int,
+    device_name: str | None,
+) -> dict:
+    """Every lever on: packing, chunked loss, activation checkpointing, compilation, bf16."""
+    from recipes.core.estimate import ModelShape, model_shape, training_flops
+    from recipes.core.hardware import get_device
+
+    records = train(
+        model,
+        data,
+        work,
+        "--packing",
+        "true",
+        "--gradient_checkpointing",
+        "true",
+        "--torch_compile",
+        "true",
+        "--pad_to_multiple_of",
+        "256",
+        "--max_seq_length",
+        str(seq_len),
+        "--per_device_train_batch_size",
+        str(micro_batch),
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_train_samples",
+        str(steps * micro_batch),
+    )
+    steps_run = [r for r in records if "loss" in r]
+    [end] = [r for r in records if "train_runtime" in r]
+    steady = steps_run[1:] or steps_run  # the first step compiles
+    seconds = sum(r["step_time"] for r in steady)
+    processed = len(steady) * micro_batch * seq_len  # packed rows of full-length samples
+    counted: ModelShape = model_shape(str(model))
+    flops_per_s = training_flops(counted, processed, seq_len) / seconds
+    peak = get_device(device_name).peak_flops.get("bf16") if device_name else None
+    return {
+        "parameters": counted.total_params,
+        "shape": shape,
+        "seq_len": seq_len,
+        "micro_batch": micro_batch,
+        "steps_measured": len(steady),
+        "processed_tokens_per_second": processed / seconds,
+        "target_tokens_per_second": sum(r["tokens"] for r in steady) / seconds,
+        "model_tflops_per_second": flops_per_s / 1e12,
+        "mfu": flops_per_s / peak if peak else None,
+        "peak_memory_gib": end["peak_memory_mib_per_process"][0] / 1024,
+        "compiled_graphs": end.get("compiled_graphs"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--gpu", help="device name in `recipes plan --gpu` terms, for MFU (e.g. H200-SXM)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the steps")
+    args = parser.parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no GPU: pass --dry-run to run the steps on tiny shapes on the CPU")
+    started = time.perf_counter()
+    tokenizer_from = str(REPO / ".cache/models/SmolLM2-135M-Instruct")
+    seq_len = 128 if args.dry_run else 2048
+    result: dict = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)",
+        "dry_run": args.dry_run,
+        "torch": torch.__version__,
+    }
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        work = Path(tmp)
+        data = long_conversations(
+            work / "data",
+            REPO / "recipes/data/sft_instructions",
+            tokenizer_from,
+            tokens=seq_len,
+            count=64 if not args.dry_run else 16,
+        )
+        tiny = build_model(work / "tiny", TINY, tokenizer_from)
+        print("[gpu_check] exactness", file=sys.stderr, flush=True)
+        result["exactness"] = exactness(tiny, data, work / "exact", 128)
+        shapes = {"Qwen2.5-0.5B": QWEN_05B, "Qwen2.5-1.5B": QWEN_15B}
+        if args.dry_run:
+            shapes = {"tiny": TINY}
+        result["throughput"] = {}
+        for name, shape in shapes.items():
+            print(f"[gpu_check] throughput {name}", file=sys.stderr, flush=True)
+            model = build_model(work / name, shape, tokenizer_from)
+            result["throughput"][name] = throughput(
+                model,
+                data,
+                work / f"run_{name}",
+                shape,
+                seq_len,
+                micro_batch=4 if not args.dry_run else 2,
+                steps=6 if not args.dry_run else 3,
+                device_name=args.gpu,
+            )
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # kept after every model
+    result["seconds"] = math.ceil(time.perf_counter() - started)
+    result["passed"] = all(check["passed"] for check in result["exactness"].values())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
