@@ -368,3 +368,26 @@ def classify_args(model: Path, data: Path, output: Path, **overrides) -> list[st
         **overrides,
     }
     return ["--config", CLASSIFY_CONFIG, *[x for k, v in values.items() for x in (f"--{k}", str(v))]]
+
+
+# ---------------------------------------------------------------- data files and what a recipe trains on
+EXAMPLES = REPO / "recipes" / "data" / "examples"
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """A JSON Lines file of `rows`, one JSON value per line."""
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return Path(path)
+
+
+def record_train_sets(monkeypatch, recipe: str = "sft") -> list:
+    """The tokenised train sets a recipe run in this process hands to its DataLoader, in call order."""
+    module = importlib.import_module(f"recipes.{recipe}")
+    seen, original = [], module.make_train_loader
+
+    def recording(data, cfg, collate_fn):
+        seen.append(data)
+        return original(data, cfg, collate_fn)
+
+    monkeypatch.setattr(module, "make_train_loader", recording)
+    return seen
