@@ -37,7 +37,7 @@ from helpers import (
     workers,
 )
 
-from recipes.core.run_dir import MARKER, complete_checkpoints
+from recipes.core.run_dir import MARKER, claim, complete_checkpoints
 from recipes.core.stop_signal import EXIT_INTERRUPTED
 
 SAVE_TOTAL_LIMIT = 2
@@ -209,7 +209,9 @@ def run_dir(tmp_path):
         io = AccelerateIO(accelerator)
         return Checkpointer(io, ranks, config(**fields), total_steps=100, tracked={}, log=lambda m: None)
 
-    return SimpleNamespace(dir=tmp_path / "run", config=config, start=start, checkpointer=checkpointer)
+    return SimpleNamespace(
+        dir=tmp_path / "run", config=config, start=start, checkpointer=checkpointer, ranks=ranks
+    )
 
 
 def test_rotation_keeps_exactly_save_total_limit_complete_checkpoints(run_dir):
@@ -241,8 +243,13 @@ def test_new_run_refuses_an_output_dir_with_another_config_unless_told_to_overwr
         run_dir.start(num_train_epochs=2.0)
     with pytest.raises(ConfigError, match="already holds checkpoints; pass --resume_from_checkpoint latest"):
         run_dir.start()
-    assert run_dir.start(num_train_epochs=2.0, overwrite_output_dir=True).checkpoint is None
-    assert complete_checkpoints(run_dir.dir) == []
+    start = run_dir.start(num_train_epochs=2.0, overwrite_output_dir=True)
+    assert (start.checkpoint, start.replaces) == (None, True)
+    # Nothing is removed while the run's inputs are still being checked; claiming output_dir replaces
+    # the old run as a whole.
+    assert [p.name for p in complete_checkpoints(run_dir.dir)] == ["checkpoint-3"]
+    claim(run_dir.dir, start, run_dir.ranks)
+    assert list(run_dir.dir.iterdir()) == []
 
 
 def test_resume_refuses_an_incomplete_checkpoint_path_and_a_changed_config(run_dir):
