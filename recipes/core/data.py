@@ -326,7 +326,7 @@ def _unreadable(dataset: str, files: dict[str, list[str]], err: Exception) -> Da
     return DataError(
         f"cannot read dataset {dataset} ({_root_cause(err)}); check that every file is valid "
         f"{'/'.join(sorted({Path(f).suffix.lstrip('.') for fs in files.values() for f in fs}))} with the same "
-        "columns in every row"
+        "columns, holding values of the same types, in every row and every file"
     )
 
 

@@ -222,10 +222,13 @@ def _check_fresh_start(cfg: Any) -> bool:
 
 
 def _is_run_entry(path: Path) -> bool:
-    """A file or folder a run writes into output_dir (TensorBoard folders: event files only)."""
+    """A file or folder a run writes into output_dir (TensorBoard folders: event files and the
+    hparams.yml Accelerate writes next to them, nothing else)."""
     if path.name in RUN_FILES or _RUN_ENTRY.match(path.name):
         return True
     if path.is_dir() and not path.is_symlink():
         files = [p for p in path.rglob("*") if p.is_file()]
-        return bool(files) and all(p.name.startswith("events.out.tfevents.") for p in files)
+        return bool(files) and all(
+            p.name.startswith("events.out.tfevents.") or p.name == "hparams.yml" for p in files
+        )
     return False
