@@ -608,3 +608,50 @@ def test_a_missing_test_split_suggests_test_split(encoder, news_data, tmp_path):
         "dataset <data> has no split 'holdout'; it has ['test', 'train', 'validation']. Set test_split to one "
         "of them (test_split: null skips the test)"
     )
+
+
+# ---------------------------------------------------------------------- exit statuses
+@pytest.mark.parametrize(
+    "launcher, recorded, expected",
+    [
+        (0, [0, 0], 0),
+        (1, [2], 2),  # rank 0 stopped on bad input; torchrun then stopped rank 1 before it recorded
+        (1, [2, 1], 2),  # a rank that crashed because rank 0 was gone
+        (1, [75, 75], 75),
+        (1, [75, 1], 1),  # a crash next to a stop is a crash
+        (1, [1], 1),
+        (137, [], 137),  # killed without a word: the launcher's status
+    ],
+)
+def test_recipes_launch_exits_with_the_status_the_processes_recorded(launcher, recorded, expected):
+    from recipes.core.exit_status import resolve
+
+    assert resolve(launcher, [{"rank": i, "status": s} for i, s in enumerate(recorded)]) == expected
+
+
+def test_a_recipe_records_how_its_process_ended_where_recipes_launch_asks(tmp_path, monkeypatch, capsys):
+    from recipes.core.data import DataError
+    from recipes.core.errors import run_recipe
+    from recipes.core.exit_status import STATUS_DIR_ENV, read
+
+    def bad_data() -> None:
+        raise DataError("train.jsonl is empty")
+
+    def stopped() -> None:
+        raise SystemExit(75)
+
+    monkeypatch.setenv(STATUS_DIR_ENV, str(tmp_path))
+    for rank, main, status in (("0", bad_data, 2), ("1", stopped, 75), ("2", lambda: None, 0)):
+        monkeypatch.setenv("RANK", rank)
+        if status:
+            with pytest.raises(SystemExit) as exit_info:
+                run_recipe(main)
+            assert exit_info.value.code == status
+        else:
+            run_recipe(main)
+    assert read(tmp_path) == [
+        {"rank": 0, "status": 2, "message": "train.jsonl is empty"},
+        {"rank": 1, "status": 75, "message": ""},
+        {"rank": 2, "status": 0, "message": ""},
+    ]
+    assert capsys.readouterr().err == "error: train.jsonl is empty\n"

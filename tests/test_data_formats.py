@@ -463,3 +463,37 @@ def test_packed_text_blocks_attend_within_each_document(tiny_llama, tokenizer):
     assert torch.allclose(packed[0, : len(docs[0])], alone[0], atol=1e-5)
     assert torch.allclose(packed[0, len(docs[0]) :], alone[1], atol=1e-5)
     assert torch.allclose(packed[1, : len(docs[1])], alone[1], atol=1e-5)
+
+
+def test_the_readme_mixture_yaml_mixes_as_the_readme_says(tokenizer, tmp_path, monkeypatch):
+    import math
+    import re
+
+    from helpers import REPO
+
+    from recipes.core.config import parse_config
+
+    [block] = [
+        b
+        for b in re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+        if "dataset_mixture" in b
+    ]
+    config = tmp_path / "sft_mixture.yaml"
+    config.write_text(block)
+    monkeypatch.chdir(REPO)  # the YAML's paths are relative to the repository, where runs start
+    cfg = parse_config(SFTConfig, ["--config", str(config), "--max_seq_length", "256"])
+    _, _, report = load_sft_data(cfg, tokenizer)
+    example_rows = len(read_jsonl(EXAMPLES / "sharegpt.jsonl")) - 2  # eval_split_size 2 held out
+    scale = min(200 / 3, example_rows / 1)  # weights 3 and 1, no row used twice
+    assert [p.rows for p in report.train] == [
+        math.floor(scale * 3),
+        math.floor(scale),
+        12,
+        round(0.5 * example_rows),
+    ]
+    assert [(p.split, p.rows) for p in report.eval] == [
+        ("validation[:40]", 40),
+        ("train", 2),
+        ("train", 2),
+        ("train", 2),
+    ]
