@@ -232,7 +232,9 @@ def load_splits(
             loaded = datasets.load_dataset(str(path), config_name, num_proc=num_proc)
         except Exception as err:
             raise _unreadable(dataset_name, files, err) from None
-        return dict(loaded), files
+        # A README.md may define configurations with data files of their own: then which file a row
+        # came from is not known here, and rows are named by split and number only.
+        return dict(loaded), {} if (path / "README.md").is_file() else files
     if path.suffix.lower() in _BUILDERS or dataset_name.startswith((".", "/", "~")):
         raise DataError(
             f"dataset_name {dataset_name}: no such file or directory; pass the path of a data file, a "
