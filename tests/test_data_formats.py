@@ -315,6 +315,12 @@ def test_a_mixture_draws_each_sources_share_with_the_seed_and_the_plan_counts_th
     ]
     assert data["train_samples"] == load_plan(out)["num_samples"] == len(train_set) == 25
     assert "train data: split 'train' of" in capsys.readouterr().out
+    # `recipes plan` reads the same mixture into the same plan, data record included.
+    from recipes.cli import main as recipes_cli
+
+    assert recipes_cli(["plan", *job_args(tiny_llama, out, *args), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {key: printed[key] for key in load_plan(out)} == load_plan(out)
 
     # The same sources and seed give the same samples in the same order; another seed another order.
     cfg = SFTConfig(dataset_mixture=mixture, eval_split=None, max_seq_length=256, seed=7)
