@@ -211,7 +211,7 @@ def load_sft_data(cfg: Any, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
         train, held_out = _train_and_held_out(index, source, data, cfg, mixture)
         train_splits.append(train)
         eval_splits.append(held_out)
-    counts = _counts(chosen, [len(split) for split in train_splits], cfg)
+    counts = _counts(chosen, [len(split) for split in train_splits])
     train_parts, eval_parts, train_sets, eval_sets = [], [], [], []
     for index, (source, split) in enumerate(zip(chosen, train_splits, strict=True)):
         split = (
@@ -254,7 +254,7 @@ def _train_and_held_out(
     return hold_out(train, cfg.eval_split_size, cfg.seed, stream=index)
 
 
-def _counts(chosen: list[Source], rows: list[int], cfg: Any) -> list[int]:
+def _counts(chosen: list[Source], rows: list[int]) -> list[int]:
     """How many training rows each source gives the mixture (see the module docstring)."""
     weighted = [(i, Fraction(s.share[1])) for i, s in enumerate(chosen) if s.share and s.share[0] == "weight"]
     scale = min((Fraction(rows[i]) / w for i, w in weighted), default=None)
