@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "launch",
         add_help=False,
         help="accelerate launch with the same arguments, exiting with the recipe's status: 0, 2 on bad input, "
-        "75 when a signal stopped it after a checkpoint (see core/exit_status.py)",
+        "75 when a signal stopped it after a checkpoint",
     )
     prepare = commands.add_parser("prepare", help="fetch and convert the default models into .cache/models")
     prepare.add_argument("--model", action="append", help="model name (repeatable); default: all")
