@@ -133,11 +133,12 @@ def measure_activations(model_dir: str, tokens: int, checkpointing: bool) -> dic
     gradients it allocates: the activations kept for backward."""
     from transformers import AutoModelForCausalLM
 
+    from recipes.core.model_setup import enable_activation_checkpointing
     from recipes.core.usage import peak_memory_bytes, reset_peak_memory
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     input_ids = torch.randint(0, 1000, (1, tokens))
     reset_peak_memory(torch.device("cpu"))

@@ -30,6 +30,7 @@ from recipes.core.checkpoint_io import AccelerateIO
 from recipes.core.classification import (
     BestModel,
     check_metric_config,
+    data_record,
     load_splits,
     model_inputs,
     predict_and_score,
@@ -99,11 +100,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- data
     tokenizer = load_tokenizer(cfg)  # checks first that model_name_or_path names a model
-    with accelerator.main_process_first():  # rank 0 tokenises and caches; the others read the cache
-        label_names, splits = load_splits(cfg, tokenizer)
-        metrics = load_metrics(cfg.metrics)
+    # Rank 0 tokenises and caches, the others read the cache; bad data stops every rank, as one.
+    label_names, splits = run.main_process_first(lambda: load_splits(cfg, tokenizer))
+    metrics = run.main_process_first(lambda: load_metrics(cfg.metrics))
     train_set = splits["train"]
     log(f"train samples: {len(train_set)}, classes: {label_names}")
+    run.check_data(train_set, data_record(label_names, splits))  # one optimizer step, before any DataLoader
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of)
     train_loader = make_train_loader(train_set, cfg, collate)
     eval_loaders = {
@@ -200,17 +202,18 @@ def score_test_split(
     log("test: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("test_")))
 
 
-def plan_inputs(cfg: ClassifyConfig) -> tuple[int, float]:
-    """Training samples and mean tokens per sample, exactly as the run will count them."""
+def plan_inputs(cfg: ClassifyConfig) -> tuple[int, float, dict]:
+    """Training samples, mean tokens per sample and the data record, exactly as the run will count them."""
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    _, splits = load_splits(dataclasses.replace(cfg, eval_split=None, test_split=None), tokenizer)
-    return len(splits["train"]), sum(splits["train"]["num_tokens"]) / len(splits["train"])
+    label_names, splits = load_splits(cfg, tokenizer)
+    train = splits["train"]
+    return len(train), sum(train["num_tokens"]) / len(train), data_record(label_names, splits)
 
 
 def plan_parameters(cfg: ClassifyConfig) -> dict[str, int]:
     """Trainable and total parameters the run will report, from the model config and the label count."""
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    label_names, _ = load_splits(dataclasses.replace(cfg, eval_split=None, test_split=None), tokenizer)
+    label_names, _ = load_splits(dataclasses.replace(cfg, test_split=None), tokenizer)
     return lora.planned_parameter_fields(cfg, lora.SEQUENCE_CLASSIFICATION, num_labels=len(label_names))
 
 

@@ -4,6 +4,7 @@ recipes plan --config recipes/configs/sft_smollm2.yaml --num-processes 16 [--num
 recipes plan ... [--accelerate-config A] [--deepspeed-config D] [--gpu H100-SXM] [--calibrate K]
 recipes doctor --accelerate-config A [--deepspeed-config D] [--config R] [--hostfile H]
 recipes prepare [--model NAME]
+recipes launch [accelerate launch arguments]   # accelerate launch, exiting with the recipe's status
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from recipes.core.config import ConfigError, parse_config
 from recipes.core.data import DataError
 from recipes.core.steps import plan_for_config
 
-# recipe name -> (module, config class); the module exposes plan_inputs(cfg) -> (samples, tokens/sample)
+# recipe name -> (module, config class); the module exposes plan_inputs(cfg) -> (samples, tokens/sample,
+# the data record plan.json holds)
 RECIPES = {
     "sft": ("recipes.sft", "SFTConfig"),
     "classify": ("recipes.classify", "ClassifyConfig"),
@@ -28,6 +30,10 @@ RECIPES = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # every other argument is accelerate launch's
+        from recipes.core.exit_status import launch
+
+        return launch(argv[1:])
     parser = argparse.ArgumentParser(
         prog="recipes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -77,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         "--num-samples", type=int, help="training samples, for the checks that need the epoch length"
     )
 
+    commands.add_parser(
+        "launch",
+        add_help=False,
+        help="accelerate launch with the same arguments, exiting with the recipe's status: 0, 2 on bad input, "
+        "75 when a signal stopped it after a checkpoint",
+    )
     prepare = commands.add_parser("prepare", help="fetch and convert the default models into .cache/models")
     prepare.add_argument("--model", action="append", help="model name (repeatable); default: all")
     prepare.add_argument("--force", action="store_true", help="rebuild even if already prepared")
@@ -100,10 +112,11 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     module_name, class_name = RECIPES[recipe]
     module = importlib.import_module(module_name)
     cfg = parse_config(getattr(module, class_name), ["--config", args.config, *overrides])
+    data = None
     if args.num_samples is not None:
         num_samples, tokens_per_sample = args.num_samples, args.tokens_per_sample
     else:
-        num_samples, tokens_per_sample = module.plan_inputs(cfg)
+        num_samples, tokens_per_sample, data = module.plan_inputs(cfg)
     from recipes.core.topology import read_topology
 
     topology = read_topology(args.accelerate_config, args.deepspeed_config)
@@ -121,7 +134,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     # A pipeline recipe adds its stage layout and bubble (module.plan_pipeline).
     pipeline = module.plan_pipeline(cfg, plan) if hasattr(module, "plan_pipeline") else None
     if args.json:
-        extras = {"pipeline": pipeline, "estimate": estimate}
+        extras = {"data": data, "pipeline": pipeline, "estimate": estimate}
         print(json.dumps({**plan.to_dict(), **{key: value for key, value in extras.items() if value}}))
     else:
         print(plan_table(plan.to_dict()))

@@ -1,15 +1,20 @@
-"""Supervised fine-tuning of a causal LM on chat data, on any topology `accelerate launch` sets up.
+"""Supervised fine-tuning of a causal LM on chat data (or continued pre-training on plain text), on any
+topology `accelerate launch` sets up.
 
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/sft.py \
         --config recipes/configs/sft_smollm2.yaml [--field value ...]
 
-Loss is on assistant tokens only, averaged over all target tokens of an optimizer step on all ranks, so
-gradient accumulation and data parallelism give exactly the gradient of one big batch.
+The data may be messages, ShareGPT, Alpaca, prompt/completion or plain text, one dataset or a mixture
+(core/sft_data.py). Loss is on assistant (completion) tokens only, or on every token of plain text,
+averaged over all target tokens of an optimizer step on all ranks, so gradient accumulation and data
+parallelism give exactly the gradient of one big batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -17,10 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedul
 
 from recipes.core import lora
 from recipes.core.accumulation import backward_scale, eval_loss_results, target_tokens
-from recipes.core.chat import PadCollator, make_collator, model_inputs, tokenize_dataset
+from recipes.core.chat import PadCollator, make_collator, model_inputs
 from recipes.core.checkpoint_io import AccelerateIO
 from recipes.core.config import TrainingConfig, field, parse_config
-from recipes.core.data import first_n, load_split, make_train_loader, require_columns
+from recipes.core.data import make_train_loader
 from recipes.core.errors import run_recipe
 from recipes.core.final_model import save_final_model
 from recipes.core.inputs import load_tokenizer
@@ -29,13 +34,41 @@ from recipes.core.model_setup import load_pretrained
 from recipes.core.optim import make_optimizer
 from recipes.core.run import Run
 from recipes.core.runtime import setup_accelerator
+from recipes.core.sft_data import load_sft_data
 
 
 @dataclass
 class SFTConfig(TrainingConfig):
+    dataset_format: str = field(
+        "auto",
+        "auto | messages | sharegpt | alpaca | prompt_completion | text. auto: detected from the columns "
+        "(messages; conversations; instruction + output; prompt + completion; text); set it when they fit "
+        "several.",
+    )
     messages_column: str = field("messages", "Column holding a list of {role, content} chat turns.")
+    dataset_text_field: str = field(
+        "text", "Column holding plain text (format text: continued pre-training)."
+    )
+    dataset_columns: dict[str, str] = dataclasses.field(
+        default_factory=dict,
+        metadata={
+            "help": "Dataset columns of a format's fields when their names differ, e.g. {prompt: question, "
+            "completion: answer} or {conversations: dialog}."
+        },
+    )
+    dataset_mixture: list[dict[str, Any]] = dataclasses.field(
+        default_factory=list,
+        metadata={
+            "help": "Several datasets mixed with the seed instead of dataset_name: a list of {dataset, "
+            "[config], [split], [eval_split], [format], [columns], and one of weight (share of the mixture), "
+            "samples (a number of rows) or fraction (of that dataset's rows)}; see README 'Your data'."
+        },
+    )
     max_seq_length: int = field(
-        512, "Tokens per sample after the chat template; longer samples are truncated."
+        512,
+        "Tokens per sample after the chat template; longer samples are truncated. Plain text is packed "
+        "into blocks of this many tokens.",
+        minimum=1,
     )
     packing: bool = field(
         False,
@@ -47,6 +80,7 @@ class SFTConfig(TrainingConfig):
         "The loss is computed from the last hidden states through the LM head for this many target tokens at "
         "a time, so logits of all tokens never exist at once (forward or backward); the same loss. 0: all "
         "logits at once.",
+        minimum=0,
     )
 
 
@@ -55,14 +89,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- compute
     accelerator, ga = setup_accelerator(cfg)  # the doctor's checks first: a bad combination fails in seconds
-    run = Run.of_accelerator("sft", cfg, accelerator)  # seeds; checks output_dir, picks the checkpoint
+    run = Run.of_accelerator("sft", cfg, accelerator)  # seeds; checks output_dir (writes nothing yet)
     log, ranks = run.log, run.ranks
 
     # ---------------------------------------------------------------- data
     tokenizer = load_tokenizer(cfg)  # checks first that model_name_or_path names a model
-    with accelerator.main_process_first():  # rank 0 tokenises and caches; the others read the cache
-        train_set, eval_set, train_stats = load_data(cfg, tokenizer)
-    log(train_stats.summary(cfg.max_seq_length))
+    # Rank 0 tokenises and caches, the others read the cache; bad data stops every rank, as one.
+    train_set, eval_set, data = run.main_process_first(lambda: load_data(cfg, tokenizer))
+    log(data.summary(cfg.max_seq_length))
+    run.check_data(train_set, data.to_dict())  # enough for one optimizer step, before any DataLoader
     collate = make_collator(cfg.packing, tokenizer.pad_token_id, cfg.pad_to_multiple_of)
     train_loader = make_train_loader(train_set, cfg, collate)
     eval_loader = None
@@ -122,27 +157,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def load_data(cfg: SFTConfig, tokenizer) -> tuple:
-    """Tokenised train and eval splits (eval is None when eval_split is null) and the train stats."""
-    train_raw = first_n(
-        load_split(cfg.dataset_name, cfg.train_split, cfg.dataset_config_name), cfg.max_train_samples
-    )
-    require_columns(train_raw, [cfg.messages_column], f"split {cfg.train_split!r} of {cfg.dataset_name}")
-    train_set, stats = tokenize_dataset(train_raw, tokenizer, cfg.max_seq_length, cfg.messages_column)
-    eval_set = None
-    if cfg.eval_split:
-        eval_raw = first_n(
-            load_split(cfg.dataset_name, cfg.eval_split, cfg.dataset_config_name), cfg.max_eval_samples
-        )
-        require_columns(eval_raw, [cfg.messages_column], f"split {cfg.eval_split!r} of {cfg.dataset_name}")
-        eval_set, _ = tokenize_dataset(eval_raw, tokenizer, cfg.max_seq_length, cfg.messages_column)
-    return train_set, eval_set, stats
+    """Tokenised train and eval samples (eval None without evaluation) and the report of what they are
+    made of (core/sft_data.py): printed, and recorded in plan.json."""
+    return load_sft_data(cfg, tokenizer)
 
 
-def plan_inputs(cfg: SFTConfig) -> tuple[int, float]:
-    """Training samples and mean target tokens per sample, exactly as the run will count them."""
+def plan_inputs(cfg: SFTConfig) -> tuple[int, float, dict]:
+    """Training samples, mean target tokens per sample and the data record, exactly as the run will
+    count them."""
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    train_set, _, _ = load_data(cfg, tokenizer)
-    return len(train_set), sum(train_set["num_targets"]) / len(train_set)
+    train_set, _, data = load_data(cfg, tokenizer)
+    return len(train_set), sum(train_set["num_targets"]) / len(train_set), data.to_dict()
 
 
 def plan_parameters(cfg: SFTConfig) -> dict[str, int]:

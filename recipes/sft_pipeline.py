@@ -84,9 +84,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- data
     tokenizer = load_tokenizer(cfg)  # checks first that model_name_or_path names a model
-    with state.main_process_first():  # rank 0 tokenises and caches; the others read the cache
-        train_set, eval_set, train_stats = load_data(cfg, tokenizer)
-    log(train_stats.summary(cfg.max_seq_length))
+    # Rank 0 tokenises and caches, the others read the cache; bad data stops every rank, as one.
+    train_set, eval_set, data = run.main_process_first(lambda: load_data(cfg, tokenizer))
+    log(data.summary(cfg.max_seq_length))
+    # Enough for one optimizer step, before any DataLoader; plan.json records what the data are made of.
+    run.check_data(train_set, data.to_dict(), pipeline_stages=cfg.pipeline_stages)
 
     # ---------------------------------------------------------------- model, pipeline and optimizer
     model = load_pretrained(AutoModelForCausalLM, cfg)  # fp32 master weights, attention kernel

@@ -84,9 +84,11 @@ def launch(
     log: Path | None = None,
     port: int | None = None,
     launch_args: list[str] = (),
+    exit_status: bool = False,
 ) -> subprocess.CompletedProcess | subprocess.Popen:
     """Run a recipe through the real `accelerate launch` (plain python without a config) on `port`, by
-    default a free one; `launch_args` go to `accelerate launch` (e.g. a machine rank).
+    default a free one; `launch_args` go to `accelerate launch` (e.g. a machine rank). With `exit_status`,
+    through `recipes launch`, which is accelerate launch exiting with the recipe's own status.
 
     With `log`, start it in a session of its own with its output going to `log` and return the running
     launcher, for a test that signals its processes; otherwise wait and return the finished process
@@ -95,6 +97,9 @@ def launch(
     config = None if accelerate_config is None else str(REPO / accelerate_config)
     cmd = launch_command(str(REPO / script), args, config, num_processes, port=port or free_port())
     cmd[cmd.index(str(REPO / script)) : cmd.index(str(REPO / script))] = launch_args
+    if exit_status:
+        assert cmd[1:3] == ["-m", "accelerate.commands.launch"], cmd
+        cmd[1:3] = ["-m", "recipes.cli", "launch"]
     full_env = {**os.environ, **OFFLINE, **(env or {})}
     if log is not None:
         output = open(log, "w")  # noqa: SIM115 - the child writes to it until the test waits for it
@@ -368,3 +373,26 @@ def classify_args(model: Path, data: Path, output: Path, **overrides) -> list[st
         **overrides,
     }
     return ["--config", CLASSIFY_CONFIG, *[x for k, v in values.items() for x in (f"--{k}", str(v))]]
+
+
+# ---------------------------------------------------------------- data files and what a recipe trains on
+EXAMPLES = REPO / "recipes" / "data" / "examples"
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """A JSON Lines file of `rows`, one JSON value per line."""
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return Path(path)
+
+
+def record_train_sets(monkeypatch, recipe: str = "sft") -> list:
+    """The tokenised train sets a recipe run in this process hands to its DataLoader, in call order."""
+    module = importlib.import_module(f"recipes.{recipe}")
+    seen, original = [], module.make_train_loader
+
+    def recording(data, cfg, collate_fn):
+        seen.append(data)
+        return original(data, cfg, collate_fn)
+
+    monkeypatch.setattr(module, "make_train_loader", recording)
+    return seen

@@ -8,12 +8,23 @@ recipe's entry point turns into `error: ...` and status 2, which one launched te
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, SFT_DATA, TWO_PROCESSES, in_process, launch, load_plan, train_records
+from helpers import (
+    REPO,
+    SFT_DATA,
+    TWO_PROCESSES,
+    in_process,
+    launch,
+    load_plan,
+    record_train_sets,
+    train_records,
+    write_jsonl,
+)
 from safetensors.torch import load_file, save_file
 
 from recipes.core.errors import EXIT_USER_ERROR, USER_ERRORS
@@ -62,14 +73,49 @@ def assert_no_partial_checkpoint(output_dir: Path) -> None:
     assert not output_dir.exists() or incomplete_checkpoints(output_dir) == []
 
 
+def snapshot(directory: Path) -> dict[str, tuple]:
+    """Every file and folder under `directory` with its bytes and modification time."""
+    return {
+        str(p.relative_to(directory)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+    }
+
+
+def previous_run(directory: Path) -> dict[str, tuple]:
+    """An output_dir holding a finished run (its config, plan, records, model and TensorBoard events);
+    returns its snapshot."""
+    (directory / "final").mkdir(parents=True)
+    (directory / "sft").mkdir()
+    (directory / "config.yaml").write_text("seed: 1\n")
+    (directory / "plan.json").write_text("{}\n")
+    (directory / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (directory / "final" / "model.safetensors").write_bytes(b"weights")
+    (directory / "sft" / "events.out.tfevents.1.host").write_bytes(b"events")
+    return snapshot(directory)
+
+
 @pytest.mark.slow
-def test_launched_recipe_exits_2_with_the_message_and_no_traceback(tmp_path):
-    missing, out = tmp_path / "no_such_model", tmp_path / "out"
-    result = launch(None, "sft", sft_args(missing, out), check=False)
+def test_bad_data_launched_on_two_processes_exits_2_with_one_message_and_no_traceback(tiny_llama, tmp_path):
+    """Through `recipes launch` (accelerate launch with the recipe's exit status), as a job script runs it:
+    status 2, the message once (the other rank stops with rank 0 instead of crashing at a barrier), no
+    traceback, and the previous run in output_dir untouched."""
+    rows = [json.loads(line) for line in (SFT_DATA / "train.jsonl").read_text().splitlines()[:8]]
+    rows[5]["messages"] = "hello"
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "out"
+    before = previous_run(out)
+    args = [*sft_args(tiny_llama, out, "--dataset_name", str(data)), "--overwrite_output_dir", "true"]
+    result = launch(TWO_PROCESSES, "sft", args, check=False, exit_status=True)
     assert result.returncode == EXIT_USER_ERROR, result.stderr[-4000:]
-    assert f"error: model_name_or_path {missing} does not exist as a local directory" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert_no_partial_checkpoint(out)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: {data} (split 'train'), line 6 (row 5), column 'messages': must be a non-empty list of turns, "
+        """got str 'hello'; write it as a JSON list such as [{"role": "user", "content": "..."}, """
+        """{"role": "assistant", "content": "..."}]"""
+    ]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert "recipes launch: exit status 2, bad input" in result.stderr
+    assert snapshot(out) == before
 
 
 def test_model_path_that_does_not_exist(tmp_path):
@@ -212,7 +258,7 @@ def test_skip_drops_exactly_the_non_finite_step_and_training_continues_on_plan(
     assert (records[2]["loss"], records[2]["grad_norm"], records[2]["skipped_steps"]) == ("nan", "nan", 1)
     assert all(isinstance(r["loss"], float) for r in records if r["step"] != 3)
     # The schedule advanced through the skipped step: every LR is the planned one, exactly.
-    plan = Plan(**load_plan(out))
+    plan = Plan(**{key: value for key, value in load_plan(out).items() if key != "data"})
     assert plan.total_optimizer_steps == 4
     assert [r["lr"] for r in records] == [plan.lr_at(s) for s in (1, 2, 3, 4)]
 
@@ -308,3 +354,304 @@ def test_recipes_doctor_reports_skip_with_a_deepspeed_launch_config(tmp_path, mo
     findings = diagnose("accelerate_configs/ds_zero3.yaml", recipe_config=str(recipe))
     assert [(f.file, f.key, f.line) for f in findings] == [(str(recipe), "on_nonfinite", 2)]
     assert diagnose("accelerate_configs/multi_gpu.yaml", recipe_config=str(recipe)) == []
+
+
+# ---------------------------------------------------------------------- bad data
+CHAT_ROWS = [json.loads(line) for line in (SFT_DATA / "train.jsonl").read_text().splitlines()[:6]]
+
+
+def bad_data_error(tiny_llama: Path, tmp_path: Path, dataset: Path, *extra: str) -> str:
+    """The message a run on `dataset` stops with, after checking that the previous run in its output_dir
+    (which it was told to overwrite) is left exactly as it was and that no DataLoader was made."""
+    out = tmp_path / "out"
+    before = previous_run(out)
+    args = ["--dataset_name", str(dataset), "--overwrite_output_dir", "true", *extra]
+    message = user_error(tiny_llama, out, *args)
+    assert snapshot(out) == before
+    return message
+
+
+def lines_file(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_malformed_json_line_is_named_by_file_and_line(tiny_llama, tmp_path):
+    lines = [json.dumps(row) for row in CHAT_ROWS[:3]] + [
+        '{"messages": [{"role": "user",',
+        json.dumps(CHAT_ROWS[3]),
+    ]
+    data = lines_file(tmp_path / "train.jsonl", lines)
+    try:
+        json.loads(lines[3])
+    except json.JSONDecodeError as err:
+        reason = f"{err.msg} at column {err.colno}"
+    assert bad_data_error(tiny_llama, tmp_path, data) == (
+        f"{data}, line 4: not valid JSON ({reason}); fix that line (JSON Lines: one JSON object per line) and "
+        "run again"
+    )
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n\n \t\n"], ids=["empty", "whitespace"])
+def test_an_empty_file_is_named(tiny_llama, tmp_path, content):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(content)
+    assert bad_data_error(tiny_llama, tmp_path, data) == (
+        f"{data} is empty (no rows); write the data into it, or point dataset_name at another file"
+    )
+
+
+def test_bytes_that_are_not_utf8_are_named_by_line_and_column(tiny_llama, tmp_path):
+    good = "".join(json.dumps(row) + "\n" for row in CHAT_ROWS[:2]).encode()
+    bad = b'{"messages": [{"role": "user", "content": "caf' + b"\xe9" + b'"}]}\n'
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(good + bad)
+    column = bad.index(b"\xe9") + 1
+    assert bad_data_error(tiny_llama, tmp_path, data) == (
+        f"{data}, line 3: not UTF-8 (byte 0xe9 at column {column}); save the file as UTF-8, e.g. iconv -f "
+        "<its encoding> -t UTF-8"
+    )
+
+
+def test_a_missing_file_and_an_unreachable_hub_id_are_named(tiny_llama, tmp_path):
+    missing = tmp_path / "no_such.jsonl"
+    assert bad_data_error(tiny_llama, tmp_path, missing).startswith(
+        f"dataset_name {missing}: no such file or directory; pass the path of a data file"
+    )
+    message = bad_data_error(tiny_llama, tmp_path / "hub", Path("someone/no-such-dataset"))
+    assert message.startswith(
+        "dataset_name someone/no-such-dataset is not a local file or directory and cannot be loaded from the Hub ("
+    )
+    assert message.endswith(
+        "pass the path of a data file or directory, or a Hub id (offline, only datasets already in the "
+        "cache), with dataset_config_name when it has several configurations"
+    )
+
+
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        ({"messages": "hello"}, "column 'messages': must be a non-empty list of turns, got str 'hello'"),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]},
+            """column 'messages': turn 1 has content null; give every turn its text as a string (an empty """
+            """reply is "", not null)""",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "robot", "content": "Hello"}]},
+            "column 'messages': turn 1 has the unknown role 'robot'; use one of user, human, assistant, gpt, "
+            "bot, model, chatgpt, system, tool, function, observation (mapped to user, assistant, system and "
+            "tool)",
+        ),
+    ],
+    ids=["messages_as_a_string", "content_null", "unknown_role"],
+)
+def test_a_row_of_the_wrong_shape_is_named_by_file_line_and_column(tiny_llama, tmp_path, row, problem):
+    rows = [*CHAT_ROWS[:4], row, CHAT_ROWS[4]]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    assert bad_data_error(tiny_llama, tmp_path, data).startswith(
+        f"{data} (split 'train'), line 5 (row 4), {problem}"
+    )
+
+
+def test_a_bad_validation_row_names_the_validation_file(tiny_llama, tmp_path):
+    directory = tmp_path / "data"
+    directory.mkdir()
+    write_jsonl(directory / "train.jsonl", CHAT_ROWS)
+    write_jsonl(directory / "validation.jsonl", [CHAT_ROWS[0], {"messages": [{"role": "user"}]}])
+    message = bad_data_error(tiny_llama, tmp_path, directory, "--eval_split", "validation")
+    assert message.startswith(
+        f"{directory / 'validation.jsonl'} (split 'validation'), line 2 (row 1), column 'messages': turn 0 has "
+        "content null"
+    )
+
+
+def test_conversations_without_an_assistant_turn_are_an_error_when_no_row_has_one(tiny_llama, tmp_path):
+    rows = [
+        {"messages": [turn for turn in row["messages"] if turn["role"] != "assistant"]} for row in CHAT_ROWS
+    ]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    assert bad_data_error(tiny_llama, tmp_path, data) == (
+        f"none of the 6 rows of split 'train' of {data} has anything to train on (no assistant turn to train "
+        "on in every row); check the roles and the messages columns ['messages']"
+    )
+
+
+def test_a_directory_without_the_configured_split_lists_the_splits_it_has(tiny_llama, tmp_path):
+    directory = tmp_path / "data"
+    directory.mkdir()
+    write_jsonl(directory / "train.jsonl", CHAT_ROWS)
+    write_jsonl(directory / "test.jsonl", CHAT_ROWS)
+    assert bad_data_error(tiny_llama, tmp_path, directory, "--eval_split", "validation") == (
+        f"dataset {directory} has no split 'validation'; it has ['test', 'train']. Set eval_split to one of "
+        "them (eval_split: null turns evaluation off; eval_split_size holds out training rows instead)"
+    )
+
+
+def test_columns_that_fit_several_formats_are_an_error_listing_them(tiny_llama, tmp_path):
+    rows = [{**row, "text": "a summary"} for row in CHAT_ROWS]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    assert bad_data_error(tiny_llama, tmp_path, data) == (
+        f"split 'train' of {data} has columns ['messages', 'text'], which fit the formats messages, text; set "
+        "dataset_format to the one it is (e.g. dataset_format: messages)"
+    )
+
+
+def test_every_sample_losing_its_targets_to_truncation_stops_before_any_dataloader(
+    tiny_llama, tmp_path, monkeypatch
+):
+    made = record_train_sets(monkeypatch)
+    data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS)
+    assert bad_data_error(tiny_llama, tmp_path, data, "--max_seq_length", "8") == (
+        f"no sample of split 'train' of {data} has a token left to train on: all 6 lost their targets to "
+        "truncation at max_seq_length 8; raise max_seq_length or shorten the prompts"
+    )
+    message = bad_data_error(
+        tiny_llama, tmp_path / "small", data, "--max_train_samples", "1", "--dataloader_drop_last", "true"
+    )
+    assert message.startswith(f"{data}: 1 training samples give no batch on each of 1 data-parallel ranks")
+    assert made == []
+
+
+def test_overwriting_replaces_the_previous_run_as_a_whole_once_the_inputs_are_checked(tiny_llama, tmp_path):
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    sft(tiny_llama, out, "--max_steps", "3", "--report_to", "tensorboard", "--save_steps", "1")
+    old = {p for p in out.rglob("*") if p.is_file()}
+    args = ["--max_steps", "2", "--report_to", "tensorboard"]
+    sft(tiny_llama, out, *args, "--overwrite_output_dir", "true")
+    sft(tiny_llama, fresh, *args)
+    assert not old & {p for p in out.rglob("*") if p.is_file() and "tfevents" in p.name}
+
+    # Exactly the files of a run made in an empty folder: no old events, records or model files left
+    # (TensorBoard names its files and folders by the time they were made).
+    def files(directory: Path) -> list[str]:
+        paths = (p.relative_to(directory) for p in directory.rglob("*") if p.is_file())
+        return sorted(re.sub(r"tfevents\.[\w.]+|\d+\.\d+/", "<time>", str(p)) for p in paths)
+
+    assert files(out) == files(fresh)
+    assert [r["step"] for r in train_records(out)] == [1, 2]
+
+
+def test_overwriting_refuses_a_folder_that_also_holds_files_no_run_writes(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    previous_run(out)
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    message = user_error(tiny_llama, out, "--overwrite_output_dir", "true")
+    assert message == (
+        f"output_dir {out} holds a previous run, which this run replaces as a whole, and also files no run "
+        "writes (notes.txt); move them out of it, or pick another --output_dir"
+    )
+    assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------- bad classification data
+def classify_error(
+    encoder: Path, news_data: Path, tmp_path: Path, edit, *extra: str, splits=("train",)
+) -> str:
+    """The message a classification run stops with on a copy of the news data that `edit(rows)` spoiled
+    in `splits`."""
+    from helpers import classify_args, read_jsonl
+
+    data = tmp_path / "news"
+    shutil.copytree(news_data, data)
+    for split in splits:
+        rows = read_jsonl(data / f"{split}.jsonl")
+        edit(rows)
+        write_jsonl(data / f"{split}.jsonl", rows)
+    args = [*classify_args(encoder, data, tmp_path / "out", report_to="none"), *extra]
+    with pytest.raises(USER_ERRORS) as err:
+        in_process("classify", args)
+    assert not (tmp_path / "out").exists()
+    return str(err.value).replace(str(data), "<data>")
+
+
+def test_classification_rows_with_a_null_text_or_a_label_of_the_wrong_kind_are_named(
+    encoder, news_data, tmp_path
+):
+    def null_text(rows):
+        rows[3]["text"] = None
+
+    def null_label(rows):
+        rows[7]["label"] = None
+
+    def float_label(rows):
+        for i, row in enumerate(rows):
+            row["label"] = float(i % 4)
+
+    def list_label(rows):
+        rows[2]["label"] = ["sports", "travel"]
+
+    assert classify_error(encoder, news_data, tmp_path / "a", null_text) == (
+        "<data>/train.jsonl (split 'train'), line 4 (row 3), column 'text': the text is null; give every row "
+        "its text as a string"
+    )
+    assert classify_error(encoder, news_data, tmp_path / "b", null_label) == (
+        "<data>/train.jsonl (split 'train'), line 8 (row 7), column 'label': the label is null; give every row "
+        "a label, or remove the rows without one"
+    )
+    names = ["--label_names", "[business,science,sports,travel]"]
+    every_split = {"splits": ("train", "validation", "test")}  # a column of floats in every file
+    assert classify_error(encoder, news_data, tmp_path / "c", float_label, *names, **every_split) == (
+        "<data>/train.jsonl (split 'train'), line 1 (row 0), column 'label': the label is the float 0.0; labels "
+        "are class names or integer class ids; write ids as integers (1, not 1.0); a CSV column with an empty "
+        "cell is read as floats"
+    )
+    assert classify_error(encoder, news_data, tmp_path / "d", list_label).startswith(
+        "<data>/train.jsonl (split 'train'), line 3 (row 2), column 'label': the label is list"
+    )
+
+
+def test_a_missing_test_split_suggests_test_split(encoder, news_data, tmp_path):
+    message = classify_error(encoder, news_data, tmp_path, lambda rows: None, "--test_split", "holdout")
+    assert message == (
+        "dataset <data> has no split 'holdout'; it has ['test', 'train', 'validation']. Set test_split to one "
+        "of them (test_split: null skips the test)"
+    )
+
+
+# ---------------------------------------------------------------------- exit statuses
+@pytest.mark.parametrize(
+    "launcher, recorded, expected",
+    [
+        (0, [0, 0], 0),
+        (1, [2], 2),  # rank 0 stopped on bad input; torchrun then stopped rank 1 before it recorded
+        (1, [2, 1], 2),  # a rank that crashed because rank 0 was gone
+        (1, [75, 75], 75),
+        (1, [75, 1], 1),  # a crash next to a stop is a crash
+        (1, [1], 1),
+        (137, [], 137),  # killed without a word: the launcher's status
+    ],
+)
+def test_recipes_launch_exits_with_the_status_the_processes_recorded(launcher, recorded, expected):
+    from recipes.core.exit_status import resolve
+
+    assert resolve(launcher, [{"rank": i, "status": s} for i, s in enumerate(recorded)]) == expected
+
+
+def test_a_recipe_records_how_its_process_ended_where_recipes_launch_asks(tmp_path, monkeypatch, capsys):
+    from recipes.core.data import DataError
+    from recipes.core.errors import run_recipe
+    from recipes.core.exit_status import STATUS_DIR_ENV, read
+
+    def bad_data() -> None:
+        raise DataError("train.jsonl is empty")
+
+    def stopped() -> None:
+        raise SystemExit(75)
+
+    monkeypatch.setenv(STATUS_DIR_ENV, str(tmp_path))
+    for rank, main, status in (("0", bad_data, 2), ("1", stopped, 75), ("2", lambda: None, 0)):
+        monkeypatch.setenv("RANK", rank)
+        if status:
+            with pytest.raises(SystemExit) as exit_info:
+                run_recipe(main)
+            assert exit_info.value.code == status
+        else:
+            run_recipe(main)
+    assert read(tmp_path) == [
+        {"rank": 0, "status": 2, "message": "train.jsonl is empty"},
+        {"rank": 1, "status": 75, "message": ""},
+        {"rank": 2, "status": 0, "message": ""},
+    ]
+    assert capsys.readouterr().err == "error: train.jsonl is empty\n"

@@ -6,14 +6,15 @@ import copy
 import filecmp
 import json
 
-import datasets
 import pytest
 import torch
 from helpers import SFT_DATA, make_chat_tokenizer
 
 from recipes.core.bundled_data import write_sft_dataset
-from recipes.core.chat import IGNORE_INDEX, PadCollator, tokenize_conversation, tokenize_dataset
+from recipes.core.chat import IGNORE_INDEX, PadCollator, tokenize_conversation
 from recipes.core.data import DataError, load_split, require_columns
+from recipes.core.sft_data import load_sft_data
+from recipes.sft import SFTConfig
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -43,39 +44,35 @@ def test_only_assistant_replies_and_their_end_markers_are_targets(tokenizer):
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels, strict=True))
 
 
-def test_truncation_is_counted_and_samples_left_without_targets_are_dropped(tokenizer):
+def write_rows(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_truncation_is_counted_and_samples_left_without_targets_are_dropped(tokenizer, tmp_path):
     short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     long_question = [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}]
-    data = datasets.Dataset.from_dict({"messages": [short, long_question, short]})
-    tokenized, stats = tokenize_dataset(data, tokenizer, max_seq_length=20)
-    assert (stats.samples, stats.truncated, stats.dropped_without_targets) == (3, 1, 1)
-    assert len(tokenized) == 2
+    data = write_rows(tmp_path / "chat.jsonl", [{"messages": m} for m in (short, long_question, short)])
+    cfg = SFTConfig(dataset_name=str(data), eval_split=None, max_seq_length=20)
+    tokenized, _, report = load_sft_data(cfg, tokenizer)
+    [part] = report.train
+    assert (part.rows, part.truncated, part.no_targets, part.dropped, part.samples) == (3, 1, 1, 0, 2)
+    assert report.train_samples == len(tokenized) == 2
     assert all(len(ids) <= 20 for ids in tokenized["input_ids"])
     assert tokenized["num_targets"] == [
         sum(label != IGNORE_INDEX for label in labels[1:]) for labels in tokenized["labels"]
     ]
+    assert "train samples: 2 (1 truncated to 20 tokens, 1 dropped with nothing to train on)" in (
+        report.summary(20)
+    )
 
 
-@pytest.mark.parametrize(
-    "messages,message",
-    [
-        ("just text", "row 0: 'messages' must be a non-empty list"),
-        ([{"role": "user", "text": "hi"}], "row 0: every message needs string 'role' and 'content' keys"),
-        ([{"role": "user", "content": "hi"}], "row 0: the conversation has no assistant turn"),
-    ],
-)
-def test_malformed_messages_are_rejected_with_the_row(tokenizer, messages, message):
-    data = datasets.Dataset.from_dict({"messages": [messages]})
-    with pytest.raises(DataError, match=message):
-        tokenize_dataset(data, tokenizer, 64)
-
-
-def test_tokenizer_without_chat_template_is_rejected(tokenizer):
+def test_tokenizer_without_chat_template_is_rejected(tokenizer, tmp_path):
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.chat_template = None
-    data = datasets.Dataset.from_dict({"messages": [CONVERSATION]})
+    data = write_rows(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
     with pytest.raises(DataError, match="the tokenizer has no chat template"):
-        tokenize_dataset(data, tokenizer, 64)
+        load_sft_data(SFTConfig(dataset_name=str(data), eval_split=None), tokenizer)
 
 
 def test_padding_is_never_a_target_and_never_attended():
@@ -91,14 +88,14 @@ def test_dataset_directory_file_and_missing_split_resolve_like_load_dataset(tmp_
     train = load_split(str(SFT_DATA), "train")
     assert len(train) == len((SFT_DATA / "train.jsonl").read_text().splitlines())
     single = load_split(str(SFT_DATA / "validation.jsonl"), "train")
-    assert single[0] == json.loads((SFT_DATA / "validation.jsonl").read_text().splitlines()[0])
+    assert single.data[0] == json.loads((SFT_DATA / "validation.jsonl").read_text().splitlines()[0])
     with pytest.raises(DataError, match=r"has no split 'test'; it has \['train', 'validation'\]"):
         load_split(str(SFT_DATA), "test")
     with pytest.raises(DataError, match=r"has no column 'text'; its columns are \['messages'\]"):
         require_columns(train, ["text"], "split 'train'")
     (tmp_path / "data.xlsx").write_text("")
     with pytest.raises(
-        DataError, match=r"cannot read .*data.xlsx: use one of .csv, .json, .jsonl, .parquet, .txt"
+        DataError, match=r"cannot read .*data.xlsx: use one of .arrow, .csv, .json, .jsonl, .parquet, .txt"
     ):
         load_split(str(tmp_path / "data.xlsx"), "train")
 

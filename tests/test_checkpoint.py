@@ -37,7 +37,7 @@ from helpers import (
     workers,
 )
 
-from recipes.core.run_dir import MARKER, complete_checkpoints
+from recipes.core.run_dir import MARKER, claim, complete_checkpoints
 from recipes.core.stop_signal import EXIT_INTERRUPTED
 
 SAVE_TOTAL_LIMIT = 2
@@ -51,17 +51,17 @@ def dropout_llama(tmp_path_factory) -> Path:
 
 
 def stop_with_signal(config: str, args: list[str], out: Path, log: Path, sig: int, processes: int) -> int:
-    """Start the run, send `sig` to every recipe process once 2 steps are logged; the step it stopped at,
-    after checking that it finished that step, saved it and exited with EXIT_INTERRUPTED."""
-    proc = launch(config, "sft", args, log=log)
+    """Start the run as a job script would (`recipes launch`), send `sig` to every recipe process once 2
+    steps are logged; the step it stopped at, after checking that it finished that step, saved it and
+    that the launch exited with EXIT_INTERRUPTED."""
+    proc = launch(config, "sft", args, log=log, exit_status=True)
     wait_for(lambda: trained_steps(out) >= 2, proc, log)
     pids = workers(proc, "sft")
     assert len(pids) == processes
     for pid in pids:
         os.kill(pid, sig)
     output = finish(proc, log, expect_ok=False)
-    assert proc.returncode != 0
-    assert re.search(rf"(exit status|exitcode\s*:) {EXIT_INTERRUPTED}", output), output[-4000:]
+    assert proc.returncode == EXIT_INTERRUPTED, output[-4000:]
     stopped = int(re.search(r"stopped by signal after step (\d+)", output).group(1))
     assert 2 <= stopped < JOB_STEPS
     assert (out / f"checkpoint-{stopped}" / MARKER).is_file()
@@ -209,7 +209,9 @@ def run_dir(tmp_path):
         io = AccelerateIO(accelerator)
         return Checkpointer(io, ranks, config(**fields), total_steps=100, tracked={}, log=lambda m: None)
 
-    return SimpleNamespace(dir=tmp_path / "run", config=config, start=start, checkpointer=checkpointer)
+    return SimpleNamespace(
+        dir=tmp_path / "run", config=config, start=start, checkpointer=checkpointer, ranks=ranks
+    )
 
 
 def test_rotation_keeps_exactly_save_total_limit_complete_checkpoints(run_dir):
@@ -241,8 +243,13 @@ def test_new_run_refuses_an_output_dir_with_another_config_unless_told_to_overwr
         run_dir.start(num_train_epochs=2.0)
     with pytest.raises(ConfigError, match="already holds checkpoints; pass --resume_from_checkpoint latest"):
         run_dir.start()
-    assert run_dir.start(num_train_epochs=2.0, overwrite_output_dir=True).checkpoint is None
-    assert complete_checkpoints(run_dir.dir) == []
+    start = run_dir.start(num_train_epochs=2.0, overwrite_output_dir=True)
+    assert (start.checkpoint, start.replaces) == (None, True)
+    # Nothing is removed while the run's inputs are still being checked; claiming output_dir replaces
+    # the old run as a whole.
+    assert [p.name for p in complete_checkpoints(run_dir.dir)] == ["checkpoint-3"]
+    claim(run_dir.dir, start, run_dir.ranks)
+    assert list(run_dir.dir.iterdir()) == []
 
 
 def test_resume_refuses_an_incomplete_checkpoint_path_and_a_changed_config(run_dir):

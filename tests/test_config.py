@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,119 @@ def test_help_lists_every_field_with_its_help(capsys):
     for f in dataclasses.fields(SFTConfig):
         assert f"--{f.name} " in out
     assert "Tokens per sample after the chat template" in out
+
+
+# ---------------------------------------------------------------------- values on the command line
+def test_list_and_mapping_fields_on_the_command_line_are_yaml_flow_values_or_comma_lists():
+    from recipes.classify import ClassifyConfig
+
+    cfg = parse_config(
+        ClassifyConfig,
+        [
+            "--config",
+            str(REPO / "recipes/configs/classify_minilm.yaml"),
+            "--label_names",
+            "[business,science,sports,travel]",
+            "--metrics",
+            "[accuracy, f1]",
+            "--metric_kwargs",
+            "{f1: {average: micro}}",
+            "--lora_target_modules",
+            "query,value",
+        ],
+    )
+    assert cfg.label_names == ["business", "science", "sports", "travel"]
+    assert cfg.metrics == ["accuracy", "f1"]
+    assert cfg.metric_kwargs == {"f1": {"average": "micro"}}
+    assert cfg.lora_target_modules == ["query", "value"]
+    assert parse_config(ClassifyConfig, ["--metrics", "accuracy"]).metrics == ["accuracy"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--label_names", "[a, b"],
+            "--label_names '[a, b' on the command line is not a valid value (expected ',' or ']', but got "
+            "'<stream end>'); write lists as [a, b] or a,b and mappings as {key: value}, quoted for the shell",
+        ),
+        (
+            ["--metric_kwargs", "[1]"],
+            "metric_kwargs in the command line must be a mapping such as {name: value}, got [1]",
+        ),
+        (
+            ["--label_names", "[yes, no]"],
+            "label_names in the command line must be a string, got True (quote it: YAML reads unquoted "
+            "no/yes/on/off as booleans)",
+        ),
+    ],
+)
+def test_malformed_list_and_mapping_values_are_refused_with_the_key(args, message):
+    from recipes.classify import ClassifyConfig
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(ClassifyConfig, args)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--per_device_train_batch_size", "0"],
+            "per_device_train_batch_size in {where} must be >= 1, got 0",
+        ),
+        (["--max_steps", "0"], "max_steps in {where} must be >= 1, or -1 (not set), got 0"),
+        (["--max_steps", "-5"], "max_steps in {where} must be >= 1, or -1 (not set), got -5"),
+        (["--max_seq_length", "0"], "max_seq_length in {where} must be >= 1, got 0"),
+        (["--warmup_ratio", "1.5"], "warmup_ratio in {where} must be >= 0 and <= 1, got 1.5"),
+        (["--dataset_num_proc", "0"], "dataset_num_proc in {where} must be >= 1, got 0"),
+        (["--logging_steps", "0"], "logging_steps in {where} must be >= 1, got 0"),
+        (
+            ["--num_train_epochs", "0"],
+            "num_train_epochs in {where} is 0 and max_steps is not set, so the run would train no step; "
+            "set num_train_epochs above 0 or max_steps to the number of optimizer steps",
+        ),
+    ],
+)
+def test_numbers_out_of_their_range_are_refused_where_they_were_set(tmp_path, args, message):
+    yaml_file = tmp_path / "sft_c.yaml"
+    yaml_file.write_text("".join(f"{args[0][2:]}: {args[1]}\n"))
+    for argv, where in (([*args], "the command line"), (["--config", str(yaml_file)], str(yaml_file))):
+        with pytest.raises(ConfigError) as err:
+            parse_config(SFTConfig, argv)
+        assert str(err.value) == message.format(where=where)
+    # The values that mean "not set" or that another field overrides stay valid.
+    assert parse_config(SFTConfig, ["--max_steps", "-1"]).max_steps == -1
+    assert parse_config(SFTConfig, ["--num_train_epochs", "0", "--max_steps", "3"]).max_steps == 3
+
+
+def test_a_bad_command_line_value_blames_the_command_line_not_the_yaml_file(tmp_path):
+    path = tmp_path / "sft_c.yaml"
+    path.write_text("max_steps: 4\nseed: 3\n")
+    with pytest.raises(ConfigError) as err:
+        parse_config(SFTConfig, ["--config", str(path), "--seed", "three"])
+    assert str(err.value) == "seed in the command line must be an integer, got 'three'"
+    path.write_text("max_steps: four\n")
+    with pytest.raises(ConfigError) as err:
+        parse_config(SFTConfig, ["--config", str(path), "--seed", "3"])
+    assert str(err.value) == f"max_steps in {path} must be an integer, got 'four'"
+
+
+def test_label_names_from_the_command_line_are_the_class_names_the_model_and_predictions_carry(
+    encoder, news_data, tmp_path
+):
+    from helpers import classify_args, in_process, read_jsonl
+
+    names = ["business", "science", "sports", "travel"]
+    out = tmp_path / "out"
+    args = classify_args(encoder, news_data, out, max_steps=1, eval_steps=0, metric_for_best_model="loss")
+    in_process(
+        "classify", [*args, "--label_names", "[business,science,sports,travel]", "--report_to", "none"]
+    )
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["id2label"] == {str(i): name for i, name in enumerate(names)}
+    predictions = read_jsonl(out / "test_predictions.jsonl")
+    expected = [json.loads(line)["label"] for line in (news_data / "test.jsonl").read_text().splitlines()]
+    assert [row["label"] for row in predictions] == expected
+    assert {row["prediction"] for row in predictions} <= set(names)

@@ -87,7 +87,7 @@ def test_slurm_script_starts_one_launcher_per_machine_that_train_together(refere
         'for ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done\n'
         'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done; exit $rc\n',
         "scontrol": '#!/bin/bash\n[[ "$*" == "show hostnames 127.0.0.1,localhost" ]] && printf "127.0.0.1\\nlocalhost\\n"\n',
-        "accelerate": f'#!/bin/bash\nexec {sys.executable} -m accelerate.commands.accelerate_cli "$@"\n',
+        "recipes": f'#!/bin/bash\nexec {sys.executable} -m recipes.cli "$@"\n',
     }  # fmt: skip
     for name, text in shims.items():
         (bin_dir / name).write_text(text)
@@ -171,6 +171,38 @@ def test_slurm_script_is_valid_bash_and_names_files_that_exist():
     for path in re.findall(r"(?:accelerate_configs|recipes)/[\w/]+\.(?:yaml|py)", text):
         assert (REPO / path).is_file(), path
     assert '--machine_rank "$SLURM_NODEID"' in text
+
+
+@pytest.mark.slow  # runs the script with stand-ins
+@pytest.mark.parametrize("status", [0, 2, 75])
+def test_slurm_script_requeues_a_run_stopped_after_a_checkpoint_and_nothing_else(status, tmp_path):
+    """srun's status is its tasks' highest `recipes launch` status: on 75 the script requeues its job and
+    exits 75; on 0 and 2 (bad input: running it again would fail again) it does not. A requeued job
+    (SLURM_RESTART_COUNT > 0) continues with --resume_from_checkpoint latest."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    shims = {
+        "scontrol": f'#!/bin/bash\nif [[ $1 == show ]]; then echo node0; echo node1; else echo "scontrol $*" >> {calls}; fi\n',
+        "srun": f'#!/bin/bash\nargs="$*"\necho "srun ${{args//$\'\\n\'/ }}" >> {calls}\nexit {status}\n',
+    }  # fmt: skip
+    for name, text in shims.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    environment = {
+        **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "node[0-1]", "GPUS_PER_NODE": "1", "SLURM_JOB_ID": "4242",
+    }  # fmt: skip
+    args = ["recipes/sft.py", "--config", "recipes/configs/sft_smollm2.yaml"]
+    for restarts in ("0", "1"):
+        calls.unlink(missing_ok=True)
+        env = {**environment, "SLURM_RESTART_COUNT": restarts}
+        result = subprocess.run(["bash", SLURM, *args], cwd=REPO, env=env, capture_output=True, text=True)
+        assert result.returncode == status, result.stderr
+        [srun, *rest] = calls.read_text().splitlines()
+        assert "exec recipes launch --config_file" in srun
+        resumes = srun.endswith(" ".join([*args, "--resume_from_checkpoint", "latest"]))
+        assert resumes == (restarts == "1") and srun.endswith(" ".join(args)) != resumes
+        assert rest == (["scontrol requeue 4242"] if status == 75 else [])
 
 
 @pytest.mark.slow  # runs the script with stand-ins

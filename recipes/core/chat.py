@@ -11,55 +11,52 @@ offsets, never by comparing token ids with pad or eos.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from recipes.core.data import DataError
+from recipes.core.data import DataError, RowError
 
 IGNORE_INDEX = -100
 
 
-@dataclass
-class TokenizeStats:
-    samples: int = 0
-    truncated: int = 0
-    dropped_without_targets: int = 0
+def sample_fields(
+    ids: list[int], labels: list[int], truncated: bool, segments: list[int] | None = None
+) -> dict[str, Any]:
+    """A tokenised training sample as every kind of SFT data stores it: `num_targets` counts the labels the
+    next-token loss uses, `segments` the lengths of the documents it holds end to end (one, but for packed
+    plain text), `truncated` whether max_seq_length cut it."""
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "num_targets": sum(label != IGNORE_INDEX for label in labels[1:]),
+        "segments": segments or [len(ids)],
+        "truncated": truncated,
+    }
 
-    def summary(self, max_seq_length: int) -> str:
-        kept = self.samples - self.dropped_without_targets
-        return (
-            f"train samples: {kept} ({self.truncated} truncated to {max_seq_length} tokens, "
-            f"{self.dropped_without_targets} dropped with no assistant token left)"
-        )
 
-
-def check_messages(messages: Any, row: int) -> None:
-    if not isinstance(messages, list) or not messages:
+def require_chat_tokenizer(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
         raise DataError(
-            f"row {row}: 'messages' must be a non-empty list of {{role, content}} dicts, got {messages!r:.120}"
+            "the tokenizer has no chat template, so chat data cannot be rendered; use an instruct/chat "
+            "checkpoint or set tokenizer.chat_template before saving the tokenizer (plain text and "
+            "prompt/completion strings need none)"
         )
-    for turn in messages:
-        if not (
-            isinstance(turn, dict)
-            and isinstance(turn.get("role"), str)
-            and isinstance(turn.get("content"), str)
-        ):
-            raise DataError(
-                f"row {row}: every message needs string 'role' and 'content' keys, got {turn!r:.120}; "
-                'format each turn as {"role": "user" | "assistant" | "system", "content": "..."}'
-            )
-    if not any(turn["role"] == "assistant" for turn in messages):
-        raise DataError(f"row {row}: the conversation has no assistant turn, so there is nothing to train on")
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            "a fast tokenizer is needed to locate assistant tokens (offset mapping); load one with use_fast=True"
+        )
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of every assistant reply in it."""
+def assistant_spans(
+    tokenizer: Any, messages: list[dict], prompt_turns: int = 0
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of the assistant replies trained on: those from
+    turn `prompt_turns` on (the earlier ones are the prompt's context)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, turn in enumerate(messages):
-        if turn["role"] != "assistant":
+        if turn["role"] != "assistant" or i < prompt_turns:
             continue
         before = (
             tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
@@ -77,10 +74,10 @@ def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tup
 
 
 def tokenize_conversation(
-    tokenizer: Any, messages: list[dict], max_seq_length: int
+    tokenizer: Any, messages: list[dict], max_seq_length: int, prompt_turns: int = 0
 ) -> tuple[list[int], list[int], bool]:
-    """input_ids, labels (IGNORE_INDEX outside assistant replies) and whether truncation happened."""
-    text, spans = assistant_spans(tokenizer, messages)
+    """input_ids, labels (IGNORE_INDEX outside the trained assistant replies) and whether truncation happened."""
+    text, spans = assistant_spans(tokenizer, messages, prompt_turns)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
     labels = [
@@ -92,45 +89,31 @@ def tokenize_conversation(
 
 
 def tokenize_batch(
-    batch: dict[str, list], indices: list[int], tokenizer: Any, max_seq_length: int, column: str
-) -> dict:
-    """datasets.map(batched=True) body: adds input_ids, labels, num_targets, truncated."""
-    out: dict[str, list] = {"input_ids": [], "labels": [], "num_targets": [], "truncated": []}
-    for row, messages in zip(indices, batch[column], strict=True):
-        check_messages(messages, row)
-        ids, labels, truncated = tokenize_conversation(tokenizer, messages, max_seq_length)
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["num_targets"].append(sum(label != IGNORE_INDEX for label in labels[1:]))
-        out["truncated"].append(truncated)
+    batch: dict[str, list], indices: list[int], tokenizer: Any, max_seq_length: int
+) -> dict[str, list]:
+    """datasets.map(batched=True) body over chat rows (core/formats.py): the fields of sample_fields."""
+    from jinja2 import TemplateError
+
+    out: dict[str, list] = {}
+    prompt_turns = batch.get("prompt_turns") or [0] * len(indices)
+    for row, messages, context in zip(indices, batch["messages"], prompt_turns, strict=True):
+        try:
+            ids, labels, truncated = tokenize_conversation(tokenizer, messages, max_seq_length, context)
+        except TemplateError as err:  # e.g. a template that insists on alternating user/assistant turns
+            raise RowError(
+                row,
+                "messages",
+                f"the tokenizer's chat template refused this conversation ({err})",
+                "give the conversation the turn order the template accepts, or use another template",
+            ) from None
+        for key, value in sample_fields(ids, labels, truncated).items():
+            out.setdefault(key, []).append(value)
     return out
 
 
-def tokenize_dataset(
-    data: Any, tokenizer: Any, max_seq_length: int, column: str = "messages"
-) -> tuple[Any, TokenizeStats]:
-    """Tokenise a split; samples whose targets were all truncated away are dropped and counted."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            "the tokenizer has no chat template, so chat data cannot be rendered; use an instruct/chat "
-            "checkpoint or set tokenizer.chat_template before saving the tokenizer"
-        )
-    if not getattr(tokenizer, "is_fast", False):
-        raise DataError(
-            "a fast tokenizer is needed to locate assistant tokens (offset mapping); load one with use_fast=True"
-        )
-    tokenized = data.map(
-        tokenize_batch,
-        batched=True,
-        with_indices=True,
-        remove_columns=data.column_names,
-        fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length, "column": column},
-        desc="Tokenizing",
-    )
-    stats = TokenizeStats(samples=len(tokenized), truncated=sum(tokenized["truncated"]))
-    kept = tokenized.filter(lambda n: n > 0, input_columns="num_targets")
-    stats.dropped_without_targets = len(tokenized) - len(kept)
-    return kept.remove_columns("truncated"), stats
+def positions(sample: dict) -> list[int]:
+    """Position ids of a sample: restarting at 0 at each of its segments (documents packed end to end)."""
+    return [p for length in sample.get("segments") or [len(sample["input_ids"])] for p in range(length)]
 
 
 def _round_up(length: int, multiple: int | None) -> int:
@@ -139,7 +122,12 @@ def _round_up(length: int, multiple: int | None) -> int:
 
 class PadCollator:
     """Right-pads a list of tokenised samples to the longest one (rounded up to a multiple of
-    `pad_to_multiple_of`, so that shapes repeat); padding is never a target."""
+    `pad_to_multiple_of`, so that shapes repeat); padding is never a target.
+
+    A batch holding packed documents (samples of several segments) also gets position ids that restart at
+    every document and in the padding, which model_inputs passes instead of the attention mask, so that
+    attention stays within each document (the padding, a segment of its own, is attended by nothing else).
+    """
 
     def __init__(self, pad_token_id: int | None, pad_to_multiple_of: int | None = None):
         self.pad_token_id = 0 if pad_token_id is None else pad_token_id
@@ -155,16 +143,20 @@ class PadCollator:
             input_ids[i, :n] = torch.tensor(s["input_ids"])
             labels[i, :n] = torch.tensor(s["labels"])
             attention_mask[i, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if any(len(s.get("segments") or ()) > 1 for s in samples):
+            rows = [positions(s) + list(range(width - len(s["input_ids"]))) for s in samples]
+            batch["position_ids"] = torch.tensor(rows, dtype=torch.long)
+        return batch
 
 
 class PackedCollator:
     """Puts a list of tokenised samples end to end in one row, with no padding.
 
-    Position ids restart at 0 for every sample; with no attention mask, transformers reads the restarts
-    as sample boundaries and lets each token attend only within its own sample, so every token sees what
-    it would see padded. The first label of each sample is never a target, as in a row of its own: no
-    sample learns to predict the start of the next one.
+    Position ids restart at 0 for every sample (and every document of packed plain text); with no
+    attention mask, transformers reads the restarts as sample boundaries and lets each token attend only
+    within its own sample, so every token sees what it would see padded. The first label of each sample is
+    never a target, as in a row of its own: no sample learns to predict the start of the next one.
     """
 
     def __init__(self, pad_token_id: int | None = None, pad_to_multiple_of: int | None = None):
@@ -172,20 +164,19 @@ class PackedCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        input_ids, labels, positions = [], [], []
+        input_ids, labels, position_ids = [], [], []
         for s in samples:
-            n = len(s["input_ids"])
             input_ids.extend(s["input_ids"])
             labels.extend([IGNORE_INDEX, *s["labels"][1:]])
-            positions.extend(range(n))
+            position_ids.extend(positions(s))
         # Padding up to the multiple is one more sample of its own: never a target, attended by nothing else.
         padding = _round_up(len(input_ids), self.pad_to_multiple_of) - len(input_ids)
         input_ids.extend([self.pad_token_id] * padding)
         labels.extend([IGNORE_INDEX] * padding)
-        positions.extend(range(padding))
+        position_ids.extend(range(padding))
         return {
             "input_ids": torch.tensor([input_ids]),
-            "position_ids": torch.tensor([positions]),
+            "position_ids": torch.tensor([position_ids]),
             "labels": torch.tensor([labels]),
         }
 
@@ -199,5 +190,8 @@ def make_collator(
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The model's keyword arguments for a batch of either collator. No KV cache is built in training;
-    a cache would also stop transformers from reading packed position ids as sample boundaries."""
-    return {**{k: v for k, v in batch.items() if k != "labels"}, "use_cache": False}
+    a cache would also stop transformers from reading packed position ids as sample boundaries. Position
+    ids, where a batch has them, replace the attention mask: transformers reads sample boundaries from
+    them only without a mask."""
+    dropped = {"labels", "attention_mask"} if "position_ids" in batch else {"labels"}
+    return {**{k: v for k, v in batch.items() if k not in dropped}, "use_cache": False}

@@ -26,10 +26,20 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says which key and how to fix it."""
 
 
-def field(default: Any, help: str) -> Any:
+def field(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    unset: Any = None,
+) -> Any:
+    """A config field: its default, its --help text and, for numbers, the range a value must lie in
+    (`unset`: one more value outside the range that means "not set", e.g. max_steps -1)."""
+    metadata = {"help": help, "minimum": minimum, "maximum": maximum, "unset": unset}
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
@@ -39,36 +49,61 @@ class TrainingConfig:
     model_name_or_path: str = field("", "Hub id or local directory of the pretrained model.")
     dataset_name: str = field(
         "",
-        "Hub id, a data file (.jsonl/.json/.csv/.parquet), or a directory of split files (train.jsonl, ...).",
+        "Hub id, a data file (.jsonl/.json/.csv/.parquet/.txt), a directory of split files (train.jsonl, ...) "
+        "or a directory written by Dataset(Dict).save_to_disk.",
     )
     dataset_config_name: str | None = field(None, "Configuration name of a Hub dataset, if it has several.")
-    train_split: str = field("train", "Split to train on.")
-    eval_split: str | None = field("validation", "Split to evaluate on; null disables evaluation.")
+    train_split: str = field(
+        "train", "Split to train on; slices as in datasets: train[:10%], train[100:200], train+validation."
+    )
+    eval_split: str | None = field(
+        "validation", "Split to evaluate on (slices allowed); null disables evaluation."
+    )
+    eval_split_size: float | None = field(
+        None,
+        "When the dataset has no eval_split: hold out this many training rows (>= 1) or this fraction of them "
+        "(< 1) for evaluation, drawn with the seed; they are never trained on.",
+        minimum=0,
+    )
+    dataset_num_proc: int | None = field(
+        None,
+        "Processes that tokenise the data in parallel (datasets.map num_proc); the result is cached.",
+        minimum=1,
+    )
     output_dir: str = field(
         "outputs/run", "Where plan.json, metrics.jsonl, config.yaml and final/ are written."
     )
-    per_device_train_batch_size: int = field(8, "Micro batch size on each data-parallel rank.")
-    per_device_eval_batch_size: int = field(8, "Eval batch size on each rank.")
-    gradient_accumulation_steps: int = field(1, "Micro batches per optimizer step on each rank.")
+    per_device_train_batch_size: int = field(8, "Micro batch size on each data-parallel rank.", minimum=1)
+    per_device_eval_batch_size: int = field(8, "Eval batch size on each rank.", minimum=1)
+    gradient_accumulation_steps: int = field(1, "Micro batches per optimizer step on each rank.", minimum=1)
     global_batch_size: int | None = field(
         None,
         "Samples per optimizer step over all ranks; when set, gradient_accumulation_steps is derived from it.",
+        minimum=1,
     )
-    num_train_epochs: float = field(1.0, "Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = field(-1, "Total optimizer steps; > 0 overrides num_train_epochs, -1 means not set.")
-    learning_rate: float = field(5e-5, "Peak learning rate of the linear warmup/decay schedule.")
-    weight_decay: float = field(0.0, "AdamW weight decay (not applied to biases and norm weights).")
-    adam_beta1: float = field(0.9, "AdamW beta1.")
-    adam_beta2: float = field(0.999, "AdamW beta2.")
-    adam_epsilon: float = field(1e-8, "AdamW epsilon.")
+    num_train_epochs: float = field(
+        1.0, "Passes over the training data (ignored when max_steps > 0).", minimum=0
+    )
+    max_steps: int = field(
+        -1, "Total optimizer steps; > 0 overrides num_train_epochs, -1 means not set.", minimum=1, unset=-1
+    )
+    learning_rate: float = field(5e-5, "Peak learning rate of the linear warmup/decay schedule.", minimum=0)
+    weight_decay: float = field(
+        0.0, "AdamW weight decay (not applied to biases and norm weights).", minimum=0
+    )
+    adam_beta1: float = field(0.9, "AdamW beta1.", minimum=0, maximum=1)
+    adam_beta2: float = field(0.999, "AdamW beta2.", minimum=0, maximum=1)
+    adam_epsilon: float = field(1e-8, "AdamW epsilon.", minimum=0)
     optim: str = field(
         "adamw_torch_fused",
         "adamw_torch_fused (one fused kernel per step, several times faster on CPU and GPU) or adamw_torch "
         "(PyTorch's per-tensor AdamW); the same update either way.",
     )
-    warmup_steps: int = field(0, "Linear warmup steps; > 0 takes precedence over warmup_ratio.")
-    warmup_ratio: float = field(0.0, "Warmup as a fraction of total optimizer steps, rounded up.")
-    max_grad_norm: float = field(1.0, "Gradient clipping norm; 0 disables clipping.")
+    warmup_steps: int = field(0, "Linear warmup steps; > 0 takes precedence over warmup_ratio.", minimum=0)
+    warmup_ratio: float = field(
+        0.0, "Warmup as a fraction of total optimizer steps, rounded up.", minimum=0, maximum=1
+    )
+    max_grad_norm: float = field(1.0, "Gradient clipping norm; 0 disables clipping.", minimum=0)
     on_nonfinite: str = field(
         "stop",
         "stop | skip: a step whose loss or gradient norm is not finite. stop: the run stops there (exit "
@@ -101,18 +136,24 @@ class TrainingConfig:
         "Set pad_to_multiple_of so that batch shapes repeat instead of recompiling.",
     )
     pad_to_multiple_of: int | None = field(
-        None, "Pad every batch's length (or packed row) up to a multiple of this; null pads to the longest."
+        None,
+        "Pad every batch's length (or packed row) up to a multiple of this; null pads to the longest.",
+        minimum=1,
     )
-    seed: int = field(42, "Seed for model init, data order and dropout.")
-    logging_steps: int = field(1, "Write a metrics.jsonl record every this many optimizer steps.")
+    seed: int = field(42, "Seed for model init, data order and dropout.", minimum=0)
+    logging_steps: int = field(1, "Write a metrics.jsonl record every this many optimizer steps.", minimum=1)
     eval_steps: int = field(
-        0, "Evaluate every this many optimizer steps (0: only before and after training)."
+        0, "Evaluate every this many optimizer steps (0: only before and after training).", minimum=0
     )
     save_steps: int = field(
-        0, "Write output_dir/checkpoint-<step> every this many optimizer steps; 0 saves only the final model."
+        0,
+        "Write output_dir/checkpoint-<step> every this many optimizer steps; 0 saves only the final model.",
+        minimum=0,
     )
     save_total_limit: int | None = field(
-        None, "Keep only the newest N complete checkpoints (older ones go after a new one is complete)."
+        None,
+        "Keep only the newest N complete checkpoints (older ones go after a new one is complete).",
+        minimum=1,
     )
     resume_from_checkpoint: str | None = field(
         None, "null: start at step 0; latest: newest complete checkpoint in output_dir; or a checkpoint path."
@@ -121,9 +162,11 @@ class TrainingConfig:
         False, "Allow starting over in an output_dir that holds another run's config or checkpoints."
     )
     dataloader_drop_last: bool = field(False, "Drop the last incomplete batch of each epoch.")
-    dataloader_num_workers: int = field(0, "DataLoader worker processes.")
-    max_train_samples: int | None = field(None, "Use only the first N training samples (for quick runs).")
-    max_eval_samples: int | None = field(None, "Use only the first N eval samples.")
+    dataloader_num_workers: int = field(0, "DataLoader worker processes.", minimum=0)
+    max_train_samples: int | None = field(
+        None, "Use only the first N training samples (for quick runs).", minimum=1
+    )
+    max_eval_samples: int | None = field(None, "Use only the first N eval samples.", minimum=1)
     trust_remote_code: bool = field(False, "Allow model/tokenizer code from the model repository to run.")
     report_to: str = field(
         "tensorboard",
@@ -132,10 +175,15 @@ class TrainingConfig:
     use_peft: bool = field(
         False, "Train LoRA adapters (peft) instead of all weights; the pretrained weights stay frozen."
     )
-    lora_r: int = field(16, "LoRA rank.")
-    lora_alpha: int = field(32, "LoRA scaling numerator: adapters are scaled by lora_alpha / lora_r.")
+    lora_r: int = field(16, "LoRA rank.", minimum=1)
+    lora_alpha: int = field(
+        32, "LoRA scaling numerator: adapters are scaled by lora_alpha / lora_r.", minimum=1
+    )
     lora_dropout: float = field(
-        0.0, "Dropout on the LoRA input; > 0 draws masks per micro-batch (GA equivalence then inexact)."
+        0.0,
+        "Dropout on the LoRA input; > 0 draws masks per micro-batch (GA equivalence then inexact).",
+        minimum=0,
+        maximum=1,
     )
     lora_target_modules: list[str] = dataclasses.field(
         default_factory=list,
@@ -158,27 +206,82 @@ def parse_config(cls: type[C], argv: list[str] | None = None) -> C:
         raise SystemExit(0)
     config_path, overrides = _split_argv(argv)
     values: dict[str, Any] = load_yaml(config_path) if config_path else {}
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        _check_known(key, known, where=f"{config_path}")
+    sources = dict.fromkeys(values, str(config_path))  # where each value came from, for the error
     hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
     for key, raw in overrides.items():
         _check_known(key, known, where="the command line")
-        # Strings stay verbatim so that `--mixed_precision no` is not read as YAML's false.
-        takes_str = str in (hints[key], *typing.get_args(hints[key]))
-        values[key] = raw if takes_str and raw.lower() not in ("null", "none", "~") else yaml.safe_load(raw)
-    return build(cls, values, where=str(config_path or "the command line"))
+        values[key], sources[key] = _parse_override(key, raw, hints[key]), "the command line"
+    return build(cls, values, where=sources)
 
 
-def build(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
-    """Instantiate `cls` from a plain dict, converting and checking every value against its type."""
+def build(cls: type[C], values: dict[str, Any], where: str | dict[str, str] = "config") -> C:
+    """Instantiate `cls` from a plain dict, converting and checking every value against its type and its
+    field's range. `where` names where the values came from (per key, or one place for all)."""
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        _check_known(key, known, where=where)
-        kwargs[key] = _coerce(key, value, hints[key], where)
-    return cls(**kwargs)
+        source = where.get(key, "config") if isinstance(where, dict) else where
+        _check_known(key, set(fields), where=source)
+        kwargs[key] = _coerce(key, value, hints[key], source)
+        _check_range(key, kwargs[key], fields[key].metadata, source)
+    config = cls(**kwargs)
+    _check_schedule(config, where)
+    return config
+
+
+def _parse_override(key: str, raw: str, hint: Any) -> Any:
+    """A command-line value as the type of its field reads it.
+
+    Strings stay verbatim, so that `--mixed_precision no` is not read as YAML's false. Lists and mappings
+    are YAML flow values (`[a, b]`, `{f1: {average: micro}}`), and a list may also be written `a,b`.
+    """
+    kinds = {hint, *typing.get_args(hint)} if _is_union(hint) else {hint}
+    if str in kinds and raw.lower() not in ("null", "none", "~"):
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or err
+        raise ConfigError(
+            f"--{key} {raw!r} on the command line is not a valid value ({problem}); write lists as "
+            "[a, b] or a,b and mappings as {key: value}, quoted for the shell"
+        ) from None
+    takes_list = any(typing.get_origin(kind) is list for kind in kinds)
+    if takes_list and isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _check_range(key: str, value: Any, metadata: Any, where: str) -> None:
+    """A number lies in its field's range (or is the field's `unset` value)."""
+    low, high, unset = metadata.get("minimum"), metadata.get("maximum"), metadata.get("unset")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value == unset:
+        return
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = []
+        if low is not None:
+            bounds.append(f">= {low}")
+        if high is not None:
+            bounds.append(f"<= {high}")
+        also = f", or {unset} (not set)" if unset is not None else ""
+        raise ConfigError(f"{key} in {where} must be {' and '.join(bounds)}{also}, got {value}")
+
+
+def _check_schedule(config: Any, where: str | dict[str, str]) -> None:
+    """A run trains at least one step: num_train_epochs > 0 unless max_steps is set."""
+    epochs, max_steps = getattr(config, "num_train_epochs", 1), getattr(config, "max_steps", -1)
+    if epochs <= 0 and max_steps == -1:
+        source = where.get("num_train_epochs", "config") if isinstance(where, dict) else where
+        raise ConfigError(
+            f"num_train_epochs in {source} is {epochs:g} and max_steps is not set, so the run would train "
+            "no step; set num_train_epochs above 0 or max_steps to the number of optimizer steps"
+        )
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -299,6 +402,10 @@ def _coerce(key: str, value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key} in {where} must be a list, got {value!r}")
         return [_coerce(key, v, args[0], where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} in {where} must be a mapping such as {{name: value}}, got {value!r}")
+        return {_coerce(key, k, args[0], where): _coerce(key, v, args[1], where) for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value

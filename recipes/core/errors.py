@@ -1,27 +1,43 @@
-"""How a recipe stops on bad input: one paragraph naming the problem and the fix, no library traceback."""
+"""How a recipe stops on bad input: one paragraph naming the problem and the fix, no library traceback,
+exit status 2; and how each process records its exit status for `recipes launch` (core/exit_status.py)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 
+from recipes.core import exit_status
 from recipes.core.config import ConfigError
 from recipes.core.data import DataError
-
-EXIT_USER_ERROR = 2
+from recipes.core.exit_status import EXIT_USER_ERROR
 
 
 class RunStopped(ConfigError):
     """Training stopped at a step on a problem the message explains; reported like a config error."""
 
 
+class StoppedWithMainProcess(ConfigError):
+    """The main process stopped on bad input and printed why; another process stops with it, silently
+    (so that a launch of N processes prints the message once, and none waits for a process that is gone)."""
+
+
 USER_ERRORS = (ConfigError, DataError)
 
 
 def run_recipe(main: Callable[[], None]) -> None:
-    """Call a recipe's main; configuration and data errors exit with status 2 and their message."""
+    """Call a recipe's main; configuration and data errors exit with status 2 and their message. How the
+    process ends is recorded for `recipes launch`."""
     try:
         main()
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not isinstance(err, StoppedWithMainProcess):
+            print(f"error: {err}", file=sys.stderr)
+        exit_status.record(EXIT_USER_ERROR, str(err))
         raise SystemExit(EXIT_USER_ERROR) from None
+    except SystemExit as stop:  # 75 after a signal and a checkpoint; --help
+        exit_status.record(stop.code if isinstance(stop.code, int) else exit_status.EXIT_CRASH)
+        raise
+    except BaseException as err:
+        exit_status.record(exit_status.EXIT_CRASH, f"{type(err).__name__}: {err}")
+        raise
+    exit_status.record(exit_status.EXIT_OK)

@@ -58,10 +58,18 @@ def load_pretrained(auto_class: Any, cfg: Any, **kwargs: Any) -> torch.nn.Module
             raise ConfigError(
                 f"gradient_checkpointing: {type(model).__name__} does not support it; set it to false"
             )
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if cfg.torch_compile:
         compile_model(model, cfg.gradient_checkpointing)
     return model
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing of every layer, under the name the installed transformers gives it."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def compile_model(model: torch.nn.Module, checkpointed: bool) -> None:

@@ -13,8 +13,9 @@ from recipes.core.config import save_config
 class RunRecords:
     """Writes the run records; only the main process writes, the others hold a no-op instance.
 
-    Given an Accelerator with trackers (see core/tracking.py), each record's numbers also go to them,
-    logged at the record's optimizer step.
+    Nothing is written before `open`, which the run calls once its inputs are checked. Given an
+    Accelerator with trackers (see core/tracking.py), each record's numbers also go to them, logged at
+    the record's optimizer step.
     """
 
     def __init__(
@@ -23,13 +24,16 @@ class RunRecords:
         self.dir = Path(output_dir)
         self.enabled = enabled
         self.accelerator = accelerator
-        if enabled:
+        self.resume_step = resume_step
+
+    def open(self) -> None:
+        """Start metrics.jsonl: a new run starts a new file rather than appending to an old run's; a
+        resumed run keeps the records up to its checkpoint's step and redoes the rest."""
+        if self.enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
-            # A new run starts a new metrics file rather than appending to an old run's; a resumed run
-            # keeps the records up to its checkpoint's step and redoes the rest.
             kept = []
-            if resume_step is not None and (self.dir / "metrics.jsonl").is_file():
-                kept = [r for r in read_metrics(self.dir) if r.get("step", 0) <= resume_step]
+            if self.resume_step is not None and (self.dir / "metrics.jsonl").is_file():
+                kept = [r for r in read_metrics(self.dir) if r.get("step", 0) <= self.resume_step]
             (self.dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write_config(self, config: Any) -> None:

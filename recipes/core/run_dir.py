@@ -1,15 +1,19 @@
 """Where a run's checkpoints live and which one a run starts from.
 
 A checkpoint is `output_dir/checkpoint-<step>/`, complete once its completion marker exists (written
-last by core/checkpoint.py). `find_start` runs before anything is loaded: it checks that output_dir is
-writable, that a new run does not mix its files with another run's, and picks the checkpoint to resume
-(the newest complete one for `latest`), refusing one written with another config or process count.
+last by core/checkpoint.py). `find_start` runs before anything is loaded and writes nothing: it checks
+that output_dir can be written, that a new run does not mix its files with another run's, and picks the
+checkpoint to resume (the newest complete one for `latest`), refusing one written with another config or
+process count. Only once the run's inputs are checked does `claim` create output_dir and, for a new run
+in the folder of an old one, remove the old run as a whole (its TensorBoard event files included), so a
+run that stops on bad input leaves the old run exactly as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -23,6 +27,20 @@ MARKER = "checkpoint_complete.json"
 STATE_FILE = "trainer_state.json"
 PARTIAL_SUFFIX = ".partial"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+# What runs write into output_dir (core/records.py, checkpoint.py, final_model.py, lora.py, the recipes);
+# TensorBoard event folders are recognised by their files.
+RUN_FILES = {
+    "config.yaml",
+    "plan.json",
+    "metrics.jsonl",
+    "ds_config.json",
+    "curves.png",
+    "eval_results.json",
+    "test_predictions.jsonl",
+    "final",
+    "merged",
+}
+_RUN_ENTRY = re.compile(r"^(checkpoint-\d+(\.partial)?|\.write_probe_\d+)$")
 # Fields that may differ between the run that wrote a checkpoint (or an output_dir) and the run that
 # continues it: they change where and how often things are written, not what is trained. on_nonfinite
 # and its limit only act on a step that is not finite, so a run stopped there may continue with skip.
@@ -53,6 +71,7 @@ class Start:
 
     checkpoint: Path | None = None
     position: Position = Position()
+    replaces: bool = False  # output_dir holds a previous run, which `claim` removes before this one writes
 
     @property
     def resume_step(self) -> int | None:
@@ -94,18 +113,16 @@ def find_start(cfg: Any, ranks: Any, log=print) -> Start:
             "always kept) or null to keep every checkpoint"
         )
     output_dir = Path(cfg.output_dir)
-    _check_writable(output_dir, ranks.process_index)
+    _check_writable(output_dir)
     for path in incomplete_checkpoints(output_dir):
         log(f"skipping incomplete checkpoint {path} (its write did not finish)")
     if cfg.resume_from_checkpoint in (None, ""):
-        _check_fresh_start(cfg, ranks)
-        return Start()
+        return Start(replaces=_check_fresh_start(cfg))
     if cfg.resume_from_checkpoint == "latest":
         complete = complete_checkpoints(output_dir)
         if not complete:
             log(f"no complete checkpoint in {output_dir}: starting at step 0")
-            _check_fresh_start(cfg, ranks)
-            return Start()
+            return Start(replaces=_check_fresh_start(cfg))
         chosen = complete[-1]
     else:
         chosen = Path(cfg.resume_from_checkpoint)
@@ -133,40 +150,85 @@ def find_start(cfg: Any, ranks: Any, log=print) -> Start:
     return Start(chosen, read_position(chosen))
 
 
-def _check_writable(output_dir: Path, process_index: int) -> None:
-    probe = output_dir / f".write_probe_{process_index}"
+def claim(output_dir: str | Path, start: Start, ranks: Any) -> None:
+    """Make output_dir ready for a run whose inputs are checked: with `start.replaces`, the previous run in
+    it is removed as a whole (by the main process, while the others wait), then it is created and each
+    process checks that it can write there."""
+    output_dir = Path(output_dir)
+    ranks.wait_for_everyone()
+    if ranks.is_main_process and start.replaces:
+        for path in output_dir.iterdir():
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    ranks.wait_for_everyone()
+    probe = output_dir / f".write_probe_{ranks.process_index}"
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(
-            f"output_dir {output_dir} is not writable ({err.strerror}); choose a directory this user can "
-            "write to with --output_dir, or fix its permissions"
-        ) from None
+        raise _not_writable(output_dir, err.strerror) from None
+    ranks.wait_for_everyone()
 
 
-def _check_fresh_start(cfg: Any, ranks: Any) -> None:
-    """A new run must not silently mix its files with another run's."""
+def _check_writable(output_dir: Path) -> None:
+    """output_dir can be written (or created), checked without writing anything."""
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _not_writable(output_dir, "Not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _not_writable(output_dir, "Permission denied")
+
+
+def _not_writable(output_dir: Path, reason: str) -> ConfigError:
+    return ConfigError(
+        f"output_dir {output_dir} is not writable ({reason}); choose a directory this user can write to "
+        "with --output_dir, or fix its permissions"
+    )
+
+
+def _check_fresh_start(cfg: Any) -> bool:
+    """A new run must not silently mix its files with another run's. True when output_dir holds a
+    previous run that the new one replaces (overwrite_output_dir, or the same config run again)."""
     output_dir = Path(cfg.output_dir)
-    if cfg.overwrite_output_dir:
-        ranks.wait_for_everyone()
-        if ranks.is_main_process:
-            for path in [*complete_checkpoints(output_dir), *incomplete_checkpoints(output_dir)]:
-                shutil.rmtree(path)
-        ranks.wait_for_everyone()
-        return
-    old_config = output_dir / "config.yaml"
-    if old_config.is_file():
-        changed = config_differences(yaml.safe_load(old_config.read_text()), dataclasses.asdict(cfg))
-        if changed:
+    entries = sorted(output_dir.iterdir()) if output_dir.is_dir() else []
+    # Unfinished checkpoints alone are no run to replace: resume passes over them, rotation removes them.
+    if not any(_is_run_entry(path) and not path.name.endswith(PARTIAL_SUFFIX) for path in entries):
+        return False
+    if not cfg.overwrite_output_dir:
+        old_config = output_dir / "config.yaml"
+        if old_config.is_file():
+            changed = config_differences(yaml.safe_load(old_config.read_text()), dataclasses.asdict(cfg))
+            if changed:
+                raise ConfigError(
+                    f"output_dir {output_dir} holds a run with a different config (differs in "
+                    f"{', '.join(changed)}); pick another --output_dir, or pass --overwrite_output_dir true "
+                    "to replace that run"
+                )
+        if complete_checkpoints(output_dir):
             raise ConfigError(
-                f"output_dir {output_dir} holds a run with a different config (differs in "
-                f"{', '.join(changed)}); pick another --output_dir, or pass --overwrite_output_dir true "
-                "to replace that run"
+                f"output_dir {output_dir} already holds checkpoints; pass --resume_from_checkpoint latest to "
+                "continue that run, or --overwrite_output_dir true to start it over"
             )
-    if complete_checkpoints(output_dir):
+    foreign = [path.name for path in entries if not _is_run_entry(path)]
+    if foreign:
         raise ConfigError(
-            f"output_dir {output_dir} already holds checkpoints; pass --resume_from_checkpoint latest to "
-            "continue that run, or --overwrite_output_dir true to start it over"
+            f"output_dir {output_dir} holds a previous run, which this run replaces as a whole, and also "
+            f"files no run writes ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); move them "
+            "out of it, or pick another --output_dir"
         )
+    return True
+
+
+def _is_run_entry(path: Path) -> bool:
+    """A file or folder a run writes into output_dir (TensorBoard folders: event files and the
+    hparams.yml Accelerate writes next to them, nothing else)."""
+    if path.name in RUN_FILES or _RUN_ENTRY.match(path.name):
+        return True
+    if path.is_dir() and not path.is_symlink():
+        files = [p for p in path.rglob("*") if p.is_file()]
+        return bool(files) and all(
+            p.name.startswith("events.out.tfevents.") or p.name == "hparams.yml" for p in files
+        )
+    return False
