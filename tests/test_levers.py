@@ -22,6 +22,7 @@ from helpers import (
     JOB_STEPS,
     SFT_DATA,
     TWO_PROCESSES,
+    eval_records,
     in_process,
     launch,
     load_plan,
@@ -209,6 +210,21 @@ def test_all_logits_with_gradient_checkpointing_equals_the_chunked_run_on_two_pr
         [*reference.args(name), "--output_dir", str(out), *FULL_LOGITS, *CHECKPOINTING],
     )
     assert_same_run(out, reference(name))
+
+
+@pytest.mark.slow
+def test_zero3_ranks_with_different_chunk_counts_train_and_evaluate_like_one_chunk(reference, tmp_path):
+    """Chunks of 7 tokens give the two ranks different numbers of chunks in most micro-batches, and under
+    ZeRO-3 each call of the head gathers its weight from both ranks: they must still call it as often
+    (or the run hangs), in training and in evaluation. Weights to 1e-5, as for chunks of three."""
+    out = tmp_path / "run"
+    args = [*reference.args("zero3"), "--output_dir", str(out), "--loss_chunk_tokens", "7"]
+    launch("accelerate_configs/ds_zero3.yaml", "sft", args, timeout=300)
+    assert_same_run(out, reference("zero3"), weights=1e-5)
+    evals, reference_evals = eval_records(out), eval_records(reference("zero3"))
+    assert [r["step"] for r in evals] == [r["step"] for r in reference_evals] and len(evals) > 1
+    for x, y in zip(evals, reference_evals, strict=True):
+        assert math.isclose(x["eval_loss"], y["eval_loss"], rel_tol=1e-6), (x, y)
 
 
 # -------------------------------------------------------------------- bf16

@@ -5,10 +5,15 @@ vocabulary, 10 GB in fp32, and as much again for their gradient, whatever the mo
 model returns its last hidden states instead (`logits_to_keep` selects no position, so the model computes
 no logits), only the positions that are targets are kept, and the LM head and the cross-entropy run on
 `chunk_tokens` of them at a time inside a non-reentrant activation checkpoint: the forward keeps no chunk's
-logits, and the backward recomputes one chunk's logits at a time. The LM head is called as the module it
-is, so DDP, ZeRO-3 (which gathers a partitioned head on each call), tied embeddings and LoRA see an
-ordinary forward. The result is the same summed loss as cross-entropy over all logits, up to the order in
-which float sums are added.
+logits, and the backward recomputes one chunk's logits at a time. A trainable LM head is called as the
+module it is, so DDP, ZeRO-3 (which gathers a partitioned head on each call), tied embeddings and LoRA
+adapters on the head see an ordinary forward. A frozen head (LoRA elsewhere) needs no weight gradient:
+each chunk's gradient with respect to its hidden states is computed with its loss, so the backward
+neither recomputes nor needs the head's weight (which ZeRO-3 leaves partitioned there). The result is the
+same summed loss as cross-entropy over all logits, up to the order in which float sums are added.
+
+Under ZeRO-3 every call of the head is a collective gather, so every rank runs as many chunks as the
+rank with the most target tokens, padding with empty ones.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -63,7 +69,12 @@ class CausalLMLoss:
         """Next-token cross-entropy summed over the target tokens of the batch."""
         if not self.chunk_tokens:
             return summed_token_loss(outputs.logits, labels)[0]
-        return chunked_token_loss(outputs.hidden_states[-1], labels, self._head, self.chunk_tokens)
+        hidden = outputs.hidden_states[-1]
+        if not any(p.requires_grad for p in self.head.parameters()):
+            return frozen_head_token_loss(hidden, labels, self.head, self.chunk_tokens, self.autocast)
+        return chunked_token_loss(
+            hidden, labels, self._head, self.chunk_tokens, across_ranks=_partitioned(self.head)
+        )
 
     @torch.no_grad()
     def per_sample(self, outputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +85,7 @@ class CausalLMLoss:
         hidden, targets = outputs.hidden_states[-1][:, :-1, :][targets_mask], labels[:, 1:][targets_mask]
         rows = targets_mask.nonzero()[:, 0]
         losses = torch.zeros(labels.shape[0], device=hidden.device)
-        for start in range(0, len(targets), self.chunk_tokens):
+        for start in _chunk_starts(len(targets), self.chunk_tokens, _partitioned(self.head), hidden.device):
             stop = start + self.chunk_tokens
             logits = self._head(hidden[start:stop]).float()
             losses.index_add_(
@@ -92,12 +103,14 @@ def chunked_token_loss(
     labels: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
     chunk_tokens: int,
+    across_ranks: bool = False,
 ) -> torch.Tensor:
     """Next-token cross-entropy summed over the target tokens, from the last hidden states (batch x
-    sequence x width) and `head` (hidden -> logits), `chunk_tokens` target tokens at a time."""
+    sequence x width) and `head` (hidden -> logits), `chunk_tokens` target tokens at a time; with
+    `across_ranks`, as many chunks on every rank (a head that gathers its parameters on each call)."""
     hidden, targets = _targets(hidden, labels)
     total = torch.zeros((), device=hidden.device)
-    for start in range(0, len(targets), chunk_tokens):
+    for start in _chunk_starts(len(targets), chunk_tokens, across_ranks, hidden.device):
         stop = start + chunk_tokens
         # preserve_rng_state off: neither the head nor the cross-entropy draws random numbers
         total = total + checkpoint(
@@ -105,6 +118,72 @@ def chunked_token_loss(
             preserve_rng_state=False,
         )  # fmt: skip
     return total
+
+
+def frozen_head_token_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    chunk_tokens: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """chunked_token_loss for a linear head that is not trained: its gradient reaches the hidden states
+    only, and is computed chunk by chunk in the forward, with the head's parameters gathered once."""
+    hidden, targets = _targets(hidden, labels)
+    params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+    gathered = contextlib.nullcontext()
+    if _partitioned(head):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gathered:
+        return _FrozenHeadLoss.apply(hidden, targets, head.weight, head.bias, chunk_tokens, autocast)
+
+
+class _FrozenHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of F.linear(hidden, weight, bias) against targets, whose gradient with respect to
+    the hidden states is (softmax(logits) - one_hot(targets)) @ weight, row by row (0 for ignored rows)."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, weight, bias, chunk_tokens, autocast):
+        total = torch.zeros((), device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, len(targets), chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            with autocast():
+                logits = F.linear(hidden[rows], weight, bias).float()
+            chunk_targets = targets[rows]
+            total += F.cross_entropy(logits, chunk_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            grad_logits = logits.softmax(dim=-1)
+            kept = chunk_targets != IGNORE_INDEX
+            grad_logits[kept, chunk_targets[kept]] -= 1
+            grad_logits[~kept] = 0
+            with autocast():  # the matmul in the precision autograd would use for the head's backward
+                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            del logits, grad_logits
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total, None, None, None, None, None
+
+
+def _partitioned(head: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 holds the head's parameters partitioned (each call of it gathers them)."""
+    return any(hasattr(p, "ds_id") for p in head.parameters())
+
+
+def _chunk_starts(tokens: int, chunk_tokens: int, across_ranks: bool, device: torch.device) -> list[int]:
+    """Where each chunk of `tokens` rows starts; with `across_ranks`, padded with empty chunks (starting at
+    `tokens`) to the most chunks any rank has."""
+    starts = list(range(0, tokens, chunk_tokens))
+    if across_ranks and dist.is_initialized():
+        most = torch.tensor(len(starts), device=device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        starts += [tokens] * (int(most) - len(starts))
+    return starts
 
 
 def _chunk_loss(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
