@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         data = levers.long_conversations(
             REPO / ".cache/bench/long_chat", REPO / job.dataset, job.model, tokens=1024, count=8
         )
-        step("levers", lambda: levers.levers(job, model, data, seq_len=1024, steps=3))
+        step("levers", lambda: levers.levers(job, model, data, 1024, 3, args.device, args.gpu))
     print(render_table(results))
     print(f"results: {args.out}", file=sys.stderr)
     return 0

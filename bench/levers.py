@@ -7,12 +7,13 @@ The model is Qwen2.5-0.5B-shaped (24 layers, width 896, a 151,936-token vocabula
 randomly initialised: the shapes decide memory and speed, the weights do not. The data are long
 conversations cut from the bundled SFT data, so that every sample fills max_seq_length.
 
-Two measurements isolate one thing each, in a fresh process, as the growth of the process's peak resident
-memory over what it held before: the loss alone (last hidden states of one sequence through the LM head,
+Two measurements isolate one thing each, in a fresh process, as the growth of the process's peak memory
+(resident set on a CPU, allocated on a GPU) over what it held before: the loss alone (last hidden states of one sequence through the LM head,
 forward and backward, all logits at once against the chunked loss), and one forward and backward of the
 model (activation memory, with and without activation checkpointing; the gradients' own bytes are
 subtracted). The recipe runs then train the same job with each lever added in turn and report the
-training loop's peak memory and throughput, next to `recipes plan`'s memory estimate for that run.
+training loop's peak memory, throughput and model FLOP/s (MFU with `--gpu`), next to `recipes plan`'s
+memory estimate for that run.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ QWEN_05B = {
 }
 CHUNK = 256  # the recipe's default loss_chunk_tokens
 # name: the recipe fields each run adds, in the order the levers are added
+FP32 = {"mixed_precision": "no"}  # whatever the job's precision on this device
 CONFIGS = {
-    "baseline (all logits)": {"loss_chunk_tokens": 0},
-    "+ chunked loss": {"loss_chunk_tokens": CHUNK},
-    "+ gradient checkpointing": {"loss_chunk_tokens": 0, "gradient_checkpointing": True},
-    "+ both": {"loss_chunk_tokens": CHUNK, "gradient_checkpointing": True},
+    "baseline (all logits)": {"loss_chunk_tokens": 0, **FP32},
+    "+ chunked loss": {"loss_chunk_tokens": CHUNK, **FP32},
+    "+ gradient checkpointing": {"loss_chunk_tokens": 0, "gradient_checkpointing": True, **FP32},
+    "+ both": {"loss_chunk_tokens": CHUNK, "gradient_checkpointing": True, **FP32},
     "+ both + bf16": {"loss_chunk_tokens": CHUNK, "gradient_checkpointing": True, "mixed_precision": "bf16"},
     "+ both + bf16 + compile": {
         "loss_chunk_tokens": CHUNK,
@@ -98,13 +100,15 @@ def long_conversations(directory: Path, source: Path, tokenizer_from: str, token
     return directory
 
 
-def _grown(before: int) -> int:
+def _grown(before: int, device: torch.device) -> int:
     from recipes.core.usage import peak_memory_bytes
 
-    return peak_memory_bytes(torch.device("cpu")) - before
+    return peak_memory_bytes(device) - before
 
 
-def measure_loss(hidden_size: int, vocab_size: int, tokens: int, chunk_tokens: int) -> dict:
+def measure_loss(
+    hidden_size: int, vocab_size: int, tokens: int, chunk_tokens: int, device: str = "cpu"
+) -> dict:
     """Peak memory growth of the loss alone: the last hidden states of `tokens` positions through an LM head,
     forward and backward, as the recipe computes it: every logit at once (chunk_tokens 0) or a chunk of
     target positions at a time. Every position is a target, the most logits a batch can need."""
@@ -113,21 +117,26 @@ def measure_loss(hidden_size: int, vocab_size: int, tokens: int, chunk_tokens: i
     from recipes.core.usage import peak_memory_bytes, reset_peak_memory
 
     torch.manual_seed(0)
-    head = torch.nn.Linear(hidden_size, vocab_size, bias=False)
-    hidden = torch.randn(1, tokens + 1, hidden_size, requires_grad=True)
-    labels = torch.randint(0, vocab_size, (1, tokens + 1))
-    reset_peak_memory(torch.device("cpu"))
-    before = peak_memory_bytes(torch.device("cpu"))
+    dev = torch.device(device)
+    head = torch.nn.Linear(hidden_size, vocab_size, bias=False, device=dev)
+    hidden = torch.randn(1, tokens + 1, hidden_size, device=dev, requires_grad=True)
+    labels = torch.randint(0, vocab_size, (1, tokens + 1), device=dev)
+    reset_peak_memory(dev)
+    before = peak_memory_bytes(dev)
     if chunk_tokens:
         loss = chunked_token_loss(hidden, labels, head, chunk_tokens)
     else:
         loss, _ = summed_token_loss(head(hidden), labels)
     loss.backward()
     gradients = sum(t.grad.numel() * t.grad.element_size() for t in (hidden, head.weight))
-    return {"peak_growth_bytes": _grown(before) - gradients, "gradient_bytes": gradients, "loss": loss.item()}
+    return {
+        "peak_growth_bytes": _grown(before, dev) - gradients,
+        "gradient_bytes": gradients,
+        "loss": loss.item(),
+    }
 
 
-def measure_activations(model_dir: str, tokens: int, checkpointing: bool) -> dict:
+def measure_activations(model_dir: str, tokens: int, checkpointing: bool, device: str = "cpu") -> dict:
     """Peak memory growth of one forward and backward of a `tokens`-token sequence through the model's
     layers (the decoder without its head: the loss is the lever measured above), less the bytes of the
     gradients it allocates: the activations kept for backward."""
@@ -136,17 +145,18 @@ def measure_activations(model_dir: str, tokens: int, checkpointing: bool) -> dic
     from recipes.core.model_setup import enable_activation_checkpointing
     from recipes.core.usage import peak_memory_bytes, reset_peak_memory
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    dev = torch.device(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
     if checkpointing:
         enable_activation_checkpointing(model)
     model.train()
-    input_ids = torch.randint(0, 1000, (1, tokens))
-    reset_peak_memory(torch.device("cpu"))
-    before = peak_memory_bytes(torch.device("cpu"))
+    input_ids = torch.randint(0, 1000, (1, tokens), device=dev)
+    reset_peak_memory(dev)
+    before = peak_memory_bytes(dev)
     hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
     hidden.float().square().mean().backward()
     gradients = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    return {"peak_growth_bytes": _grown(before) - gradients, "gradient_bytes": gradients}
+    return {"peak_growth_bytes": _grown(before, dev) - gradients, "gradient_bytes": gradients}
 
 
 def isolated(kind: str, **kwargs) -> dict:
@@ -160,18 +170,32 @@ def isolated(kind: str, **kwargs) -> dict:
         return json.loads(result.read_text())
 
 
-def levers(job, model: Path, data: Path, seq_len: int, steps: int) -> dict:
-    """The section: the isolated loss and activation measurements, then the recipe runs."""
+def levers(
+    job,
+    model: Path,
+    data: Path,
+    seq_len: int,
+    steps: int,
+    device: str = "cpu",
+    device_name: str | None = None,
+) -> dict:
+    """The section: the isolated loss and activation measurements, then the recipe runs; with a known
+    `device_name` (`recipes plan --gpu` terms), each run's MFU."""
     from bench.job import run_recipe
+    from bench.measures import mfu, model_flops_per_second
     from recipes.core.estimate import Levers, device_memory, model_shape
+    from recipes.core.hardware import get_device
 
     shape = model_shape(str(model))
     out: dict = {"model": {"parameters": shape.total_params, "shape": "Qwen2.5-0.5B", **QWEN_05B}}
-    out["seq_len"], out["steps"] = seq_len, steps
+    out["seq_len"], out["steps"], out["device"] = seq_len, steps, device_name or device
     print("  levers: loss memory", file=sys.stderr, flush=True)
     tokens = 4 * seq_len  # a micro-batch of 4 sequences
     loss = {
-        name: isolated("loss", hidden_size=shape.hidden_size, vocab_size=shape.vocab_size, tokens=tokens, chunk=chunk)
+        name: isolated(
+            "loss", hidden_size=shape.hidden_size, vocab_size=shape.vocab_size, tokens=tokens, chunk=chunk,
+            device=device,
+        )
         for name, chunk in (("all logits", 0), ("chunked", CHUNK))
     }  # fmt: skip
     loss["tokens"], loss["chunk_tokens"] = tokens, CHUNK
@@ -179,7 +203,7 @@ def levers(job, model: Path, data: Path, seq_len: int, steps: int) -> dict:
     out["loss_memory"] = loss
     print("  levers: activation memory", file=sys.stderr, flush=True)
     activations = {
-        name: isolated("activations", model=str(model), tokens=2 * seq_len, checkpointing=on)
+        name: isolated("activations", model=str(model), tokens=2 * seq_len, checkpointing=on, device=device)
         for name, on in (("kept", False), ("checkpointed", True))
     }
     activations["tokens"] = 2 * seq_len
@@ -202,10 +226,15 @@ def levers(job, model: Path, data: Path, seq_len: int, steps: int) -> dict:
             levers=Levers(configured.gradient_checkpointing, configured.loss_chunk_tokens),
         ).total  # fmt: skip
         peak = result["peak_memory_mib_per_process"][0] * 2**20
+        # every sample fills max_seq_length, so each step (a micro-batch of one) trains seq_len tokens
+        flops_per_s = model_flops_per_second(shape, seq_len, seq_len, statistics.median(steady))
+        peak_flops = get_device(device_name).peak_flops.get(precision) if device_name else None
         runs[name] = {
             "fields": fields,
             "peak_memory_bytes": peak,
             "tokens_per_second": statistics.mean(result["step_tokens"][1:] or result["step_tokens"]) / statistics.median(steady),
+            "model_tflops_per_second": flops_per_s / 1e12,
+            "mfu": mfu(flops_per_s, peak_flops) if peak_flops else None,
             "plan_estimate_bytes": estimate,
             "estimate_over_measured": estimate / peak,
         }  # fmt: skip
@@ -225,11 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=0)
     parser.add_argument("--model")
     parser.add_argument("--checkpointing", choices=("True", "False"))
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.kind == "loss":
-        result = measure_loss(args.hidden_size, args.vocab_size, args.tokens, args.chunk)
+        result = measure_loss(args.hidden_size, args.vocab_size, args.tokens, args.chunk, args.device)
     else:
-        result = measure_activations(args.model, args.tokens, args.checkpointing == "True")
+        result = measure_activations(args.model, args.tokens, args.checkpointing == "True", args.device)
     Path(args.out).write_text(json.dumps(result))
     return 0
 

@@ -125,10 +125,11 @@ def _lever_rows(levers: dict | None) -> list[tuple[str, str, str]]:
         ),
     ]
     for name, run in levers["runs"].items():
+        mfu = f", MFU {run['mfu']:.1%}" if run.get("mfu") is not None else ""
         rows.append(
             (
                 f"{model}, {levers['seq_len']} tokens, {name}: peak memory, tokens/s, plan estimate / peak",
-                f"{_gib(run['peak_memory_bytes'])}, {run['tokens_per_second']:.0f}, {run['estimate_over_measured']:.2f}",
+                f"{_gib(run['peak_memory_bytes'])}, {run['tokens_per_second']:.0f}, {run['estimate_over_measured']:.2f}{mfu}",
                 "estimate within 25%",
             )
         )
