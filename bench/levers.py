@@ -223,7 +223,7 @@ def levers(
         precision = {"no": "fp32"}.get(configured.mixed_precision, configured.mixed_precision)
         estimate = device_memory(
             shape, 1, 0, precision, 1, seq_len,
-            levers=Levers(configured.gradient_checkpointing, configured.loss_chunk_tokens),
+            levers=Levers(configured.gradient_checkpointing, configured.loss_chunk_tokens), autocast=True,
         ).total  # fmt: skip
         peak = result["peak_memory_mib_per_process"][0] * 2**20
         # every sample fills max_seq_length, so each step (a micro-batch of one) trains seq_len tokens

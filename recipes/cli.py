@@ -182,6 +182,7 @@ def _estimate(args, cfg, module, plan: dict, topology, overrides: list[str]) -> 
         device=get_device(args.gpu) if args.gpu else None,
         utilization=args.utilization or DEFAULT_UTILIZATION,
         levers=Levers(cfg.gradient_checkpointing, getattr(cfg, "loss_chunk_tokens", 0)),
+        autocast=topology.deepspeed_config is None and topology.zero_stage == 0,
     )
     estimate["seq_len_source"] = (
         "--seq-len" if args.seq_len else "max_seq_length, an upper bound (--seq-len for the mean)"

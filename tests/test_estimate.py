@@ -106,6 +106,14 @@ def test_offloaded_states_leave_the_device():
     assert model_state_bytes(1000, 4, 2, "bf16", offload_param="cpu") == (2000, 500, 3000, 0)
 
 
+def test_autocast_keeps_fp32_states_and_a_16_bit_copy_of_the_weights():
+    # without DeepSpeed, bf16 is autocast: fp32 weights (4) and their cached bf16 copies (2), fp32
+    # gradients (4) and Adam states (8); DeepSpeed's bf16 keeps 2 + 2 + 12
+    assert model_state_bytes(1000, 1, 0, "bf16", autocast=True) == (6000, 4000, 8000, 0)
+    assert model_state_bytes(1000, 1, 0, "bf16") == (2000, 2000, 12000, 0)
+    assert model_state_bytes(1000, 1, 0, "fp32", autocast=True) == (4000, 4000, 8000, 0)
+
+
 def test_activation_estimate_follows_the_stated_formula(small_llama):
     shape = model_shape(str(small_llama))
     # per layer s b h (34 + 5 a s / h) = 64 x 4 x 32 x (34 + 5 x 4 x 64 / 32) = 8,192 x 74 = 606,208 (16-bit)

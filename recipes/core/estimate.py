@@ -10,7 +10,8 @@ Formulas (printed with every estimate, so nobody has to guess which one was used
 - wall clock = FLOPs / (devices x dense peak FLOP/s x utilisation)
 - model states per device (ZeRO paper, Rajbhandari et al. 2019): mixed-precision Adam keeps 2 bytes of
   16-bit parameters + 2 bytes of 16-bit gradients + 12 bytes of fp32 master weights, momentum and
-  variance per parameter; fp32 training 4 + 4 + 8. Stage 1 partitions the optimizer states over the
+  variance per parameter; fp32 training 4 + 4 + 8; 16-bit autocast without DeepSpeed (fp32 weights,
+  gradients and Adam, and a 16-bit copy of each weight for the forward) 4 + 2 + 4 + 8. Stage 1 partitions the optimizer states over the
   data-parallel ranks, stage 2 also the gradients, stage 3 also the parameters; offloaded parts
   leave the device.
 - activations per device = n_layer x s x b x h x (34 + 5 x a x s / h) bytes for 16-bit activations,
@@ -26,7 +27,8 @@ from dataclasses import asdict, dataclass
 
 FLOPS_FORMULA = "6 x non-embedding params x tokens + 12 x layers x attention dim x seq len x tokens"
 MEMORY_FORMULA = (
-    "ZeRO accounting: bf16/fp16 2 (params) + 2 (grads) + 12 (fp32 Adam states) bytes/param, fp32 4 + 4 + 8; "
+    "ZeRO accounting: bf16/fp16 2 (params) + 2 (grads) + 12 (fp32 Adam states) bytes/param, fp32 4 + 4 + 8, "
+    "bf16/fp16 autocast without DeepSpeed 4 + 2 (16-bit copy of the weights) + 4 + 8; "
     "stage 1 splits optimizer states, 2 also grads, 3 also params over data-parallel ranks; "
     "pipeline stages split them evenly; grads and optimizer states only for trainable params (LoRA)"
 )
@@ -138,13 +140,18 @@ def model_state_bytes(
     offload_optimizer: str | None = None,
     offload_param: str | None = None,
     trainable_params: int | None = None,
+    autocast: bool = False,
 ) -> tuple[float, float, float, float]:
     """(parameters, gradients, optimizer states, offloaded) bytes per device for Adam under ZeRO.
-    Gradients and optimizer states exist for trainable parameters only (all of them unless given)."""
+    Gradients and optimizer states exist for trainable parameters only (all of them unless given).
+    `autocast`: 16-bit precision by autocast (no DeepSpeed), where weights, gradients and Adam stay
+    fp32 and each weight's 16-bit copy is cached for the forward and kept by autograd for backward."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
     trainable = num_params if trainable_params is None else trainable_params
     param_b, grad_b, optim_b = STATE_BYTES[precision]
+    if autocast and precision != "fp32":
+        param_b, grad_b, optim_b = 4 + 2, 4, 8
     params = param_b * num_params / (dp_size if zero_stage >= 3 else 1)
     grads = grad_b * trainable / (dp_size if zero_stage >= 2 else 1)
     optim = optim_b * trainable / (dp_size if zero_stage >= 1 else 1)
@@ -199,6 +206,7 @@ def device_memory(
     pipeline_stages: int = 1,
     trainable_params: int | None = None,
     levers: Levers = Levers(),
+    autocast: bool = False,
 ) -> DeviceMemory:
     """Activations are not divided by pipeline stages: under 1F1B a stage holds up to one micro-batch
     per stage in flight, which is about one micro-batch through all layers. `trainable_params` (e.g.
@@ -211,6 +219,7 @@ def device_memory(
         offload_optimizer,
         offload_param,
         None if trainable_params is None else trainable_params // pipeline_stages,
+        autocast,
     )
     activations = activation_bytes(shape, micro_batch_size, seq_len, precision, levers)
     return DeviceMemory(params, grads, optim, activations, offloaded)
@@ -240,6 +249,7 @@ def estimate_run(
     device=None,
     utilization: float = DEFAULT_UTILIZATION,
     levers: Levers = Levers(),
+    autocast: bool = False,
 ) -> dict:
     """Tokens, FLOPs, wall clock (with a `hardware.Device`) and per-device memory of a plan."""
     tokens = plan["samples_per_step"] * plan["total_optimizer_steps"] * seq_len
@@ -256,6 +266,7 @@ def estimate_run(
         plan.get("pipeline_stages", 1),
         plan.get("trainable_parameters"),
         levers,
+        autocast,
     )
     out = {
         "model_params": shape.total_params,
