@@ -26,7 +26,7 @@ from bench import sections
 from bench.job import REPO, Job
 from bench.report import render_table
 
-SECTIONS = ("throughput", "padding", "plan", "scale", "tokenization", "model_flops", "levers")
+SECTIONS = ("throughput", "padding", "plan", "scale", "pipeline", "tokenization", "model_flops", "levers")
 
 
 def machine(device: str) -> dict:
@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if "scale" in chosen:
         model = sections.scale_model(REPO / ".cache/bench/llama-scale", job.model, hidden=1024, layers=12)
         step("scale", lambda: sections.scale(job.replace(micro_batch=1, max_seq_length=128), model, steps=3))
+    if "pipeline" in chosen:
+        model = sections.scale_model(REPO / ".cache/bench/llama-scale", job.model, hidden=1024, layers=12)
+        pipeline_job = job.replace(micro_batch=1, gradient_accumulation=4, max_seq_length=128)
+        step("pipeline", lambda: sections.pipeline_memory(pipeline_job, model, steps=3))
     if "tokenization" in chosen:
         step("tokenization", lambda: sections.tokenization(job, copies=10))
     if "model_flops" in chosen:

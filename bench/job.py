@@ -106,12 +106,19 @@ def one_process_config() -> str:
     )
 
 
-def run_recipe(job: Job, accelerate_config: str | None = None, processes: int = 1) -> dict:
-    """Run the SFT recipe on the job through `accelerate launch`; what its metrics.jsonl says it did."""
+def run_recipe(
+    job: Job,
+    accelerate_config: str | None = None,
+    processes: int = 1,
+    script: str = "recipes/sft.py",
+    extra: tuple[str, ...] = (),
+) -> dict:
+    """Run the SFT recipe (or `script`, with `extra` arguments) on the job through `accelerate launch`;
+    what its metrics.jsonl says it did."""
     accelerate_config = accelerate_config or one_process_config()
     with tempfile.TemporaryDirectory(prefix="bench_recipe_") as out:
-        args = job.recipe_args(out)
-        cmd = launch_command("recipes/sft.py", args, accelerate_config, processes, port=free_port())
+        args = [*job.recipe_args(out), *extra]
+        cmd = launch_command(script, args, accelerate_config, processes, port=free_port())
         run(cmd, thread_env(processes))
         records = read_metrics(out)
     steps = [r for r in records if "loss" in r]
@@ -125,6 +132,7 @@ def run_recipe(job: Job, accelerate_config: str | None = None, processes: int = 
         "target_tokens": sum(r["tokens"] for r in steps),
         "runtime": end["train_runtime"],
         "peak_memory_mib_per_process": end["peak_memory_mib_per_process"],
+        "setup_peak_memory_mib_per_process": end["setup_peak_memory_mib_per_process"],
     }
 
 

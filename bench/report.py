@@ -70,6 +70,20 @@ def render_table(results: dict) -> str:
                     "reported",
                 )
             )
+    pipe = results.get("pipeline")
+    if pipe:
+        for name, r in pipe["runs"].items():
+            setup, loop = (
+                "/".join(f"{m / 1024:.2f}" for m in r[k])
+                for k in ("setup_peak_mib_per_process", "loop_peak_mib_per_process")
+            )
+            rows.append(
+                (
+                    f"{name}, {pipe['model_parameters'] / 1e6:.0f}M-parameter model: peak GiB per process while loading; in the loop",
+                    f"{setup}; {loop}",
+                    "falls with stages",
+                )
+            )
     tok = results.get("tokenization")
     if tok:
         rows.append(

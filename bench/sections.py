@@ -204,6 +204,31 @@ def scale(job: Job, model: Path, steps: int) -> dict:
     return out
 
 
+def pipeline_memory(job: Job, model: Path, steps: int, stage_counts: tuple[int, ...] = (2, 4)) -> dict:
+    """Peak memory per process of the same job on one process (recipes/sft.py) and split into pipeline
+    stages, one process each: while loading (the setup peak) and during the loop."""
+    shape = model_shape(str(model))
+    job = job.replace(model=str(model), samples=steps * job.micro_batch * job.gradient_accumulation)
+    runs = {"sft.py, 1 process": run_recipe(job)}
+    for stages in stage_counts:
+        print(f"  pipeline: {stages} stages", file=sys.stderr, flush=True)
+        runs[f"{stages} stages"] = run_recipe(
+            job,
+            "accelerate_configs/pipeline_2proc.yaml",
+            stages,
+            "recipes/sft_pipeline.py",
+            ("--pipeline_stages", str(stages)),
+        )
+    out = {"model_parameters": shape.total_params, "layers": shape.num_layers, "steps": steps, "runs": {}}
+    for name, result in runs.items():
+        out["runs"][name] = {
+            "processes": len(result["peak_memory_mib_per_process"]),
+            "setup_peak_mib_per_process": result["setup_peak_memory_mib_per_process"],
+            "loop_peak_mib_per_process": result["peak_memory_mib_per_process"],
+        }
+    return out
+
+
 def tokenization(job: Job, copies: int) -> dict:
     """Load + tokenise `copies` copies of the bundled train split with an empty datasets cache, then again
     with the cache the first run left."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForCausalLM, get_linear_schedule_with_warmup
+from transformers import AutoConfig, get_linear_schedule_with_warmup
 
 from recipes.core.accumulation import backward_scale, eval_loss_results, target_tokens
 from recipes.core.chat import IGNORE_INDEX, PadCollator
@@ -29,9 +29,10 @@ from recipes.core.data import make_train_loader
 from recipes.core.doctor import preflight
 from recipes.core.errors import run_recipe
 from recipes.core.inputs import load_tokenizer
-from recipes.core.model_setup import load_pretrained
+from recipes.core.model_setup import check_attention
 from recipes.core.optim import make_optimizer
 from recipes.core.pipeline import (
+    ModelSource,
     PipelineClipper,
     build_pipeline,
     check_architecture,
@@ -91,13 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     run.check_data(train_set, data.to_dict(), pipeline_stages=cfg.pipeline_stages)
 
     # ---------------------------------------------------------------- model, pipeline and optimizer
-    model = load_pretrained(AutoModelForCausalLM, cfg)  # fp32 master weights, attention kernel
-    module, source = build_pipeline(model, cfg.pipeline_stages, cfg.loss_chunk_tokens)
+    check_attention(cfg.attn_implementation, torch.cuda.is_available())
+    # The model on the meta device; each process reads only its own stages' weights, in fp32.
+    source = ModelSource(cfg.model_name_or_path, cfg.attn_implementation, cfg.trust_remote_code)
+    module = build_pipeline(source, cfg.pipeline_stages, cfg.loss_chunk_tokens, cfg.gradient_checkpointing)
     optimizer = make_optimizer(module, cfg)
     engine = initialize_engine(module, optimizer, ds_config)
+    elements_read = ranks.gather(source.reader.elements_read)  # per process: its stages only
+    model_config, num_layers = source.config, source.config.num_hidden_layers
     source.release()
-    model_config, num_layers = model.config, model.config.num_hidden_layers
-    del model
     if engine.module.parts != module_boundaries(num_layers, cfg.pipeline_stages):
         raise RuntimeError(f"DeepSpeed split the layers as {engine.module.parts}, not as the plan says")
     grid = engine.grid
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         ranks=dp_ranks,
         scheduler=scheduler,
         evaluate=evaluate,
-        plan_record={**plan.to_dict(), "pipeline": view},
+        plan_record={**plan.to_dict(), "pipeline": {**view, "weight_elements_read": elements_read}},
     )
     log("pipeline: " + "; ".join(view["layer_partition"]) + f"; bubble {view['bubble_fraction']:.1%}")
     if view["bubble_advice"]:

@@ -205,9 +205,14 @@ def load_plan(output_dir: Path) -> dict:
 
 
 def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory, from one safetensors file or the shards its index names."""
     from safetensors.torch import load_file
 
-    return load_file(str(Path(model_dir) / "model.safetensors"))
+    index = Path(model_dir) / "model.safetensors.index.json"
+    if not index.is_file():
+        return load_file(str(Path(model_dir) / "model.safetensors"))
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return {k: v for shard in shards for k, v in load_file(str(Path(model_dir) / shard)).items()}
 
 
 def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -222,6 +227,7 @@ MEASURED = {
     "train_tokens_per_second",
     "train_samples_per_second",
     "peak_memory_mib_per_process",
+    "setup_peak_memory_mib_per_process",
 }
 
 
@@ -264,6 +270,7 @@ TINY_DECODERS = {
     "llama_tied": dict(model_type="llama", tie_word_embeddings=True),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True),
     "mistral": dict(model_type="mistral", tie_word_embeddings=False),
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=8),
 }
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

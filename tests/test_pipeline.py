@@ -41,6 +41,7 @@ from recipes.core.pipeline import (
 )
 from recipes.core.pipeline_plan import (
     bubble_fraction,
+    decoder_layer_ranges,
     micro_batches_for_bubble,
     module_boundaries,
     pipeline_view,
@@ -50,6 +51,23 @@ from recipes.core.steps import data_parallel_size, linear_warmup_decay_lr
 MAX_GRAD_NORM = 0.5  # the shared job's
 # Pipeline and data parallelism reduce in another order than one process: float rounding, far below this.
 REL = 1e-4
+
+
+def stage_weight_elements(model_dir, stages: int) -> list[int]:
+    """Parameter elements each stage needs, from the checkpoint's own tensors: the embedding with the first
+    stage's layers, the norm and head with the last's (a tied head: the embedding again)."""
+    weights = load_weights(model_dir)
+    tied = "lm_head.weight" not in weights
+    layers = len({k.split(".")[2] for k in weights if k.startswith("model.layers.")})
+    counts = []
+    for stage, (start, stop) in enumerate(decoder_layer_ranges(layers, stages)):
+        names = {f"model.layers.{i}." for i in range(start, stop)}
+        if stage == 0:
+            names.add("model.embed_tokens.")
+        if stage == stages - 1:
+            names |= {"model.norm.", "model.embed_tokens." if tied else "lm_head."}
+        counts.append(sum(t.numel() for k, t in weights.items() if any(k.startswith(n) for n in names)))
+    return counts
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +88,16 @@ def test_two_stage_pipeline_trains_exactly_like_single_process_sft(reference):
         1,
         4,
     )
+    # Each process read its own stage's weights and nothing else (the model itself was never loaded).
+    first, last = stage_weight_elements(reference.model("pipeline"), 2)
+    assert plan["pipeline"]["weight_elements_read"] == [first, last]
+    assert first + last == sum(t.numel() for t in load_weights(reference.model("pipeline")).values())
+    # The final model is written as one shard per stage, never gathered in one process.
+    index = json.loads((reference("pipeline") / "final" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
 
 
 @pytest.mark.slow
@@ -88,6 +116,8 @@ def test_two_stages_by_two_data_parallel_follow_plan_and_match_sft(reference, ti
         "stage 0: embedding, layer 0",
         "stage 1: layer 1, norm + lm_head",
     ]
+    first, last = stage_weight_elements(tiny_llama, 2)
+    assert plan["pipeline"]["weight_elements_read"] == [first, first, last, last]  # ranks stage-major
     assert_same_training(out, reference("1proc"), REL)
 
 
@@ -114,6 +144,11 @@ def test_tied_qwen2_trains_through_a_zero1_pipeline_like_sft(reference):
     assert_same_training(out, reference("1proc_qwen2"), REL)
     exported = load_weights(out / "final")
     assert "lm_head.weight" not in exported and "model.embed_tokens.weight" in exported
+    embedding = exported["model.embed_tokens.weight"].numel()
+    first, last = stage_weight_elements(reference.model("pipeline_zero1_qwen2"), 2)
+    # the last stage reads the tied embedding for its head: the model's elements plus one embedding
+    assert load_plan(out)["pipeline"]["weight_elements_read"] == [first, last]
+    assert first + last == sum(t.numel() for t in exported.values()) + embedding
     reloaded = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
 
@@ -132,6 +167,34 @@ def test_pipeline_with_all_logits_at_once_equals_its_chunked_loss(reference, tmp
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
     assert max_weight_diff(load_weights(out / "final"), load_weights(reference("pipeline") / "final")) <= 1e-6
+
+
+@pytest.mark.slow
+def test_checkpointed_stages_train_exactly_like_the_plain_pipeline(reference, tmp_path):
+    """Every decoder layer recomputed in backward (non-reentrant) changes neither a loss nor a weight."""
+    out = tmp_path / "checkpointed"
+    launch(
+        PIPELINE,
+        "sft_pipeline",
+        [*reference.args("pipeline"), "--output_dir", str(out), "--gradient_checkpointing", "true"],
+    )
+    a, b = train_records(out), train_records(reference("pipeline"))
+    assert [(r["step"], r["lr"]) for r in a] == [(r["step"], r["lr"]) for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+    assert max_weight_diff(load_weights(out / "final"), load_weights(reference("pipeline") / "final")) <= 1e-6
+
+
+@pytest.mark.slow
+def test_qwen3_trains_through_the_pipeline_like_sft(tmp_path):
+    """Qwen3 (tied embeddings, a norm on each query and key head) split in 2 stages against recipes/sft.py."""
+    model = make_tiny_decoder(tmp_path / "qwen3", "qwen3")
+    in_process("sft", job_args(model, tmp_path / "sft"))
+    launch(PIPELINE, "sft_pipeline", job_args(model, tmp_path / "pipe", config=PIPELINE_CONFIG))
+    assert len(train_records(tmp_path / "pipe")) == JOB_STEPS
+    assert_same_training(tmp_path / "pipe", tmp_path / "sft", REL)
+    first, last = stage_weight_elements(model, 2)
+    assert load_plan(tmp_path / "pipe")["pipeline"]["weight_elements_read"] == [first, last]
 
 
 @pytest.mark.slow
@@ -155,20 +218,22 @@ def test_bf16_pipeline_follows_the_fp32_plan_with_fp32_master_states(reference, 
         assert {t.dtype for state in adam.values() for t in state.values()} == {torch.float32}
 
 
-@pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen2", "mistral", "qwen3"])
 def test_split_layers_compute_the_models_own_forward(family, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(
-        make_tiny_decoder(tmp_path, family, num_layers=4), dtype=torch.float32
-    )
-    if family == "mistral":
-        model.config.sliding_window = 4  # shorter than the input, so the sliding-window mask matters
+    path = make_tiny_decoder(tmp_path, family, num_layers=4)
+    if family == "mistral":  # a window shorter than the input, so the sliding-window mask matters
+        config = AutoConfig.from_pretrained(path)
+        config.sliding_window = 4
+        config.save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch.manual_seed(0)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 9))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 6:] = 0
     expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
     x, tied = (input_ids, attention_mask), {}
-    for spec in layer_specs(ModelSource(model)):
+    # Built from the meta model and the checkpoint, as a pipeline stage builds its layers.
+    for spec in layer_specs(ModelSource(str(path))):
         if isinstance(spec, TiedLayerSpec):
             module = tied.setdefault(spec.key, spec.build())
             x = spec.forward_fn(module, x) if spec.forward_fn else module(x)
@@ -256,16 +321,15 @@ def test_stages_that_do_not_divide_the_world_size_are_refused():
 
 
 def test_more_stages_than_layers_are_refused(tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(make_tiny_decoder(tmp_path, "llama", num_layers=2))
+    source = ModelSource(str(make_tiny_decoder(tmp_path, "llama", num_layers=2)))
     with pytest.raises(ValueError, match="pipeline_stages 3 is more than the model's 2 decoder layers"):
-        build_pipeline(model, 3)
+        build_pipeline(source, 3)
 
 
-def test_unknown_architecture_is_refused():
-    config = AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=4, vocab_size=64)
-    model = AutoModelForCausalLM.from_config(config)
+def test_unknown_architecture_is_refused(tmp_path):
+    AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=4, vocab_size=64).save_pretrained(tmp_path)
     with pytest.raises(PipelineConfigError, match="the pipeline splitter does not know model_type 'gpt2'"):
-        build_pipeline(model, 2)
+        ModelSource(str(tmp_path))  # before any weight is read: the directory holds none
 
 
 def test_ds_config_values_the_recipe_owns_must_be_auto():
@@ -316,10 +380,6 @@ def test_the_deepspeed_launchers_local_rank_argument_is_ignored():
             "on_nonfinite: skip cannot be honoured by a recipe that drives the DeepSpeed engine itself",
         ),
         (["--mixed_precision", "fp16"], "mixed_precision 'fp16': the pipeline recipe trains in fp32 or bf16"),
-        (
-            ["--gradient_checkpointing", "true"],
-            "gradient_checkpointing: the pipeline recipe does not support it yet",
-        ),
         (["--torch_compile", "true"], "torch_compile: the pipeline recipe does not support it yet"),
     ],
 )

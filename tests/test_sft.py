@@ -90,6 +90,8 @@ def test_run_reports_its_loop_time_throughput_and_every_process_peak_memory(refe
     assert len(end["peak_memory_mib_per_process"]) == processes
     # Every process holds at least the torch runtime and the model; a tiny model fits in well under 4 GiB.
     assert all(100 < mib < 4096 for mib in end["peak_memory_mib_per_process"])
+    assert len(end["setup_peak_memory_mib_per_process"]) == processes
+    assert all(mib > 100 for mib in end["setup_peak_memory_mib_per_process"])
 
 
 @pytest.mark.parametrize("name", ["1proc", "big_batch"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import deepspeed
 import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -30,10 +32,11 @@ from recipes.core.accumulation import summed_token_loss
 from recipes.core.config import ConfigError
 from recipes.core.lm_loss import chunked_token_loss
 from recipes.core.pipeline_plan import check_pipeline_stages
+from recipes.core.weights_reader import WeightsReader
 
 # Decoder-only families whose modules follow model.{embed_tokens, layers, norm, rotary_emb} + lm_head and
 # whose decoder layers take (hidden_states, attention_mask, position_embeddings, position_ids).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TIED_KEY = "embed_tokens"
 
 
@@ -55,12 +58,11 @@ def check_supported(cfg) -> None:
         raise PipelineConfigError(
             f"mixed_precision {cfg.mixed_precision!r}: the pipeline recipe trains in fp32 or bf16; set no or bf16"
         )
-    for lever in ("gradient_checkpointing", "torch_compile"):
-        if getattr(cfg, lever):
-            raise PipelineConfigError(
-                f"{lever}: the pipeline recipe does not support it yet; set {lever}: false, or use "
-                "recipes/sft.py (1 process, DDP or ZeRO-1/2/3)"
-            )
+    if cfg.torch_compile:
+        raise PipelineConfigError(
+            "torch_compile: the pipeline recipe does not support it yet; set torch_compile: false, or use "
+            "recipes/sft.py (1 process, DDP or ZeRO-1/2/3)"
+        )
     if cfg.use_peft:
         raise PipelineConfigError(
             "use_peft: the pipeline recipe does not support LoRA yet; train LoRA adapters with recipes/sft.py "
@@ -73,15 +75,33 @@ def check_supported(cfg) -> None:
 
 
 class ModelSource:
-    """Holds the loaded model while the stages take their modules from it; repr stays short because
+    """The model built on the meta device (no memory) and its checkpoint: DeepSpeed builds only this
+    process's stages from the layer specs, and each module reads its own weights from the checkpoint as it
+    is built, so no process ever holds the whole model, also not while loading. repr stays short because
     DeepSpeed prints layer specs with their arguments."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, name_or_path: str, attn_implementation: str = "sdpa", trust_remote_code: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        check_architecture(config)
+        self.reader = WeightsReader(name_or_path)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32, attn_implementation=attn_implementation
+            )
+        # The rotary frequencies are computed from the config, not stored: build them for real (tiny).
+        rotary = self.model.model.rotary_emb
+        self.model.model.rotary_emb = type(rotary)(config=self.model.config)
+        self.config = self.model.config
+
+    def weights(self, module: nn.Module, prefix: str) -> nn.Module:
+        """`module` of the meta model with its weights (`prefix` in the checkpoint's names)."""
+        return self.reader.materialize(module, prefix)
 
     def release(self) -> None:
         # Modules of other stages are freed once nothing but the specs refers to them.
-        self.model = None
+        self.model = self.reader = None
 
     def __repr__(self) -> str:
         return "pretrained"
@@ -90,7 +110,7 @@ class ModelSource:
 class EmbeddingPipe(nn.Module):
     def __init__(self, source: ModelSource):
         super().__init__()
-        self.embed_tokens = source.model.model.embed_tokens
+        self.embed_tokens = source.weights(source.model.model.embed_tokens, "model.embed_tokens")
 
     def forward(self, inputs):
         input_ids, attention_mask = inputs
@@ -104,7 +124,7 @@ class DecoderLayerPipe(nn.Module):
     def __init__(self, source: ModelSource, index: int):
         super().__init__()
         model = source.model
-        self.layer = model.model.layers[index]
+        self.layer = source.weights(model.model.layers[index], f"model.layers.{index}")
         self.rotary_emb = model.model.rotary_emb
         self.config = model.config
         self.index = index
@@ -135,7 +155,7 @@ class DecoderLayerPipe(nn.Module):
 class FinalNormPipe(nn.Module):
     def __init__(self, source: ModelSource):
         super().__init__()
-        self.norm = source.model.model.norm
+        self.norm = source.weights(source.model.model.norm, "model.norm")
 
     def forward(self, inputs):
         hidden, _ = inputs
@@ -150,7 +170,7 @@ class LMHeadPipe(nn.Module):
 
     def __init__(self, source: ModelSource, chunked: bool = False):
         super().__init__()
-        self.lm_head = source.model.lm_head
+        self.lm_head = source.weights(source.model.lm_head, "lm_head")
         self.chunked = chunked
 
     def forward(self, hidden):
@@ -214,8 +234,7 @@ def pipe_batches(batches: list[dict], scale: float) -> list[tuple]:
 def layer_specs(source: ModelSource, chunked: bool = False) -> list[LayerSpec]:
     """[embedding, decoder layers, final norm, LM head] as specs; tied embeddings share one TiedLayerSpec key.
     `chunked`: the head passes the hidden states to a chunked loss (PipelineLoss) instead of logits."""
-    config = source.model.config
-    check_architecture(config)
+    config = source.config
     if getattr(config, "tie_word_embeddings", False):
         first = TiedLayerSpec(TIED_KEY, EmbeddingPipe, source, tied_weight_attr=["embed_tokens.weight"])
         forward_fn = _tied_hidden if chunked else _tied_head
@@ -228,24 +247,29 @@ def layer_specs(source: ModelSource, chunked: bool = False) -> list[LayerSpec]:
     return [first, *decoder, LayerSpec(FinalNormPipe, source), head]
 
 
-def build_pipeline(model, stages: int, loss_chunk_tokens: int = 0) -> tuple[PipelineModule, ModelSource]:
-    """Split a loaded HF causal LM into `stages` stages; call `source.release()` once the engine exists.
-    `loss_chunk_tokens` > 0: the last stage computes the loss through the head in chunks (core/lm_loss.py)."""
-    check_architecture(model.config)
+def build_pipeline(
+    source: ModelSource, stages: int, loss_chunk_tokens: int = 0, checkpointing: bool = False
+) -> PipelineModule:
+    """Split an HF causal LM into `stages` stages, this process's built with their weights; call
+    `source.release()` once the engine exists. `loss_chunk_tokens` > 0: the last stage computes the loss
+    through the head in chunks (core/lm_loss.py). `checkpointing`: every decoder layer is recomputed in
+    backward (non-reentrant, as in the other recipes) instead of keeping its activations."""
     try:
-        check_pipeline_stages(model.config.num_hidden_layers, stages)
+        check_pipeline_stages(source.config.num_hidden_layers, stages)
     except ValueError as err:
         raise PipelineConfigError(str(err)) from None
-    source = ModelSource(model)
     module = PipelineModule(
         layers=layer_specs(source, chunked=loss_chunk_tokens > 0),
         num_stages=stages,
         partition_method=f"type:{DecoderLayerPipe.__name__}",
         dynamic_shape=True,  # padded batches differ in length, so every send carries its shape
+        activation_checkpoint_interval=1 if checkpointing else 0,
+        activation_checkpoint_func=ds_checkpointing.non_reentrant_checkpoint,
+        checkpointable_layers=[DecoderLayerPipe.__name__],  # the embedding, norm and head run as they are
     )
     # The loss needs the head the last stage built from its layer specs, so it comes after them.
     module.loss_fn = PipelineLoss(_local_head(module) if loss_chunk_tokens else None, loss_chunk_tokens)
-    return module, source
+    return module
 
 
 def _local_head(module: PipelineModule):
@@ -380,25 +404,39 @@ def local_hf_state_dict(module: PipelineModule) -> dict[str, torch.Tensor]:
 def export_pretrained(
     module: PipelineModule, data_parallel_rank: int, config, tokenizer, directory: str | Path
 ) -> None:
-    """Gather every stage's weights on global rank 0 and save a from_pretrained directory there."""
+    """Save a from_pretrained directory without gathering the model in any process: the first data-parallel
+    replica of each stage writes that stage's weights as one safetensors shard, global rank 0 the shard
+    index, the config and the tokenizer (their names and sizes are all it gathers)."""
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    directory = Path(directory)
+    shard = f"model-{module.stage_id + 1:05d}-of-{module.num_stages:05d}.safetensors"
     local = local_hf_state_dict(module) if data_parallel_rank == 0 else {}
+    if local:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(local, str(directory / shard), metadata={"format": "pt"})
+    sizes = {name: (shard, t.numel() * t.element_size()) for name, t in local.items()}
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(local, gathered, dst=0)
+    dist.gather_object(sizes, gathered, dst=0)
     if dist.get_rank() != 0:
         return
-    state = {k: v for part in gathered for k, v in part.items()}
+    weight_map = {name: where for part in gathered for name, where in part.items()}
     with torch.device("meta"):
         shell = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     expected = set(shell.state_dict()) - ({"lm_head.weight"} if tied else set())
-    if set(state) != expected:
+    if set(weight_map) != expected:
         raise RuntimeError(
-            f"gathered weights do not match the model: missing {expected - set(state)}, extra {set(state) - expected}"
+            f"the stages' weights do not match the model: missing {expected - set(weight_map)}, "
+            f"extra {set(weight_map) - expected}"
         )
-    shell.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        shell.tie_weights()
-    shell.save_pretrained(directory, safe_serialization=True)
+    index = {
+        "metadata": {"total_size": sum(size for _, size in weight_map.values())},
+        "weight_map": {name: weight_map[name][0] for name in sorted(weight_map)},
+    }
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.save_pretrained(directory)
+    if shell.can_generate():
+        shell.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

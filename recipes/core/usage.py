@@ -1,9 +1,10 @@
-"""What a training loop cost: wall-clock time, throughput and each process's peak memory during it.
+"""What a training loop cost: wall-clock time, throughput and each process's peak memory during it, and
+the peak before it (loading the model and data, building the engine).
 
 Peak memory is counted from the start of the loop, so it shows model states, gradients, optimizer
-states and activations rather than a transient of loading the checkpoint: on a GPU the peak of allocated
-memory, on Linux CPUs the peak resident set (reset through /proc/self/clear_refs), elsewhere the
-process's lifetime peak resident set.
+states and activations rather than a transient of loading the checkpoint (which the setup peak shows):
+on a GPU the peak of allocated memory, on Linux CPUs the peak resident set (reset through
+/proc/self/clear_refs), elsewhere the process's lifetime peak resident set.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class LoopUsage:
 
     def __init__(self, ranks: Any):
         self.ranks = ranks
+        self.setup_peak = peak_memory_bytes(ranks.device)  # loading the model and data, building the engine
         reset_peak_memory(ranks.device)
         self.started = time.perf_counter()
 
@@ -57,8 +59,10 @@ class LoopUsage:
         process's peak memory in MiB (rank order); in a resumed run, of the part since the resume."""
         runtime = time.perf_counter() - self.started
         per_process = self.ranks.gather(peak_memory_bytes(self.ranks.device))
+        setup = self.ranks.gather(self.setup_peak)
         return {
             "train_runtime": round(runtime, 6),
             f"train_{unit}_per_second": round(trained / runtime, 3),
             "peak_memory_mib_per_process": [round(b / 2**20, 1) for b in per_process],
+            "setup_peak_memory_mib_per_process": [round(b / 2**20, 1) for b in setup],
         }
