@@ -121,11 +121,12 @@ def test_fsdp2_checkpoint_is_sharded_safetensors_that_load_without_unpickling(re
         torch.load(checkpoint / pt, weights_only=True)
     assert {"rng_state_0.pt", "rng_state_1.pt", "lr_scheduler.pt", "optimizer_param_groups.json"} <= names
     full = load_weights(tiny_llama)
-    for part, per_parameter in (("model", 1), ("optimizer", 2)):  # Adam: exp_avg and exp_avg_sq
+    # Adam: exp_avg and exp_avg_sq of each element, and a step count per parameter (not sharded: written once)
+    for part, per_element, scalars in (("model", 1, 0), ("optimizer", 2, len(full))):
         files = sorted((checkpoint / part).glob("*.safetensors"))
         assert len(files) == 2, files  # one per rank
         elements = sum(t.numel() for path in files for t in load_file(str(path)).values())
-        assert elements == per_parameter * sum(v.numel() for v in full.values())
+        assert elements == per_element * sum(v.numel() for v in full.values()) + scalars
     groups = json.loads((checkpoint / "optimizer_param_groups.json").read_text())
     assert {v for k, v in groups.items() if k.endswith(".lr")} == {expected_lr(9)}  # the next step's LR
 

@@ -73,6 +73,9 @@ class FSDP2IO:
             get_optimizer_state_dict,
         )
 
+        from recipes.core.fsdp import reshard
+
+        reshard(self.model)  # an evaluation leaves the units not resharded after forward gathered
         flat = StateDictOptions(flatten_optimizer_state_dict=True)
         optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=flat)
         tensors = {k: v for k, v in optimizer.items() if isinstance(v, torch.Tensor)}

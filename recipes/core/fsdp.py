@@ -42,6 +42,18 @@ def is_sharded(model: Any) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def reshard(model: Any) -> None:
+    """Every FSDP2 unit of the model back to its shards (FSDPModule.reshard). A forward without backward
+    (evaluation) leaves the units that are not resharded after forward (the model's root, the final norm
+    and head) gathered, with their full parameters registered in place of the sharded ones the optimizer
+    holds."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def set_gradient_sync(model: Any, sync: bool) -> None:
     """Whether the next backward reduce-scatters the gradients (FSDP2's public switch; a no-op for a model
     FSDP2 does not shard). Without it each rank accumulates unsharded gradients until a backward with it."""
