@@ -128,7 +128,8 @@ def test_fsdp2_checkpoint_is_sharded_safetensors_that_load_without_unpickling(re
         elements = sum(t.numel() for path in files for t in load_file(str(path)).values())
         assert elements == per_element * sum(v.numel() for v in full.values()) + scalars
     groups = json.loads((checkpoint / "optimizer_param_groups.json").read_text())
-    assert {v for k, v in groups.items() if k.endswith(".lr")} == {expected_lr(9)}  # the next step's LR
+    step_9 = train_records(reference("fsdp2"))[8]
+    assert {v for k, v in groups.items() if k.endswith(".lr")} == {step_9["lr"]}  # the next step's LR
 
 
 @pytest.mark.slow
@@ -151,7 +152,9 @@ def test_bf16_packing_and_activation_checkpointing_under_fsdp2_on_two_machines(r
     """The multi-node config as two machines of one process each, in bf16 (FSDP2's mixed precision:
     bf16 compute and reductions, fp32 master weights) with packing and activation checkpointing, against
     the fp32 FSDP2 run. Tolerance: bf16 keeps 8 significant bits (2^-9 relative rounding per operation),
-    so losses within 2% and final weights within 10% of how far fp32 training moved them."""
+    so every step's loss and every eval loss within 2%. Weights are not compared element by element:
+    AdamW moves each weight by about the LR in the direction of its gradient's sign, which rounding flips
+    for gradients near zero, so single weights may differ by up to 2 x LR per step."""
     out, port = tmp_path / "out", free_port()
     args = [*reference.args("fsdp2"), "--output_dir", str(out), "--mixed_precision", "bf16"]
     args += ["--packing", "true", "--gradient_checkpointing", "true", "--save_steps", "0"]
@@ -169,11 +172,13 @@ def test_bf16_packing_and_activation_checkpointing_under_fsdp2_on_two_machines(r
         (r["step"], r["tokens"], r["lr"]) for r in theirs
     ]
     worst = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(ours, theirs, strict=True))
-    assert 1e-6 < worst <= 2e-2  # bf16 took effect, and stayed within its tolerance
-    final, start = load_weights(out / "final"), load_weights(reference.model("fsdp2"))
+    assert 1e-6 < worst <= 2e-2, worst  # bf16 took effect, and stayed within its tolerance
+    pairs = list(zip(eval_records(out), eval_records(fp32), strict=True))
+    assert [a["step"] for a, _ in pairs] == [0, 4, 8, 12]
+    assert max(abs(a["eval_loss"] - b["eval_loss"]) / b["eval_loss"] for a, b in pairs) <= 2e-2
+    final = load_weights(out / "final")
     assert {v.dtype for v in final.values()} == {torch.float32}  # the fp32 masters are saved
-    moved = max_weight_diff(load_weights(fp32 / "final"), start)
-    assert max_weight_diff(final, load_weights(fp32 / "final")) <= 0.1 * moved
+    assert final.keys() == load_weights(fp32 / "final").keys()
 
 
 @pytest.mark.slow
@@ -182,7 +187,13 @@ def test_classify_under_fsdp2_equals_ddp_and_keeps_the_same_best_model(classify_
     from the shards at each better evaluation, loaded back into the shards at the end) against DDP."""
     ddp, args = classify_reference("ddp")
     out = tmp_path / "fsdp2"
-    launch(FSDP2, "classify", [*args, "--output_dir", str(out)])
+    acc = yaml.safe_load((REPO / FSDP2).read_text())
+    acc["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] = "BertLayer"  # not BertEmbeddings (see below)
+    launch(
+        write(tmp_path / "fsdp2_bert.yaml", yaml.safe_dump(acc)),
+        "classify",
+        [*args, "--output_dir", str(out)],
+    )
     ours, theirs = train_records(out), train_records(ddp)
     assert [(r["step"], r["lr"]) for r in ours] == [(r["step"], r["lr"]) for r in theirs]
     for a, b in zip(ours, theirs, strict=True):
@@ -191,7 +202,13 @@ def test_classify_under_fsdp2_equals_ddp_and_keeps_the_same_best_model(classify_
         assert a.keys() == b.keys()
         for key in a.keys() - {"step"}:
             assert math.isclose(a[key], b[key], rel_tol=REL, abs_tol=1e-9), key
-    assert max_weight_diff(load_weights(out / "final"), load_weights(ddp / "final")) <= REL
+    # Attention key biases shift every score of a query equally, which softmax ignores: their gradient is
+    # zero but for rounding noise, which AdamW scales up to steps of about the LR whose sign depends on the
+    # order of the reductions. Every other weight is held to DDP's.
+    ours, theirs = load_weights(out / "final"), load_weights(ddp / "final")
+    kept = [k for k in theirs if not k.endswith("key.bias")]
+    assert len(kept) == len(theirs) - 2  # one per layer
+    assert max_weight_diff({k: ours[k] for k in kept}, {k: theirs[k] for k in kept}) <= REL
 
 
 # ---------------------------------------------------------------- FSDP asked for where it cannot act
@@ -200,7 +217,7 @@ def test_a_one_process_fsdp_launch_on_cpu_is_refused_before_training(tiny_llama,
     for key, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(FSDPNotApplied, match="FSDP on 1 CPU process"):
-        in_process("sft", job_args(tiny_llama, tmp_path / "out", "--max_steps", "1"))
+        in_process("sft", job_args(tiny_llama, tmp_path / "out", "--max_steps", "1", "--warmup_steps", "0"))
     assert not (tmp_path / "out").exists()
 
 
@@ -329,6 +346,21 @@ def test_doctor_checks_the_wrap_class_against_the_recipe_model_and_exits_1(tmp_p
     out = capsys.readouterr().out
     assert f"{bad}:6: fsdp_config.fsdp_transformer_layer_cls_to_wrap: Qwen2DecoderLayer: no module of" in out
     assert "set it to the model's decoder layer class" in out
+
+
+def test_a_wrap_class_that_holds_the_input_embeddings_is_refused_with_the_layer_class_to_use(
+    encoder, tmp_path
+):
+    """BERT's own layer classes are BertEmbeddings and BertLayer; Accelerate's FSDP2 preparation shards
+    the input embeddings on their own as well, which fails inside a sharded BertEmbeddings."""
+    recipe = write(tmp_path / "classify_x.yaml", f"model_name_or_path: {encoder}\n")
+    findings = diagnose(str(REPO / FSDP2), recipe_config=recipe)
+    line = (REPO / FSDP2).read_text().splitlines().index("fsdp_config:") + 1
+    assert [(f.key, f.line) for f in findings] == [("fsdp_config", line)]
+    assert findings[0].problem.startswith("BertEmbeddings (")
+    assert findings[0].fix == "set fsdp_transformer_layer_cls_to_wrap: BertLayer"
+    good = write(tmp_path / "bert.yaml", BASE + "  fsdp_transformer_layer_cls_to_wrap: BertLayer\n")
+    assert diagnose(good, recipe_config=recipe) == []
 
 
 # ---------------------------------------------------------------- plan

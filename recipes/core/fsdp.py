@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from recipes.core.config import ConfigError
-from recipes.core.doctor.fsdp import requested
+from recipes.core.doctor.fsdp import layout_of, requested, wrap_problems
 
 
 class FSDPNotApplied(ConfigError):
@@ -129,22 +129,17 @@ def check_version(version: int) -> None:
 
 
 def check_wrap_classes(plugin: Any, model: torch.nn.Module) -> None:
-    """fsdp_transformer_layer_cls_to_wrap names classes of the model (Accelerate's own message names
-    neither the model's classes nor the config key)."""
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    """The doctor's wrap-class rules on the loaded model, before Accelerate's preparation would stop on
+    them with a message that names neither the config key nor the fix."""
+    from recipes.core.doctor import DoctorError, findings, report
 
     names = plugin.transformer_cls_names_to_wrap
-    if plugin.auto_wrap_policy is not transformer_auto_wrap_policy or not names:
-        return
-    classes = {type(m).__name__ for m in model.modules()}
-    missing = [name for name in names if name not in classes]
-    if missing:
-        layers = list(getattr(model, "_no_split_modules", None) or [])
-        raise ConfigError(
-            f"fsdp_transformer_layer_cls_to_wrap names {', '.join(missing)}, which {type(model).__name__} does "
-            f"not have; set it to its decoder layer class ({', '.join(layers) or 'see the model code'}) or "
-            "remove it (the model's own layer class is the default)"
-        )
+    fsdp = {"fsdp_auto_wrap_policy": os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")}
+    if names:
+        fsdp["fsdp_transformer_layer_cls_to_wrap"] = ",".join(names)
+    found = findings("accelerate config", wrap_problems(fsdp, type(model).__name__, layout_of(model)))
+    if found:
+        raise DoctorError(f"{len(found)} config problem(s) found before training:\n{report(found)}")
 
 
 def _shard_on_cpu(accelerator: Any, plugin: Any, model: torch.nn.Module, optimizer: Any) -> torch.nn.Module:
@@ -190,6 +185,7 @@ def full_state_dict(accelerator: Any, model: Any) -> dict[str, torch.Tensor]:
         return accelerator.get_state_dict(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    reshard(model)  # units an evaluation left gathered hold full tensors in place of their shards
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -201,5 +197,6 @@ def load_full_state_dict(accelerator: Any, model: Any, state: dict[str, torch.Te
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    reshard(model)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state, options=options)

@@ -464,14 +464,12 @@ def _nonfinite(recipe: dict, deepspeed: bool) -> Iterator[Problem]:
 def check_fsdp_with_recipe(acc: dict, recipe: dict, file: str, recipe_file: str) -> list[Finding]:
     """An FSDP accelerate config against the recipe config and its model's layer classes."""
     fsdp = fsdp_rules.normalized(acc.get("fsdp_config"))
-    classes = None
-    if fsdp.get("fsdp_transformer_layer_cls_to_wrap") and recipe.get("model_name_or_path"):
-        classes = fsdp_rules.model_classes(
-            recipe["model_name_or_path"], recipe.get("trust_remote_code", False)
-        )
+    layout = None
+    if recipe.get("model_name_or_path"):
+        layout = fsdp_rules.model_layout(recipe["model_name_or_path"], recipe.get("trust_remote_code", False))
     model = recipe.get("model_name_or_path", "the model")
     return findings(recipe_file, fsdp_rules.recipe_problems(recipe)) + findings(
-        file, fsdp_rules.wrap_problems(fsdp, model, classes)
+        file, fsdp_rules.wrap_problems(fsdp, model, layout)
     )
 
 

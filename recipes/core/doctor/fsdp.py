@@ -9,6 +9,7 @@ launcher's default.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from recipes.core.doctor import known_keys
@@ -179,24 +180,64 @@ def recipe_problems(recipe: Mapping[str, Any]) -> Iterator[Problem]:
         yield "torch_compile", problem, "set torch_compile: false, or launch without FSDP"
 
 
-def wrap_problems(fsdp: Mapping[str, Any], model: str, classes: set[str] | None) -> Iterator[Problem]:
-    """fsdp_transformer_layer_cls_to_wrap against the module classes of the recipe's model (None: its
+@dataclass(frozen=True)
+class ModelLayout:
+    """What FSDP2's auto-wrap meets in a model: the class of every module, its `_no_split_modules` (the
+    layer classes Accelerate wraps when fsdp_transformer_layer_cls_to_wrap is not set), and the classes
+    of the modules that hold its input embeddings (e.g. BertEmbeddings)."""
+
+    classes: frozenset[str]
+    layers: tuple[str, ...]
+    embedding_holders: frozenset[str]
+
+
+def layout_of(model: Any) -> ModelLayout:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    holders = {
+        type(m).__name__
+        for m in model.modules()
+        if m is not embeddings and any(x is embeddings for x in m.modules())
+    }
+    holders.discard(type(model).__name__)  # the model itself is always a unit of its own
+    return ModelLayout(
+        frozenset(type(m).__name__ for m in model.modules()),
+        tuple(getattr(model, "_no_split_modules", None) or ()),
+        frozenset(holders) if embeddings is not None else frozenset(),
+    )
+
+
+def wrap_problems(fsdp: Mapping[str, Any], model: str, layout: ModelLayout | None) -> Iterator[Problem]:
+    """The layer classes a transformer-based auto-wrap would wrap, against the recipe's model (None: its
     config could not be read, nothing to check)."""
-    wrap = fsdp.get("fsdp_transformer_layer_cls_to_wrap")
-    if not wrap or classes is None:
+    if (
+        layout is None
+        or fsdp.get("fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP") != "TRANSFORMER_BASED_WRAP"
+    ):
         return
-    missing = [name.strip() for name in str(wrap).split(",") if name.strip() not in classes]
+    wrap = fsdp.get("fsdp_transformer_layer_cls_to_wrap")
+    names = [n.strip() for n in str(wrap).split(",") if n.strip()] if wrap else list(layout.layers)
+    key = "fsdp_config.fsdp_transformer_layer_cls_to_wrap" if wrap else "fsdp_config"
+    missing = [name for name in names if name not in layout.classes]
     if missing:
-        yield (
-            "fsdp_config.fsdp_transformer_layer_cls_to_wrap",
-            f"{', '.join(missing)}: no module of {model} has this class, so Accelerate cannot wrap its layers",
-            "set it to the model's decoder layer class (its _no_split_modules), or remove it",
+        problem = (
+            f"{', '.join(missing)}: no module of {model} has this class, so Accelerate cannot wrap its layers"
         )
+        yield key, problem, "set it to the model's decoder layer class (its _no_split_modules), or remove it"
+    holders = [name for name in names if name in layout.embedding_holders]
+    if holders:
+        whose = "named here" if wrap else f"{model}'s own layer classes, wrapped by default"
+        problem = f"{', '.join(holders)} ({whose}) holds the input embeddings, which Accelerate's FSDP2 "
+        problem += "preparation shards as a unit of their own: sharding them twice fails"
+        others = [name for name in names if name not in holders]
+        fix = (
+            f"set fsdp_transformer_layer_cls_to_wrap: {', '.join(others) or '<the transformer layer class>'}"
+        )
+        yield key, problem, fix
 
 
-def model_classes(model_name_or_path: str, trust_remote_code: bool = False) -> set[str] | None:
-    """Class names of every module of the model, built from its config on the meta device (no weights);
-    None when the config cannot be read."""
+def model_layout(model_name_or_path: str, trust_remote_code: bool = False) -> ModelLayout | None:
+    """The ModelLayout of a model built from its config on the meta device (no weights); None when the
+    config cannot be read."""
     try:
         import torch
         from transformers import AutoConfig, AutoModel
@@ -206,7 +247,7 @@ def model_classes(model_name_or_path: str, trust_remote_code: bool = False) -> s
             model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
-    return {type(module).__name__ for module in model.modules()}
+    return layout_of(model)
 
 
 def _unknown(data: Mapping[str, Any], known: frozenset[str], prefix: str) -> Iterator[Problem]:
