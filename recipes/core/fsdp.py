@@ -146,8 +146,13 @@ def _shard_on_cpu(accelerator: Any, plugin: Any, model: torch.nn.Module, optimiz
     """What Accelerate's `_prepare_fsdp2` does on a GPU: its `fsdp2_prepare_model` on the model, then the
     optimizer's parameters replaced by the sharded ones of the same names."""
     from accelerate.utils import fsdp2_prepare_model
+    from torch.distributed.fsdp import CPUOffloadPolicy
 
     plugin.set_auto_wrap_policy(model)
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+        # Pinned host memory (for fast copies to a GPU) needs an accelerator; CPU processes compute where
+        # the offloaded states live, so the offload policy runs unpinned.
+        plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
     # The attributes of an Accelerator in FSDP mode that fsdp2_prepare_model reads.
     in_fsdp_mode = SimpleNamespace(
         state=SimpleNamespace(fsdp_plugin=plugin),
