@@ -187,13 +187,7 @@ def test_classify_under_fsdp2_equals_ddp_and_keeps_the_same_best_model(classify_
     from the shards at each better evaluation, loaded back into the shards at the end) against DDP."""
     ddp, args = classify_reference("ddp")
     out = tmp_path / "fsdp2"
-    acc = yaml.safe_load((REPO / FSDP2).read_text())
-    acc["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] = "BertLayer"  # not BertEmbeddings (see below)
-    launch(
-        write(tmp_path / "fsdp2_bert.yaml", yaml.safe_dump(acc)),
-        "classify",
-        [*args, "--output_dir", str(out)],
-    )
+    launch(FSDP2, "classify", [*args, "--output_dir", str(out)])  # BERT: BertLayer wrapped (see below)
     ours, theirs = train_records(out), train_records(ddp)
     assert [(r["step"], r["lr"]) for r in ours] == [(r["step"], r["lr"]) for r in theirs]
     for a, b in zip(ours, theirs, strict=True):
@@ -352,15 +346,17 @@ def test_a_wrap_class_that_holds_the_input_embeddings_is_refused_with_the_layer_
     encoder, tmp_path
 ):
     """BERT's own layer classes are BertEmbeddings and BertLayer; Accelerate's FSDP2 preparation shards
-    the input embeddings on their own as well, which fails inside a sharded BertEmbeddings."""
+    the input embeddings on their own as well, which fails inside a sharded BertEmbeddings. Unset, the
+    recipes wrap BertLayer (the classify run above); named, the class is refused."""
     recipe = write(tmp_path / "classify_x.yaml", f"model_name_or_path: {encoder}\n")
-    findings = diagnose(str(REPO / FSDP2), recipe_config=recipe)
-    line = (REPO / FSDP2).read_text().splitlines().index("fsdp_config:") + 1
-    assert [(f.key, f.line) for f in findings] == [("fsdp_config", line)]
-    assert findings[0].problem.startswith("BertEmbeddings (")
+    assert diagnose(str(REPO / FSDP2), recipe_config=recipe) == []
+    bad = write(
+        tmp_path / "bad.yaml", BASE + "  fsdp_transformer_layer_cls_to_wrap: BertEmbeddings,BertLayer\n"
+    )
+    findings = diagnose(bad, recipe_config=recipe)
+    assert [(f.key, f.line) for f in findings] == [("fsdp_config.fsdp_transformer_layer_cls_to_wrap", 6)]
+    assert findings[0].problem.startswith("BertEmbeddings holds the input embeddings")
     assert findings[0].fix == "set fsdp_transformer_layer_cls_to_wrap: BertLayer"
-    good = write(tmp_path / "bert.yaml", BASE + "  fsdp_transformer_layer_cls_to_wrap: BertLayer\n")
-    assert diagnose(good, recipe_config=recipe) == []
 
 
 # ---------------------------------------------------------------- plan

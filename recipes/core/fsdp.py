@@ -129,15 +129,23 @@ def check_version(version: int) -> None:
 
 
 def check_wrap_classes(plugin: Any, model: torch.nn.Module) -> None:
-    """The doctor's wrap-class rules on the loaded model, before Accelerate's preparation would stop on
-    them with a message that names neither the config key nor the fix."""
+    """The layer classes FSDP2 wraps. Without fsdp_transformer_layer_cls_to_wrap Accelerate wraps the
+    model's own layer classes (`_no_split_modules`), which for encoders such as BERT include the module
+    that holds the input embeddings (BertEmbeddings); its preparation also shards those embeddings as a
+    unit of their own and fails on them. The recipes wrap the other layer classes then (BertLayer).
+    Then the doctor's wrap-class rules, before Accelerate's preparation would stop on a bad class with a
+    message that names neither the config key nor the fix."""
     from recipes.core.doctor import DoctorError, findings, report
 
+    layout = layout_of(model)
     names = plugin.transformer_cls_names_to_wrap
+    if not names and layout.embedding_holders & set(layout.layers):
+        names = [name for name in layout.layers if name not in layout.embedding_holders]
+        plugin.transformer_cls_names_to_wrap = names
     fsdp = {"fsdp_auto_wrap_policy": os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")}
     if names:
         fsdp["fsdp_transformer_layer_cls_to_wrap"] = ",".join(names)
-    found = findings("accelerate config", wrap_problems(fsdp, type(model).__name__, layout_of(model)))
+    found = findings("accelerate config", wrap_problems(fsdp, type(model).__name__, layout))
     if found:
         raise DoctorError(f"{len(found)} config problem(s) found before training:\n{report(found)}")
 

@@ -223,15 +223,14 @@ def wrap_problems(fsdp: Mapping[str, Any], model: str, layout: ModelLayout | Non
             f"{', '.join(missing)}: no module of {model} has this class, so Accelerate cannot wrap its layers"
         )
         yield key, problem, "set it to the model's decoder layer class (its _no_split_modules), or remove it"
-    holders = [name for name in names if name in layout.embedding_holders]
+    # Without the key the recipes leave such a class out of the model's own ones (core/fsdp.py).
+    holders = [name for name in names if name in layout.embedding_holders] if wrap else []
     if holders:
-        whose = "named here" if wrap else f"{model}'s own layer classes, wrapped by default"
-        problem = f"{', '.join(holders)} ({whose}) holds the input embeddings, which Accelerate's FSDP2 "
-        problem += "preparation shards as a unit of their own: sharding them twice fails"
+        problem = f"{', '.join(holders)} holds the input embeddings, which Accelerate's FSDP2 preparation "
+        problem += "shards as a unit of their own: sharding them twice fails"
         others = [name for name in names if name not in holders]
-        fix = (
-            f"set fsdp_transformer_layer_cls_to_wrap: {', '.join(others) or '<the transformer layer class>'}"
-        )
+        rest = [name for name in layout.layers if name not in layout.embedding_holders]
+        fix = f"set fsdp_transformer_layer_cls_to_wrap: {', '.join(others or rest) or '<the layer class>'}"
         yield key, problem, fix
 
 
