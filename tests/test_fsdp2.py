@@ -34,8 +34,10 @@ from helpers import (
     load_plan,
     load_weights,
     max_weight_diff,
+    resume_copy,
     train_records,
 )
+from safetensors.torch import load_file
 
 from recipes.cli import main as cli_main
 from recipes.core.doctor import DoctorError, diagnose, preflight
@@ -112,8 +114,6 @@ def test_fsdp2_final_model_is_gathered_and_reloads_with_from_pretrained(referenc
 @pytest.mark.slow
 def test_fsdp2_checkpoint_is_sharded_safetensors_that_load_without_unpickling(reference, tiny_llama):
     """Each rank wrote its own half of every parameter and Adam state; no file needs unpickling."""
-    from safetensors.torch import load_file
-
     checkpoint = reference("fsdp2") / "checkpoint-8"
     names = {p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file()}
     assert not [n for n in names if n.endswith((".bin", ".pkl", ".pth"))], sorted(names)
@@ -148,16 +148,17 @@ def test_sigterm_under_fsdp2_checkpoints_and_resume_equals_the_uninterrupted_run
 
 
 @pytest.mark.slow
-def test_bf16_packing_and_activation_checkpointing_under_fsdp2_on_two_machines(reference, tmp_path):
-    """The multi-node config as two machines of one process each, in bf16 (FSDP2's mixed precision:
-    bf16 compute and reductions, fp32 master weights) with packing and activation checkpointing, against
-    the fp32 FSDP2 run. Tolerance: bf16 keeps 8 significant bits (2^-9 relative rounding per operation),
-    so every step's loss and every eval loss within 2%. Weights are not compared element by element:
-    AdamW moves each weight by about the LR in the direction of its gradient's sign, which rounding flips
-    for gradients near zero, so single weights may differ by up to 2 x LR per step."""
+def test_bf16_tied_embeddings_packing_and_checkpointing_on_two_machines_and_exact_resume(reference, tmp_path):
+    """The multi-node config as two machines of one process each, on Qwen2 (input and output embeddings
+    are one tensor, as in the default model), in bf16 (FSDP2's mixed precision: bf16 compute and
+    reductions, fp32 master weights) with packing and activation checkpointing, against the fp32 run on
+    one process. Tolerance: bf16 keeps 8 significant bits (2^-9 relative rounding per operation), so every
+    step's loss and every eval loss within 2%. Weights are not compared element by element: AdamW moves
+    each weight by about the LR in the direction of its gradient's sign, which rounding flips for
+    gradients near zero. Then the run resumed from its checkpoint in the second epoch equals it."""
     out, port = tmp_path / "out", free_port()
-    args = [*reference.args("fsdp2"), "--output_dir", str(out), "--mixed_precision", "bf16"]
-    args += ["--packing", "true", "--gradient_checkpointing", "true", "--save_steps", "0"]
+    args = [*reference.args("1proc_qwen2"), "--output_dir", str(out), "--mixed_precision", "bf16"]
+    args += ["--packing", "true", "--gradient_checkpointing", "true"]
     machines = []
     for rank in (0, 1):
         launch_args = ["--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank)]
@@ -166,7 +167,7 @@ def test_bf16_packing_and_activation_checkpointing_under_fsdp2_on_two_machines(r
         machines.append((launch(MULTINODE, "sft", args, log=log, port=port, launch_args=launch_args), log))
     output = "".join(finish(proc, log) for proc, log in machines)
     assert "FSDP2: parameters sharded over 2 processes in bf16 (fp32 masters)" in output
-    fp32 = reference("fsdp2")
+    fp32 = reference("1proc_qwen2")
     ours, theirs = train_records(out), train_records(fp32)
     assert [(r["step"], r["tokens"], r["lr"]) for r in ours] == [
         (r["step"], r["tokens"], r["lr"]) for r in theirs
@@ -179,6 +180,14 @@ def test_bf16_packing_and_activation_checkpointing_under_fsdp2_on_two_machines(r
     final = load_weights(out / "final")
     assert {v.dtype for v in final.values()} == {torch.float32}  # the fp32 masters are saved
     assert final.keys() == load_weights(fp32 / "final").keys()
+    # The tied tensor is written once per rank; resuming restores it under both names.
+    for path in (out / "checkpoint-8" / "model").glob("*.safetensors"):
+        assert "model.embed_tokens.weight" in load_file(str(path)) and "lm_head.weight" not in load_file(
+            str(path)
+        )
+    resumed = resume_copy(out, 8, tmp_path / "resumed")
+    launch(FSDP2, "sft", [*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    assert_same_run(out, resumed)
 
 
 @pytest.mark.slow

@@ -87,7 +87,10 @@ class FSDP2IO:
 
         model, tensors, others = self._states()
         for name, state in ((self.MODEL, model), (self.OPTIMIZER, tensors)):
-            save(state, storage_writer=HuggingFaceStorageWriter(str(directory / name), save_distributed=True))
+            unique, _ = _untied(state)
+            save(
+                unique, storage_writer=HuggingFaceStorageWriter(str(directory / name), save_distributed=True)
+            )
         if self.process_index == 0:
             (directory / self.PARAM_GROUPS).write_text(json.dumps(others, indent=1) + "\n")
         torch.save(rng_states(), directory / f"rng_state_{self.process_index}.pt")
@@ -104,7 +107,9 @@ class FSDP2IO:
         for name, state in ((self.MODEL, model), (self.OPTIMIZER, tensors)):
             if not (directory / name).is_dir():
                 raise FileNotFoundError(f"{directory} holds no FSDP2 {name} shards ({name}/)")
-            load(state, storage_reader=HuggingFaceStorageReader(str(directory / name)))
+            unique, aliases = _untied(state)
+            load(unique, storage_reader=HuggingFaceStorageReader(str(directory / name)))
+            state.update({alias: unique[key] for alias, key in aliases.items()})
         set_model_state_dict(self.model, model)
         saved = json.loads((directory / self.PARAM_GROUPS).read_text())
         others = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}  # betas: a tuple
@@ -115,6 +120,28 @@ class FSDP2IO:
                 directory / f"rng_state_{self.process_index}.pt", map_location="cpu", weights_only=True
             )
         )
+
+
+def _untied(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A state dict with each tensor under one name, and the other names of tensors that several entries
+    share (tied input and output embeddings): safetensors refuses to write one tensor twice."""
+    unique, aliases, first = {}, {}, {}
+    for key, value in state.items():
+        memory = _memory(value)
+        if memory in first:
+            aliases[key] = first[memory]
+        else:
+            first[memory] = key
+            unique[key] = value
+    return unique, aliases
+
+
+def _memory(value: Any) -> Any:
+    """Where a (sharded) tensor's local data lives; an empty shard (no memory) is only itself."""
+    local = getattr(value, "_local_tensor", value)  # a DTensor's shard on this rank
+    if not isinstance(local, torch.Tensor) or local.untyped_storage().data_ptr() == 0:
+        return id(value)
+    return local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.dtype
 
 
 class DeepSpeedEngineIO:

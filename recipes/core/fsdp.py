@@ -199,7 +199,23 @@ def full_state_dict(accelerator: Any, model: Any) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     reshard(model)  # units an evaluation left gathered hold full tensors in place of their shards
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Tied parameters (input and output embeddings) come back gathered once per name: keep the first name,
+    # as save_pretrained does for the one tensor an unsharded model holds.
+    for alias in _tied_names(model):
+        state.pop(alias, None)
+    return state
+
+
+def _tied_names(model: Any) -> dict[str, str]:
+    """Each further name of a parameter the model holds under several names, with its first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases[name] = first[id(parameter)]
+        first.setdefault(id(parameter), name)
+    return aliases
 
 
 def load_full_state_dict(accelerator: Any, model: Any, state: dict[str, torch.Tensor]) -> None:
@@ -211,5 +227,7 @@ def load_full_state_dict(accelerator: Any, model: Any, state: dict[str, torch.Te
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     reshard(model)
+    if state:  # the main process's copy, without the names of tied parameters (full_state_dict)
+        state = {**state, **{alias: state[name] for alias, name in _tied_names(model).items()}}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state, options=options)
