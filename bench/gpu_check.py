@@ -1,5 +1,5 @@
-"""The GPU check: bf16 exactness of the levers on CUDA, then throughput, MFU and peak memory of 0.5B- and
-1.5B-shaped models with every lever on. Started by bench/gpu_check.sh (which installs what is missing
+"""The GPU check: bf16 exactness of the levers and of FSDP2 (fsdp2.yaml on every GPU) on CUDA, then
+throughput, MFU and peak memory of 0.5B- and 1.5B-shaped models with every lever on. Started by bench/gpu_check.sh (which installs what is missing
 from wheels carried next to it); `--dry-run` runs the same steps on tiny shapes on the CPU.
 
     python -m bench.gpu_check --out bench/results/h200.json
@@ -111,7 +111,7 @@ def compare(ours: list[dict], theirs: list[dict], rel: float) -> dict:
 
 
 def exactness(model: Path, data: Path, work: Path, seq_len: int) -> dict:
-    """Each lever against the run without it, in bf16 on this device."""
+    """Each lever against the run without it, in bf16 on this device; FSDP2 against the unsharded run."""
     base = [
         "--max_seq_length",
         str(seq_len),
@@ -140,9 +140,75 @@ def exactness(model: Path, data: Path, work: Path, seq_len: int) -> dict:
         ],
     }
     records = {name: train(model, data, work / name, *fields) for name, fields in runs.items()}
-    return {
+    checks = {
         name: compare(records[name], records["reference"], BF16_REL) for name in runs if name != "reference"
     }
+    print("[gpu_check] fsdp2", file=sys.stderr, flush=True)
+    checks["fsdp2"] = fsdp2(model, data, work / "fsdp2", records["reference"])
+    return checks
+
+
+def fsdp2(model: Path, data: Path, work: Path, reference: list[dict]) -> dict:
+    """accelerate_configs/fsdp2.yaml on every GPU of the machine (Accelerate's own FSDP2 preparation on
+    CUDA; in a dry run 2 CPU processes), in bf16, against `reference`, the unsharded one-process run of the
+    same batches (exactness()'s); then the run resumed from its checkpoint after step 1, whose final weights
+    must equal the uninterrupted run's to 1% of how far training moved them (a lost optimizer state moves
+    the last step by about the learning rate, a third of that distance; exactness to 1e-6 is the CPU tests')."""
+    import os
+    import shutil
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from recipes.core.launching import free_port, launch_command
+    from recipes.core.records import read_metrics
+
+    processes = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    args = [
+        "--config", "recipes/configs/sft_smollm2.yaml", "--model_name_or_path", str(model),
+        "--dataset_name", str(data), "--eval_split", "null", "--report_to", "none", "--mixed_precision", "bf16",
+        "--warmup_steps", "0", "--max_seq_length", "128", "--max_train_samples", "16",
+        "--per_device_train_batch_size", "2", "--global_batch_size", "8", "--learning_rate", "1e-4",
+        "--loss_chunk_tokens", "0", "--save_steps", "1", "--output_dir", str(work / "fsdp2"),
+    ]  # fmt: skip
+
+    def run(*extra: str) -> str:
+        cmd = launch_command(
+            str(REPO / "recipes/sft.py"),
+            [*args, *extra],
+            str(REPO / "accelerate_configs/fsdp2.yaml"),
+            processes,
+            port=free_port(),
+        )
+        done = subprocess.run(cmd, cwd=REPO, env=os.environ, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+        return done.stdout + done.stderr
+
+    output = run()
+    full = read_metrics(work / "fsdp2")
+    final = load_file(str(work / "fsdp2" / "final" / "model.safetensors"))
+    start = load_file(str(model / "model.safetensors"))
+    shutil.rmtree(work / "fsdp2" / "final")
+    run("--resume_from_checkpoint", str(work / "fsdp2" / "checkpoint-1"))
+    resumed = load_file(str(work / "fsdp2" / "final" / "model.safetensors"))
+    moved = max((final[k].float() - start[k].float()).abs().max().item() for k in start)
+    diff = max((final[k] - resumed[k]).abs().max().item() for k in final)
+    result = {
+        "processes": processes,
+        "sharded": f"FSDP2: parameters sharded over {processes} processes in bf16 (fp32 masters)" in output,
+        "against_unsharded": compare(full, reference, BF16_REL),
+        "resumed_records": compare(read_metrics(work / "fsdp2"), full, BF16_REL),
+        "resumed_weight_difference": diff,
+        "weights_moved": moved,
+    }
+    result["passed"] = (
+        result["sharded"]
+        and result["against_unsharded"]["passed"]
+        and result["resumed_records"]["passed"]
+        and diff <= 0.01 * moved
+    )
+    return result
 
 
 def throughput(

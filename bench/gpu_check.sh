@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of the memory and speed levers, on one H100/H200 with no network, in a few minutes:
 # installs what the machine lacks from wheels carried in .whl/ (e.g. datasets, deepspeed, gguf), checks the
-# levers' exactness in bf16 on CUDA, and measures tokens/s, MFU and peak memory of 0.5B- and 1.5B-shaped
+# levers' exactness in bf16 on CUDA and FSDP2 (accelerate_configs/fsdp2.yaml on every GPU, resumed from a
+# checkpoint) against the unsharded run, and measures tokens/s, MFU and peak memory of 0.5B- and 1.5B-shaped
 # models (random init) with packing, the chunked loss, activation checkpointing and compilation.
 #   bash bench/gpu_check.sh H200-SXM          # writes bench/results/h200-sxm.json
 #   bash bench/gpu_check.sh --dry-run         # the same steps on tiny shapes on this machine's CPU

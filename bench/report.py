@@ -63,10 +63,12 @@ def render_table(results: dict) -> str:
     if scale:
         for name, t in scale["topologies"].items():
             mem = "/".join(f"{m / 1024:.2f}" for m in t["peak_memory_mib_per_process"])
+            planned = t.get("planned_memory_gib_per_device")
+            plan = "" if planned is None else f" (plan: {planned:.2f} GiB)"
             rows.append(
                 (
                     f"{name}, {scale['model_parameters'] / 1e6:.0f}M-parameter model: peak GiB per process, s/step",
-                    f"{mem} GiB, {t['seconds_per_step']:.2f} s",
+                    f"{mem} GiB{plan}, {t['seconds_per_step']:.2f} s",
                     "reported",
                 )
             )

@@ -159,7 +159,19 @@ def scale_topologies() -> dict[str, tuple[str, int]]:
         "DDP x2": (f"accelerate_configs/{two}", 2),
         "ZeRO-2 x2": ("accelerate_configs/ds_zero2.yaml", 2),
         "ZeRO-3 x2": ("accelerate_configs/ds_zero3.yaml", 2),
+        "FSDP2 x2": ("accelerate_configs/fsdp2.yaml", 2),
     }
+
+
+def planned_memory_gib(job: Job, accelerate_config: str) -> float:
+    """`recipes plan`'s per-device memory estimate (model states + activations) of the job on a topology."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "recipes.cli", "plan", *job.recipe_args(out)]
+        cmd += ["--accelerate-config", accelerate_config, "--json"]
+        result = subprocess.run(
+            cmd, cwd=REPO, env={**os.environ, **OFFLINE}, capture_output=True, text=True, check=True
+        )
+    return json.loads(result.stdout)["estimate"]["memory_per_device"]["total"] / 2**30
 
 
 def scale_model(directory: Path, tokenizer_from: str, hidden: int, layers: int) -> Path:
@@ -186,7 +198,8 @@ def scale_model(directory: Path, tokenizer_from: str, hidden: int, layers: int) 
 
 
 def scale(job: Job, model: Path, steps: int) -> dict:
-    """Wall clock and peak memory per process of the same per-process work on 1 and 2 processes."""
+    """Wall clock and peak memory per process of the same per-process work on 1 and 2 processes (DDP,
+    ZeRO-2, ZeRO-3, FSDP2), next to `recipes plan`'s per-device memory estimate of each."""
     shape = model_shape(str(model))
     out = {"model_parameters": shape.total_params, "steps": steps, "topologies": {}}
     for name, (config, processes) in scale_topologies().items():
@@ -200,6 +213,7 @@ def scale(job: Job, model: Path, steps: int) -> dict:
             "peak_memory_mib_per_process": result["peak_memory_mib_per_process"],
             "seconds_per_step": statistics.median(result["step_times"][1:] or result["step_times"]),
             "runtime": result["runtime"],
+            "planned_memory_gib_per_device": planned_memory_gib(scaled, config),
         }
     return out
 

@@ -26,7 +26,7 @@ from transformers import (
 
 from recipes.core import lora
 from recipes.core.accumulation import backward_scale
-from recipes.core.checkpoint_io import AccelerateIO
+from recipes.core.checkpoint_io import accelerate_io
 from recipes.core.classification import (
     BestModel,
     check_metric_config,
@@ -40,6 +40,7 @@ from recipes.core.config import ConfigError, TrainingConfig, field, parse_config
 from recipes.core.data import make_train_loader
 from recipes.core.errors import run_recipe
 from recipes.core.final_model import save_final_model
+from recipes.core.fsdp import full_state_dict, load_full_state_dict, prepare
 from recipes.core.inputs import load_tokenizer
 from recipes.core.metrics import load_metrics
 from recipes.core.model_setup import load_pretrained
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     model = lora.apply_lora(model, cfg, lora.SEQUENCE_CLASSIFICATION)  # the head trains in full
     parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned
     optimizer = make_optimizer(model, cfg)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # accelerator.prepare; under an FSDP launch the model comes back sharded by FSDP2 (core/fsdp.py)
+    model, optimizer, train_loader = prepare(accelerator, model, optimizer, train_loader)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
 
     # ---------------------------------------------------------------- plan and schedule
@@ -144,12 +146,12 @@ def main(argv: list[str] | None = None) -> None:
         results = {f"eval_{k}": v for k, v in results.items()}
         run.records.log_eval(step, results, log)
         if step > 0:  # the untrained model is never the one kept
-            best.update(step, results, lambda: accelerator.get_state_dict(model))
+            best.update(step, results, lambda: full_state_dict(accelerator, model))
 
     # ---------------------------------------------------------------- train
     loop = run.training_loop(
         plan=plan,
-        io=AccelerateIO(accelerator),  # resumes model, optimizer, RNG and data position
+        io=accelerate_io(accelerator, model, optimizer),  # resumes model, optimizer, RNG, data position
         scheduler=scheduler,
         evaluate=evaluate,
         tracked={"best_model": best},
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # ------------------------------------------------------------ keep the best, test, save
         if best.state is not None and best.step != loop.step:
-            accelerator.unwrap_model(model).load_state_dict(best.state)
+            load_full_state_dict(accelerator, model, best.state)
             log(f"kept the model of step {best.step} ({best.key} {best.value:.4f})")
         kept_step = best.step or loop.step
         if cfg.test_split:

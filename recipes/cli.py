@@ -154,7 +154,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
 def _estimate(args, cfg, module, plan: dict, topology, overrides: list[str]) -> dict | None:
     """Compute, time and memory estimate; skipped with a note when the model config cannot be read."""
     from recipes.core.calibrate import calibrate
-    from recipes.core.estimate import DEFAULT_UTILIZATION, Levers, estimate_run, model_shape
+    from recipes.core.estimate import DEFAULT_UTILIZATION, FSDP2Layout, Levers, estimate_run, model_shape
     from recipes.core.hardware import get_device
 
     asked = args.gpu or args.accelerate_config or args.deepspeed_config or args.calibrate
@@ -182,7 +182,14 @@ def _estimate(args, cfg, module, plan: dict, topology, overrides: list[str]) -> 
         device=get_device(args.gpu) if args.gpu else None,
         utilization=args.utilization or DEFAULT_UTILIZATION,
         levers=Levers(cfg.gradient_checkpointing, getattr(cfg, "loss_chunk_tokens", 0)),
-        autocast=topology.deepspeed_config is None and topology.zero_stage == 0,
+        autocast=topology.deepspeed_config is None
+        and topology.zero_stage == 0
+        and topology.fsdp_shard_size is None,
+        fsdp=None
+        if topology.fsdp_shard_size is None
+        else FSDP2Layout(
+            topology.fsdp_shard_size, topology.fsdp_offload, topology.fsdp_reshard_after_forward
+        ),
     )
     estimate["seq_len_source"] = (
         "--seq-len" if args.seq_len else "max_seq_length, an upper bound (--seq-len for the mean)"

@@ -23,11 +23,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedul
 from recipes.core import lora
 from recipes.core.accumulation import backward_scale, eval_loss_results, target_tokens
 from recipes.core.chat import PadCollator, make_collator, model_inputs
-from recipes.core.checkpoint_io import AccelerateIO
+from recipes.core.checkpoint_io import accelerate_io
 from recipes.core.config import TrainingConfig, field, parse_config
 from recipes.core.data import make_train_loader
 from recipes.core.errors import run_recipe
 from recipes.core.final_model import save_final_model
+from recipes.core.fsdp import prepare
 from recipes.core.inputs import load_tokenizer
 from recipes.core.lm_loss import CausalLMLoss
 from recipes.core.model_setup import load_pretrained
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     loss_of = CausalLMLoss(model, cfg.loss_chunk_tokens, accelerator.autocast)
     parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned
     optimizer = make_optimizer(model, cfg)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # accelerator.prepare; under an FSDP launch the model comes back sharded by FSDP2 (core/fsdp.py)
+    model, optimizer, train_loader = prepare(accelerator, model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
 
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------- train
     loop = run.training_loop(
         plan=plan,
-        io=AccelerateIO(accelerator),  # resumes model, optimizer, RNG and data position
+        io=accelerate_io(accelerator, model, optimizer),  # resumes model, optimizer, RNG, data position
         scheduler=scheduler,
         evaluate=evaluate,
     )

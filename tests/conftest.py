@@ -29,8 +29,8 @@ os.environ.update(OFFLINE)  # recipes run in this process too
 
 # The shared job (helpers.JOB) on each topology: (accelerate config, or None to run in this process;
 # recipe; extra arguments). Every one takes the same 12 steps on the same samples, so each is the
-# reference of the others: one process at micro batch 2 (GA 4) and 8 (GA 1), DDP and every shipped
-# ZeRO config on 2 processes (GA 2), and a 2-stage pipeline (GA 4).
+# reference of the others: one process at micro batch 2 (GA 4) and 8 (GA 1), DDP, every shipped
+# ZeRO config and FSDP2 on 2 processes (GA 2), and a 2-stage pipeline (GA 4).
 REFERENCES = {
     "1proc": (None, "sft", ["--report_to", "tensorboard"]),
     "big_batch": (None, "sft", ["--per_device_train_batch_size", "8", "--save_steps", "0"]),
@@ -40,6 +40,7 @@ REFERENCES = {
     "zero3": ("accelerate_configs/ds_zero3.yaml", "sft", []),
     "zero2_offload": ("accelerate_configs/ds_zero2_offload.yaml", "sft", ["--save_steps", "0"]),
     "zero3_offload": ("accelerate_configs/ds_zero3_offload.yaml", "sft", ["--save_steps", "0"]),
+    "fsdp2": ("accelerate_configs/fsdp2.yaml", "sft", []),
     "pipeline": (PIPELINE, "sft_pipeline", []),
     # Qwen2 ties its input and output embeddings: one tensor on the first and the last pipeline stage.
     "1proc_qwen2": (None, "sft", []),

@@ -1,6 +1,6 @@
 """LoRA (use_peft) in the SFT and classification recipes: only adapters train, the pretrained weights stay
 frozen, the saved adapter and merged model equal the trained model, and the step/schedule/accumulation
-guarantees hold on 1 process, DDP and ZeRO-2/3.
+guarantees hold on 1 process, DDP, ZeRO-2/3 and FSDP2 (with CPU offload).
 
 Shared SFT runs: 48 samples, 8 samples per optimizer step in every run (1 process micro 2 x GA 4 or
 micro 8 x GA 1; 2 processes micro 2 x GA 2), so 6 optimizer steps, and the same samples in each step.
@@ -64,6 +64,8 @@ RUNS = {  # name: (accelerate config, micro batch, GA, extra overrides)
     "ddp_micro2_ga2": (TWO_PROCESSES, 2, 2, ["--eval_split", "null"]),
     "zero2_micro2_ga2": ("accelerate_configs/ds_zero2.yaml", 2, 2, ["--eval_split", "null", "--merge_adapter", "true"]),
     "zero3_micro2_ga2": ("accelerate_configs/ds_zero3.yaml", 2, 2, ["--eval_split", "null", "--merge_adapter", "true"]),
+    "fsdp2_offload_micro2_ga2": ("accelerate_configs/fsdp2_offload.yaml", 2, 2,
+                                 ["--eval_split", "null", "--merge_adapter", "true"]),
 }  # fmt: skip
 TOTAL_STEPS = 6  # 48 samples / 8 per step
 
@@ -172,7 +174,9 @@ def test_trained_model_is_the_untouched_pretrained_weights_plus_the_saved_adapte
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["1proc_micro2_ga4", "zero2_micro2_ga2", "zero3_micro2_ga2"])
+@pytest.mark.parametrize(
+    "name", ["1proc_micro2_ga4", "zero2_micro2_ga2", "zero3_micro2_ga2", "fsdp2_offload_micro2_ga2"]
+)
 def test_merged_model_is_base_plus_scaled_adapter_and_every_other_weight_bit_identical(
     runs, tiny_llama, name
 ):
@@ -230,7 +234,9 @@ def test_merged_model_loads_without_peft_and_gives_the_outputs_of_base_plus_adap
 
 # -------------------------------------------------------------------- steps, schedule, accumulation
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ddp_micro2_ga2", "zero2_micro2_ga2", "zero3_micro2_ga2"])
+@pytest.mark.parametrize(
+    "name", ["ddp_micro2_ga2", "zero2_micro2_ga2", "zero3_micro2_ga2", "fsdp2_offload_micro2_ga2"]
+)
 def test_two_process_lora_runs_take_the_planned_steps_at_the_planned_lrs(runs, name):
     plan = load_plan(runs[name])
     assert (plan["world_size"], plan["gradient_accumulation_steps"], plan["total_optimizer_steps"]) == (
@@ -253,7 +259,14 @@ def test_two_process_lora_runs_take_the_planned_steps_at_the_planned_lrs(runs, n
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["1proc_micro2_ga4", "ddp_micro2_ga2", "zero2_micro2_ga2", "zero3_micro2_ga2"]
+    "name",
+    [
+        "1proc_micro2_ga4",
+        "ddp_micro2_ga2",
+        "zero2_micro2_ga2",
+        "zero3_micro2_ga2",
+        "fsdp2_offload_micro2_ga2",
+    ],
 )
 def test_lora_accumulation_and_data_parallelism_equal_one_big_batch(runs, name):
     ours, reference = runs[name], runs["1proc_micro8_ga1"]

@@ -2,12 +2,13 @@
 
 The Checkpointer decides when, where and how atomically a checkpoint is written; a CheckpointIO writes
 and reads the model, optimizer and RNG states inside that directory. `AccelerateIO` wraps an Accelerator
-(recipes/sft.py, recipes/classify.py); `DeepSpeedEngineIO` a DeepSpeed engine that the recipe drives
-itself (recipes/sft_pipeline.py).
+(recipes/sft.py, recipes/classify.py), `FSDP2IO` their FSDP2-sharded model and optimizer (`accelerate_io`
+picks one); `DeepSpeedEngineIO` a DeepSpeed engine that the recipe drives itself (recipes/sft_pipeline.py).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +37,111 @@ class AccelerateIO:
 
     def load_state(self, directory: Path) -> None:
         self.accelerator.load_state(str(directory))
+
+
+def accelerate_io(accelerator: Any, model: Any, optimizer: Any) -> CheckpointIO:
+    """How an Accelerate recipe's training state is saved: FSDP2IO for a model FSDP2 shards (on GPUs and CPU
+    processes alike), otherwise Accelerate's save_state."""
+    from recipes.core.fsdp import is_sharded
+
+    if is_sharded(model):
+        return FSDP2IO(model, optimizer, accelerator.process_index)
+    return AccelerateIO(accelerator)
+
+
+class FSDP2IO:
+    """The shards of an FSDP2 model and of its optimizer states through torch.distributed.checkpoint: every
+    rank writes its own shards into safetensors files under `model/` and `optimizer/`, each file carrying
+    the shards' offsets as JSON (torch's HuggingFaceStorageWriter), and HuggingFaceStorageReader reads them
+    back into this run's shards (any world size). Nothing is unpickled: DCP's default FileSystemReader
+    would unpickle its `.metadata` file and every non-tensor entry. The optimizer's hyper-parameters (the
+    LR the schedule reached, betas, ...) go to `optimizer_param_groups.json`, the RNG states of each rank
+    to `rng_state_<rank>.pt` (tensors and plain values, loaded weights-only). Every rank calls both."""
+
+    MODEL, OPTIMIZER, PARAM_GROUPS = "model", "optimizer", "optimizer_param_groups.json"
+
+    def __init__(self, model: Any, optimizer: Any, process_index: int):
+        self.model, self.process_index = model, process_index
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer Accelerate wraps
+
+    def _states(self) -> tuple[dict, dict, dict]:
+        """This run's sharded model state, the optimizer's state tensors and its other entries, keyed by
+        parameter name (the optimizer's flattened form: `state.<param>.exp_avg`, `param_groups.<param>.lr`)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        from recipes.core.fsdp import reshard
+
+        reshard(self.model)  # an evaluation leaves the units not resharded after forward gathered
+        flat = StateDictOptions(flatten_optimizer_state_dict=True)
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=flat)
+        tensors = {k: v for k, v in optimizer.items() if isinstance(v, torch.Tensor)}
+        others = {k: v for k, v in optimizer.items() if not isinstance(v, torch.Tensor)}
+        return get_model_state_dict(self.model), tensors, others
+
+    def save_state(self, directory: Path) -> None:
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+
+        model, tensors, others = self._states()
+        for name, state in ((self.MODEL, model), (self.OPTIMIZER, tensors)):
+            unique, _ = _untied(state)
+            save(
+                unique, storage_writer=HuggingFaceStorageWriter(str(directory / name), save_distributed=True)
+            )
+        if self.process_index == 0:
+            (directory / self.PARAM_GROUPS).write_text(json.dumps(others, indent=1) + "\n")
+        torch.save(rng_states(), directory / f"rng_state_{self.process_index}.pt")
+
+    def load_state(self, directory: Path) -> None:
+        from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        model, tensors, _ = self._states()  # this run's shards, which the saved ones are read into
+        for name, state in ((self.MODEL, model), (self.OPTIMIZER, tensors)):
+            if not (directory / name).is_dir():
+                raise FileNotFoundError(f"{directory} holds no FSDP2 {name} shards ({name}/)")
+            unique, aliases = _untied(state)
+            load(unique, storage_reader=HuggingFaceStorageReader(str(directory / name)))
+            state.update({alias: unique[key] for alias, key in aliases.items()})
+        set_model_state_dict(self.model, model)
+        saved = json.loads((directory / self.PARAM_GROUPS).read_text())
+        others = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}  # betas: a tuple
+        flat = StateDictOptions(flatten_optimizer_state_dict=True)
+        set_optimizer_state_dict(self.model, self.optimizer, {**tensors, **others}, options=flat)
+        restore_rng_states(
+            torch.load(
+                directory / f"rng_state_{self.process_index}.pt", map_location="cpu", weights_only=True
+            )
+        )
+
+
+def _untied(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A state dict with each tensor under one name, and the other names of tensors that several entries
+    share (tied input and output embeddings): safetensors refuses to write one tensor twice."""
+    unique, aliases, first = {}, {}, {}
+    for key, value in state.items():
+        memory = _memory(value)
+        if memory in first:
+            aliases[key] = first[memory]
+        else:
+            first[memory] = key
+            unique[key] = value
+    return unique, aliases
+
+
+def _memory(value: Any) -> Any:
+    """Where a (sharded) tensor's local data lives; an empty shard (no memory) is only itself."""
+    local = getattr(value, "_local_tensor", value)  # a DTensor's shard on this rank
+    if not isinstance(local, torch.Tensor) or local.untyped_storage().data_ptr() == 0:
+        return id(value)
+    return local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape), local.dtype
 
 
 class DeepSpeedEngineIO:

@@ -11,9 +11,16 @@ Formulas (printed with every estimate, so nobody has to guess which one was used
 - model states per device (ZeRO paper, Rajbhandari et al. 2019): mixed-precision Adam keeps 2 bytes of
   16-bit parameters + 2 bytes of 16-bit gradients + 12 bytes of fp32 master weights, momentum and
   variance per parameter; fp32 training 4 + 4 + 8; 16-bit autocast without DeepSpeed (fp32 weights,
-  gradients and Adam, and a 16-bit copy of each weight for the forward) 4 + 2 + 4 + 8. Stage 1 partitions the optimizer states over the
-  data-parallel ranks, stage 2 also the gradients, stage 3 also the parameters; offloaded parts
-  leave the device.
+  gradients and Adam, and a 16-bit copy of each weight for the forward) 4 + 2 + 4 + 8. Stage 1
+  partitions the optimizer states over the data-parallel ranks, stage 2 also the gradients, stage 3
+  also the parameters; offloaded parts leave the device.
+- FSDP2 per device: fp32 parameters (the masters, also under bf16: 4 bytes), gradients (4) and Adam
+  states (8) per parameter, sharded over the shard group (every process; dp_shard_size when hybrid);
+  plus parameters gathered in the compute precision (2 bytes in bf16/fp16, 4 in fp32) for two FSDP
+  units at a time (the one computing and the next being gathered; a unit is a decoder layer or the
+  embeddings), or for the whole model when layers are not resharded after forward, and their
+  unsharded gradients: one unit's, or the whole model's while an accumulation window defers the
+  reduce-scatter to its last micro-batch. Offload moves the sharded states to host memory.
 - activations per device = n_layer x s x b x h x (34 + 5 x a x s / h) bytes for 16-bit activations,
   x2 for fp32 (Korthikanti et al. 2022, no recomputation). With activation checkpointing only each
   layer's input is kept (2 x s x b x h bytes, x2 in fp32) plus one layer's activations while it is
@@ -31,6 +38,12 @@ MEMORY_FORMULA = (
     "bf16/fp16 autocast without DeepSpeed 4 + 2 (16-bit copy of the weights) + 4 + 8; "
     "stage 1 splits optimizer states, 2 also grads, 3 also params over data-parallel ranks; "
     "pipeline stages split them evenly; grads and optimizer states only for trainable params (LoRA)"
+)
+FSDP2_MEMORY_FORMULA = (
+    "FSDP2 accounting: fp32 params 4 + grads 4 + Adam states 8 bytes/param sharded over the shard group; plus "
+    "params gathered in the compute precision (2 bytes bf16/fp16, 4 fp32) for 2 units (a decoder layer or the "
+    "embeddings), or the whole model without resharding after forward, and their unsharded grads (the whole "
+    "model's while accumulation defers the reduce-scatter); offload: sharded states in host memory"
 )
 ACTIVATION_FORMULA = (
     "layers x s x b x h x (34 + 5 a s / h) bytes (x2 in fp32); checkpointed: layers x 2 s b h + one layer's; "
@@ -164,6 +177,51 @@ def model_state_bytes(
 
 
 @dataclass(frozen=True)
+class FSDP2Layout:
+    """How FSDP2 holds the model: sharded over `shard_size` processes (the rest of the world size holds
+    replicas under hybrid sharding), in host memory with `offload`, each layer gathered again for its
+    backward with `reshard_after_forward`."""
+
+    shard_size: int
+    offload: bool = False
+    reshard_after_forward: bool = True
+
+    def describe(self, world_size: int) -> str:
+        replicas = world_size // self.shard_size
+        hybrid = f", {replicas} replicas (hybrid)" if replicas > 1 else ""
+        return f"FSDP2 sharded over {self.shard_size}{hybrid}" + (", offloaded" if self.offload else "")
+
+
+def largest_fsdp_unit(shape: ModelShape) -> float:
+    """Parameters of the largest FSDP unit: a decoder layer, or the token embedding (vocabulary x width)."""
+    return max(shape.non_embedding_params / max(shape.num_layers, 1), shape.vocab_size * shape.hidden_size)
+
+
+def fsdp2_state_bytes(
+    shape: ModelShape,
+    layout: FSDP2Layout,
+    precision: str,
+    trainable_params: int | None = None,
+    accumulating: bool = False,
+) -> tuple[float, float, float, float]:
+    """(parameters, gradients, optimizer states, offloaded) bytes per device under FSDP2 (module docstring);
+    `accumulating`: gradient accumulation over more than one micro-batch per optimizer step."""
+    total = shape.total_params
+    trainable = total if trainable_params is None else trainable_params
+    compute = 4 if precision == "fp32" else 2
+    params, grads, optim = (
+        b * n / layout.shard_size for b, n in ((4, total), (4, trainable), (8, trainable))
+    )
+    offloaded = 0.0
+    if layout.offload:
+        offloaded, params, grads, optim = params + grads + optim, 0.0, 0.0, 0.0
+    unit = largest_fsdp_unit(shape)
+    gathered = compute * (2 * unit if layout.reshard_after_forward else total)
+    unsharded_grads = compute * (trainable if accumulating else trainable * unit / total)
+    return params + gathered, grads + unsharded_grads, optim, offloaded
+
+
+@dataclass(frozen=True)
 class Levers:
     """The memory levers of a run that change its activations (precision is passed on its own)."""
 
@@ -206,30 +264,43 @@ def device_memory(
     pipeline_stages: int = 1,
     trainable_params: int | None = None,
     levers: Levers = Levers(),
+    fsdp: FSDP2Layout | None = None,
+    accumulating: bool = False,
     autocast: bool = False,
 ) -> DeviceMemory:
     """Activations are not divided by pipeline stages: under 1F1B a stage holds up to one micro-batch
     per stage in flight, which is about one micro-batch through all layers. `trainable_params` (e.g.
-    LoRA adapters only) limits gradients and optimizer states; activations are counted in full."""
-    params, grads, optim, offloaded = model_state_bytes(
-        shape.total_params // pipeline_stages,
-        dp_size,
-        zero_stage,
-        precision,
-        offload_optimizer,
-        offload_param,
-        None if trainable_params is None else trainable_params // pipeline_stages,
-        autocast,
-    )
+    LoRA adapters only) limits gradients and optimizer states; activations are counted in full. With
+    `fsdp`, model states as FSDP2 holds them (`accumulating`: more than one micro-batch per step);
+    `autocast`: 16-bit precision by autocast, not DeepSpeed's (model_state_bytes)."""
+    if fsdp is not None:
+        params, grads, optim, offloaded = fsdp2_state_bytes(
+            shape, fsdp, precision, trainable_params, accumulating
+        )
+    else:
+        params, grads, optim, offloaded = model_state_bytes(
+            shape.total_params // pipeline_stages,
+            dp_size,
+            zero_stage,
+            precision,
+            offload_optimizer,
+            offload_param,
+            None if trainable_params is None else trainable_params // pipeline_stages,
+            autocast,
+        )
     activations = activation_bytes(shape, micro_batch_size, seq_len, precision, levers)
     return DeviceMemory(params, grads, optim, activations, offloaded)
 
 
-def fit_warning(memory: DeviceMemory, device_name: str, device_bytes: float, zero_stage: int) -> str | None:
+def fit_warning(
+    memory: DeviceMemory, device_name: str, device_bytes: float, zero_stage: int, fsdp: bool = False
+) -> str | None:
     """None when the estimate fits on the device, else what to change."""
     if memory.total <= device_bytes:
         return None
     hint = f"a higher ZeRO stage (now {zero_stage})" if zero_stage < 3 else "offloading to CPU"
+    if fsdp:
+        hint = "offloading to CPU (fsdp2_offload.yaml)"
     return (
         f"does not fit: needs {memory.total / 1e9:.1f} GB per device, a {device_name} has "
         f"{device_bytes / 1e9:.0f} GB; use {hint}, more data-parallel devices, a smaller "
@@ -249,9 +320,11 @@ def estimate_run(
     device=None,
     utilization: float = DEFAULT_UTILIZATION,
     levers: Levers = Levers(),
+    fsdp: FSDP2Layout | None = None,
     autocast: bool = False,
 ) -> dict:
-    """Tokens, FLOPs, wall clock (with a `hardware.Device`) and per-device memory of a plan."""
+    """Tokens, FLOPs, wall clock (with a `hardware.Device`) and per-device memory of a plan, under ZeRO
+    (stage 0: DDP) or, with `fsdp`, FSDP2."""
     tokens = plan["samples_per_step"] * plan["total_optimizer_steps"] * seq_len
     flops = training_flops(shape, tokens, seq_len)
     memory = device_memory(
@@ -266,8 +339,11 @@ def estimate_run(
         plan.get("pipeline_stages", 1),
         plan.get("trainable_parameters"),
         levers,
+        fsdp,
+        plan["gradient_accumulation_steps"] > 1,
         autocast,
     )
+    sharding = fsdp.describe(plan["world_size"]) if fsdp else f"ZeRO-{zero_stage}"
     out = {
         "model_params": shape.total_params,
         "non_embedding_params": shape.non_embedding_params,
@@ -278,11 +354,12 @@ def estimate_run(
         "training_flops": flops,
         "flops_formula": FLOPS_FORMULA,
         "zero_stage": zero_stage,
+        "sharding": sharding,
         "offload_optimizer": offload_optimizer,
         "offload_param": offload_param,
         "memory_levers": levers.describe(),
         "memory_per_device": memory.to_dict(),
-        "memory_formula": MEMORY_FORMULA,
+        "memory_formula": FSDP2_MEMORY_FORMULA if fsdp else MEMORY_FORMULA,
         "activation_formula": ACTIVATION_FORMULA,
     }
     if device is not None:
@@ -302,7 +379,9 @@ def estimate_run(
                 "wall_clock": format_seconds(seconds),
                 "device_memory": None if device.memory_bytes == float("inf") else device.memory_bytes,
                 "fits": fits,
-                "warning": fit_warning(memory, device.name, device.memory_bytes, zero_stage),
+                "warning": fit_warning(
+                    memory, device.name, device.memory_bytes, zero_stage, fsdp is not None
+                ),
             }
         )
     return out
@@ -351,9 +430,11 @@ def estimate_table(est: dict) -> str:
     offload = ", ".join(
         f"{k} offloaded to {est[f'offload_{k}']}" for k in ("optimizer", "param") if est[f"offload_{k}"]
     )
+    if est["sharding"].endswith("offloaded"):
+        offload = "FSDP2 parameters, gradients and optimizer states offloaded"
     rows += [
         (
-            f"memory per device (ZeRO-{est['zero_stage']})",
+            f"memory per device ({est['sharding']})",
             f"params {_gb(mem['parameters'])} + grads {_gb(mem['gradients'])} + optimizer "
             f"{_gb(mem['optimizer_states'])} + activations {_gb(mem['activations'])} = {_gb(mem['total'])}"
             + (f"; {offload}: {_gb(mem['offloaded'])} in host memory" if offload else ""),

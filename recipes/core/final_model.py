@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from recipes.core import lora
+from recipes.core.fsdp import full_state_dict, is_sharded
 from recipes.core.plots import write_curves
 
 
@@ -13,14 +14,15 @@ def save_final_model(accelerator: Any, model: Any, tokenizer: Any, cfg: Any, tas
     with the tokenizer), curves.png, and with merge_adapter output_dir/merged. Every rank calls it."""
     final_dir = f"{cfg.output_dir}/final"
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 partitions
-    accelerator.unwrap_model(model).save_pretrained(
-        final_dir,
-        state_dict=state_dict,
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        safe_serialization=True,
-    )
+    state_dict = full_state_dict(accelerator, model)  # gathers ZeRO-3 partitions and FSDP2 shards
+    if accelerator.is_main_process or not is_sharded(model):  # FSDP2 gathers on the main process only
+        accelerator.unwrap_model(model).save_pretrained(
+            final_dir,
+            state_dict=state_dict,
+            is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+            safe_serialization=True,
+        )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(final_dir)
         write_curves(cfg.output_dir)

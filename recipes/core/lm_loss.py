@@ -95,6 +95,8 @@ class CausalLMLoss:
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         with self.autocast():
+            if _fsdp_linear(self.head):
+                return F.linear(hidden, *_unsharded(self.head))
             return self.head(hidden)
 
 
@@ -168,6 +170,27 @@ class _FrozenHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_total):
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_total, None, None, None, None, None
+
+
+def _fsdp_linear(head: torch.nn.Module) -> bool:
+    """Whether the head is a linear layer FSDP2 shards. Its FSDP unit (the final norm and the head) runs
+    its hooks for the calls inside the model's forward only: a call of the module from outside (a chunk,
+    or a chunk's recomputation in backward) is not one FSDP2 prepares for backward, and crashed the
+    process (torch 2.13). The head is called as the function it is instead, on the gathered weight that
+    the model's forward left (the unit is not resharded after forward), whose gradient FSDP2
+    reduce-scatters with the unit's in backward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(head, FSDPModule) and isinstance(head, torch.nn.Linear)
+
+
+def _unsharded(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The FSDP2 head's gathered weight and bias (gathered now if a forward left them sharded)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(head.weight, DTensor):
+        head.unshard()
+    return head.weight, head.bias
 
 
 def _partitioned(head: torch.nn.Module) -> bool:

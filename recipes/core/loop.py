@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from recipes.core.accumulation import accumulation_windows
 from recipes.core.checkpoint import Checkpointer
+from recipes.core.fsdp import plain_norm, set_gradient_sync
 from recipes.core.model_setup import compiled_graphs
 from recipes.core.nonfinite import NonFiniteSteps
 from recipes.core.ranks import Ranks
@@ -80,12 +81,16 @@ class Window(Generic[B]):
         accumulation steps at every window start (Accelerate checkpoints the count, so also after a
         resume). After each micro-batch the public sync flag is checked: an Accelerate release that
         counts differently stops the run at its first step instead of training a wrong accumulation.
+
+        An FSDP2 model reduce-scatters its gradients only in the last micro-batch's backward (its public
+        set_requires_gradient_sync; Accelerate's accumulate does this on GPUs, not on CPU processes).
         """
         for _ in range(accelerator.gradient_accumulation_steps - len(self.batches)):
             with accelerator.accumulate(model):
                 pass
         last = len(self.batches) - 1
         for i, batch in enumerate(self.batches):
+            set_gradient_sync(model, i == last)
             yield batch
             if accelerator.sync_gradients != (i == last):
                 raise AccumulationMismatch(
@@ -173,7 +178,7 @@ class TrainingLoop:
         changes neither weights nor optimizer state (torch optimizers pass over parameters without a
         gradient); every rank takes the same decision."""
         clip = self.nonfinite.clip_norm
-        window.grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip else None
+        window.grad_norm = plain_norm(accelerator.clip_grad_norm_(model.parameters(), clip)) if clip else None
         window.skipped = self.nonfinite.skip_update(window.loss_sum, window.grad_norm)
         if window.skipped:
             for parameter in model.parameters():

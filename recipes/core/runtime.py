@@ -17,6 +17,7 @@ from recipes.core import steps
 from recipes.core.config import ConfigError
 from recipes.core.deepspeed_support import apply_recipe_values
 from recipes.core.doctor import preflight
+from recipes.core.fsdp import check_applies
 from recipes.core.tracking import tracker_kwargs
 
 
@@ -103,6 +104,7 @@ def setup_accelerator(cfg: Any) -> tuple[Accelerator, int]:
     """
     state = init_distributed()
     preflight(cfg, state.num_processes)
+    check_applies(state.num_processes, state.device.type)  # FSDP on one CPU process would not shard
     ga = resolve_gradient_accumulation(
         cfg.gradient_accumulation_steps,
         cfg.global_batch_size,

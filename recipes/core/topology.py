@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from recipes.core.config import read_mapping
 from recipes.core.doctor import pipeline_stages
+from recipes.core.doctor.fsdp import normalized, shard_size
 
 
 @dataclass(frozen=True)
@@ -18,13 +19,17 @@ class Topology:
     pipeline_stages: int = 1
     deepspeed_precision: str | None = None  # set only when the DS config enables bf16/fp16 explicitly
     deepspeed_config: str | None = None
+    fsdp_shard_size: int | None = None  # FSDP2: processes each parameter is sharded over (None: no FSDP)
+    fsdp_offload: bool = False  # FSDP2 parameters, gradients and optimizer states in CPU memory
+    fsdp_reshard_after_forward: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def read_topology(accelerate_config: str | None = None, deepspeed_config: str | None = None) -> Topology:
-    """World size, machines, ZeRO stage, offload and precision from the config files (either may be None)."""
+    """World size, machines, ZeRO stage or FSDP2 sharding, offload and precision from the config files
+    (either may be None)."""
     acc = read_mapping(accelerate_config) if accelerate_config else {}
     acc_ds = acc.get("deepspeed_config") or {}
     deepspeed_config = deepspeed_config or acc_ds.get("deepspeed_config_file")
@@ -46,8 +51,10 @@ def read_topology(accelerate_config: str | None = None, deepspeed_config: str | 
             p for p in ("bf16", "fp16") if isinstance(ds.get(p), dict) and ds[p].get("enabled") is True
         ]
         precision = enabled[0] if enabled else None
+    world_size = int(acc.get("num_processes", 1))
+    fsdp = normalized(acc.get("fsdp_config")) if acc.get("distributed_type") == "FSDP" else None
     return Topology(
-        world_size=int(acc.get("num_processes", 1)),
+        world_size=world_size,
         num_machines=int(acc.get("num_machines", 1)),
         zero_stage=zero_stage,
         offload_optimizer=offload_optimizer,
@@ -55,6 +62,10 @@ def read_topology(accelerate_config: str | None = None, deepspeed_config: str | 
         pipeline_stages=pipeline_stages(ds, None),
         deepspeed_precision=precision,
         deepspeed_config=deepspeed_config,
+        fsdp_shard_size=None if fsdp is None else shard_size(acc, world_size),
+        fsdp_offload=fsdp is not None and str(fsdp.get("fsdp_offload_params")).lower() == "true",
+        fsdp_reshard_after_forward=fsdp is None
+        or str(fsdp.get("fsdp_reshard_after_forward", True)).lower() == "true",
     )
 
 

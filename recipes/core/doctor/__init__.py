@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from recipes.core.config import ON_NONFINITE_CHOICES, ConfigError, ConfigFileError, read_mapping
+from recipes.core.doctor import fsdp as fsdp_rules
 from recipes.core.doctor import known_keys
 from recipes.core.hardware import get_device
 from recipes.core.steps import (
@@ -208,6 +209,7 @@ ACCELERATE_RULES = [
     _multinode_launcher,
     _rendezvous,
     _inline_deepspeed,
+    fsdp_rules.accelerate_problems,
 ]
 
 
@@ -459,6 +461,18 @@ def _nonfinite(recipe: dict, deepspeed: bool) -> Iterator[Problem]:
         yield "max_consecutive_skips", problem, fix
 
 
+def check_fsdp_with_recipe(acc: dict, recipe: dict, file: str, recipe_file: str) -> list[Finding]:
+    """An FSDP accelerate config against the recipe config and its model's layer classes."""
+    fsdp = fsdp_rules.normalized(acc.get("fsdp_config"))
+    layout = None
+    if recipe.get("model_name_or_path"):
+        layout = fsdp_rules.model_layout(recipe["model_name_or_path"], recipe.get("trust_remote_code", False))
+    model = recipe.get("model_name_or_path", "the model")
+    return findings(recipe_file, fsdp_rules.recipe_problems(recipe)) + findings(
+        file, fsdp_rules.wrap_problems(fsdp, model, layout)
+    )
+
+
 def check_precision_on_device(precision: str, gpu: str, file: str, key: str) -> list[Finding]:
     device = get_device(gpu)
     if precision not in ("bf16", "fp16") or device.supports(precision):
@@ -524,6 +538,8 @@ def diagnose(
         found += check_nonfinite(recipe, deepspeed, recipe_config)
         if ds is not None:
             found += check_deepspeed_with_run(ds, recipe, world_size, deepspeed_config, recipe_config)
+        if (acc or {}).get("distributed_type") == "FSDP":
+            found += check_fsdp_with_recipe(acc, recipe, accelerate_config, recipe_config)
     if gpu:
         precision = (recipe or {}).get("mixed_precision", "no")
         recipe_file = recipe_config or "recipe config"
@@ -552,6 +568,15 @@ def preflight(cfg: Any, world_size: int, env: Mapping[str, str] | None = None) -
         conflicts = sorted(from_accelerate & (known_keys.DEEPSPEED_FILE_CONFLICTS | {"mixed_precision"}))
         fix = "remove it from the accelerate config"
         found += findings("accelerate config", [(key, REFUSED_NEXT_TO_FILE, fix) for key in conflicts])
+    if fsdp_rules.requested(env):
+        # The wrap classes are checked against the loaded model when it is sharded (core/fsdp.py).
+        found += findings("accelerate config", fsdp_rules.settings_problems(fsdp_rules.from_env(env)))
+        found += findings("recipe config", fsdp_rules.recipe_problems(recipe))
+        if launched_with_deepspeed:
+            problem = "FSDP and DeepSpeed both set in the launch environment (ACCELERATE_USE_FSDP and "
+            problem += "ACCELERATE_USE_DEEPSPEED)"
+            fix = "launch with one accelerate config: an FSDP one or a DeepSpeed one"
+            found += findings("accelerate config", [("distributed_type", problem, fix)])
     found = check_recipe(recipe, world_size, pipeline=pipeline_stages(ds, recipe)) + found
     found += check_nonfinite(recipe, deepspeed=launched_with_deepspeed or bool(ds_file))
     if found:

@@ -59,11 +59,32 @@ def accelerate_keys() -> frozenset[str]:
 def accelerate_deepspeed_keys() -> frozenset[str]:
     """Keys under `deepspeed_config:`. `accelerate launch` copies each onto its argument of that name, so
     the valid ones are its "DeepSpeed Arguments" (any other key is silently ignored)."""
+    return frozenset(launch_group("DeepSpeed Arguments"))
+
+
+@cache
+def launch_group(title: str) -> dict[str, Any]:
+    """`accelerate launch`'s arguments of one group, by name, with their defaults."""
     from accelerate.commands.launch import launch_command_parser
 
     # argparse keeps its groups only in _action_groups; Accelerate's help formatter keys on the same title.
     groups = {group.title: group for group in launch_command_parser()._action_groups}
-    return frozenset(action.dest for action in groups["DeepSpeed Arguments"]._group_actions)
+    return {action.dest: action.default for action in groups[title]._group_actions}
+
+
+@cache
+def accelerate_fsdp_keys() -> frozenset[str]:
+    """Keys under `fsdp_config:`: `accelerate launch` copies each onto its argument of that name (adding the
+    `fsdp_` prefix when it is missing), so the valid ones are its "FSDP Arguments", plus
+    fsdp_ignored_modules, which it reads without declaring it. Any other key is silently ignored."""
+    keys = set(launch_group("FSDP Arguments")) | {"fsdp_ignored_modules"}
+    return frozenset(keys | {key.removeprefix("fsdp_") for key in keys})
+
+
+@cache
+def accelerate_parallelism_keys() -> frozenset[str]:
+    """Keys under `parallelism_config:` (hybrid sharding: dp_replicate x dp_shard)."""
+    return frozenset(launch_group("ParallelismConfig Arguments"))
 
 
 @cache
