@@ -18,6 +18,10 @@ Formulas (printed with every estimate, so nobody has to guess which one was used
   layer's input is kept (2 x s x b x h bytes, x2 in fp32) plus one layer's activations while it is
   recomputed. Logits: fp32 logits of every token and their gradient, 8 x s x b x V bytes; with the
   chunked loss only one chunk's, 8 x min(chunk, s x b) x V.
+- preference tuning (Workload): each pair trains two sequences (chosen and rejected), so tokens and the
+  micro-batch's sequences double; a reference model's forward (a third of forward + backward) runs over the
+  same tokens every step, or once over the training pairs when precomputed; a frozen copy as the reference
+  holds its parameters on every device (partitioned under ZeRO-3) next to the policy's.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 FLOPS_FORMULA = "6 x non-embedding params x tokens + 12 x layers x attention dim x seq len x tokens"
+REFERENCE_FLOPS = "; + a third of that (a forward) over the reference's tokens"
 MEMORY_FORMULA = (
     "ZeRO accounting: bf16/fp16 2 (params) + 2 (grads) + 12 (fp32 Adam states) bytes/param, fp32 4 + 4 + 8; "
     "stage 1 splits optimizer states, 2 also grads, 3 also params over data-parallel ranks; "
@@ -121,10 +126,11 @@ class DeviceMemory:
     optimizer_states: float
     activations: float
     offloaded: float
+    reference: float = 0.0  # a frozen reference model's parameters (preference tuning)
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer_states + self.activations
+        return self.parameters + self.gradients + self.optimizer_states + self.activations + self.reference
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -154,6 +160,14 @@ def model_state_bytes(
     if offload_param in ("cpu", "nvme") and zero_stage == 3:
         offloaded, params = offloaded + params, 0.0
     return params, grads, optim, offloaded
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a training sample costs beyond one sequence trained on (see the module docstring)."""
+
+    sequences_per_sample: int = 1
+    reference: str | None = None  # None | "copy" | "adapter" (forward every step) | "precomputed" (once)
 
 
 @dataclass(frozen=True)
@@ -199,10 +213,12 @@ def device_memory(
     pipeline_stages: int = 1,
     trainable_params: int | None = None,
     levers: Levers = Levers(),
+    reference_copy: bool = False,
 ) -> DeviceMemory:
     """Activations are not divided by pipeline stages: under 1F1B a stage holds up to one micro-batch
     per stage in flight, which is about one micro-batch through all layers. `trainable_params` (e.g.
-    LoRA adapters only) limits gradients and optimizer states; activations are counted in full."""
+    LoRA adapters only) limits gradients and optimizer states; activations are counted in full.
+    `reference_copy`: a frozen copy of the model, held as the parameters are."""
     params, grads, optim, offloaded = model_state_bytes(
         shape.total_params // pipeline_stages,
         dp_size,
@@ -213,7 +229,14 @@ def device_memory(
         None if trainable_params is None else trainable_params // pipeline_stages,
     )
     activations = activation_bytes(shape, micro_batch_size, seq_len, precision, levers)
-    return DeviceMemory(params, grads, optim, activations, offloaded)
+    reference = 0.0
+    if reference_copy:
+        held = STATE_BYTES[precision][0] * shape.total_params / (dp_size if zero_stage >= 3 else 1)
+        if offload_param in ("cpu", "nvme") and zero_stage == 3:
+            offloaded += held
+        else:
+            reference = held
+    return DeviceMemory(params, grads, optim, activations, offloaded, reference)
 
 
 def fit_warning(memory: DeviceMemory, device_name: str, device_bytes: float, zero_stage: int) -> str | None:
@@ -240,22 +263,31 @@ def estimate_run(
     device=None,
     utilization: float = DEFAULT_UTILIZATION,
     levers: Levers = Levers(),
+    workload: Workload = Workload(),
 ) -> dict:
     """Tokens, FLOPs, wall clock (with a `hardware.Device`) and per-device memory of a plan."""
-    tokens = plan["samples_per_step"] * plan["total_optimizer_steps"] * seq_len
-    flops = training_flops(shape, tokens, seq_len)
+    sequences = workload.sequences_per_sample
+    tokens = plan["samples_per_step"] * plan["total_optimizer_steps"] * seq_len * sequences
+    reference_tokens = {
+        "copy": tokens,
+        "adapter": tokens,
+        "precomputed": plan["num_samples"] * sequences * seq_len,
+    }.get(workload.reference, 0)
+    # A forward is a third of forward + backward.
+    flops = training_flops(shape, tokens, seq_len) + training_flops(shape, reference_tokens, seq_len) / 3
     memory = device_memory(
         shape,
         plan["data_parallel_size"],
         zero_stage,
         precision,
-        plan["micro_batch_size"],
+        plan["micro_batch_size"] * sequences,
         seq_len,
         offload_optimizer,
         offload_param,
         plan.get("pipeline_stages", 1),
         plan.get("trainable_parameters"),
         levers,
+        reference_copy=workload.reference == "copy",
     )
     out = {
         "model_params": shape.total_params,
@@ -264,8 +296,9 @@ def estimate_run(
         "seq_len": seq_len,
         "trained_target_tokens": plan.get("approx_total_tokens"),
         "processed_tokens": tokens,
+        "reference_forward_tokens": reference_tokens,
         "training_flops": flops,
-        "flops_formula": FLOPS_FORMULA,
+        "flops_formula": FLOPS_FORMULA + (REFERENCE_FLOPS if reference_tokens else ""),
         "zero_stage": zero_stage,
         "offload_optimizer": offload_optimizer,
         "offload_param": offload_param,
@@ -321,6 +354,8 @@ def estimate_table(est: dict) -> str:
         ),
         ("training FLOPs", f"{est['training_flops']:.3e} = {est['flops_formula']}"),
     ]
+    if est.get("reference_forward_tokens"):
+        rows.insert(-1, ("reference forward tokens", _num(est["reference_forward_tokens"])))
     if "wall_clock_seconds" in est:
         rows.append(
             (
@@ -344,7 +379,9 @@ def estimate_table(est: dict) -> str:
         (
             f"memory per device (ZeRO-{est['zero_stage']})",
             f"params {_gb(mem['parameters'])} + grads {_gb(mem['gradients'])} + optimizer "
-            f"{_gb(mem['optimizer_states'])} + activations {_gb(mem['activations'])} = {_gb(mem['total'])}"
+            f"{_gb(mem['optimizer_states'])} + activations {_gb(mem['activations'])}"
+            + (f" + reference model {_gb(mem['reference'])}" if mem.get("reference") else "")
+            + f" = {_gb(mem['total'])}"
             + (f"; {offload}: {_gb(mem['offloaded'])} in host memory" if offload else ""),
         ),
         ("memory levers", est["memory_levers"]),
