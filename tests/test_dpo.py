@@ -155,7 +155,8 @@ def test_run_takes_the_planned_steps_over_the_planned_pairs_with_the_lr_of_the_f
     peak = plan["learning_rate"]
     for r in records:
         done = r["step"] - 1
-        expected = peak * done / WARMUP if done < WARMUP else peak * (STEPS - done) / (STEPS - WARMUP)
+        # LambdaLR: the peak times the schedule's factor
+        expected = peak * (done / WARMUP) if done < WARMUP else peak * ((STEPS - done) / (STEPS - WARMUP))
         assert r["lr"] == expected
     [end] = [r for r in read_jsonl(runs[name] / "metrics.jsonl") if "lr_after_training" in r]
     assert (end["step"], end["lr_after_training"]) == (STEPS, 0.0)
@@ -285,7 +286,9 @@ def test_data_without_a_usable_pair_stops_the_run_before_output_dir_is_touched(t
     with pytest.raises(
         DataError, match=r"none of the 8 rows .* is a usable preference pair \(8 chosen identical"
     ):
-        in_process("dpo", dpo_args(tiny_llama, tmp_path / "out", "--dataset_name", str(data)))
+        in_process(
+            "dpo", dpo_args(tiny_llama, tmp_path / "out", "--dataset_name", str(data), "--eval_split", "null")
+        )
     assert not (tmp_path / "out").exists()
 
 

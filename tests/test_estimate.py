@@ -10,10 +10,11 @@ from recipes.cli import main
 from recipes.core.estimate import (
     Levers,
     ModelShape,
+    Workload,
     activation_bytes,
     device_memory,
-    estimate_table,
     estimate_run,
+    estimate_table,
     model_shape,
     model_state_bytes,
     training_flops,
@@ -280,8 +281,6 @@ def test_plan_of_a_lora_run_counts_states_for_the_adapters_only(small_llama):
 
 
 def test_preference_tuning_counts_two_sequences_per_pair_and_the_reference_model(small_llama):
-    from recipes.core.estimate import Workload
-
     shape = model_shape(str(small_llama))
     plan = make_plan(
         num_samples=100, world_size=2, micro_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-4
