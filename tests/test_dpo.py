@@ -1,7 +1,8 @@
 """The DPO recipe does what its plan says and its arithmetic is exact: the loss is ln 2 while the policy is
 the reference, accumulation and data parallelism equal one big batch of pairs, ZeRO-3 trains as DDP does,
-the precomputed and on-the-fly references give the same losses, LoRA's disabled adapter is the frozen
-base, and a run stopped by SIGTERM resumes into the uninterrupted one.
+under ZeRO-2 bf16 the frozen reference computes in the engine's precision, the precomputed and on-the-fly
+references give the same losses, LoRA's disabled adapter is the frozen base, and a run stopped by SIGTERM
+resumes into the uninterrupted one.
 
 The runs are one tiny job: 20 pairs of the bundled preference data at micro batch 2, 8 pairs per optimizer
 step on every topology (GA 4 on one process, GA 2 on two, GA 1 at micro batch 8): windows of 8, 8 and a
@@ -222,6 +223,18 @@ def test_zero3_with_its_partitioned_reference_trains_as_ddp_does(runs, tiny_llam
     final = load_weights(runs["zero3"] / "final")
     assert max_weight_diff(final, load_weights(runs["ddp_precomputed"] / "final")) <= 1e-4
     assert max_weight_diff(final, load_weights(tiny_llama)) > 1e-3
+
+
+@pytest.mark.slow  # DeepSpeed's process group loads (and on a fresh machine builds) its C++ op
+def test_frozen_copy_under_zero2_bf16_computes_in_the_engines_precision(deepspeed_env, tiny_llama, tmp_path):
+    """A one-process ZeRO-2 bf16 run in this process: the policy computes in bf16, and so must the frozen
+    copy (an fp32 copy's log-probabilities differ from bf16 ones by far more than 1e-7)."""
+    deepspeed_env(REPO / "ds_configs" / "zero2.json")
+    extra = ["--mixed_precision", "bf16", "--max_steps", "1", "--eval_split", "null", "--save_steps", "0"]
+    in_process("dpo", dpo_args(tiny_llama, tmp_path / "out", *extra))
+    [first] = train_records(tmp_path / "out")
+    assert abs(first["loss"] - math.log(2)) <= 1e-7
+    assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/margins"] == 0.0
 
 
 def test_precomputed_reference_gives_the_on_the_fly_losses(runs):

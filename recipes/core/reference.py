@@ -114,6 +114,7 @@ def build_reference(cfg: Any, accelerator: Any, policy: Any, policy_loss: Causal
     placed = place_frozen(frozen, accelerator)
 
     def copy_logps(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # autocast as the prepared policy's forward has it (none under DeepSpeed)
         with evaluating(placed), accelerator.autocast():
             return sequence_logps(placed, loss_of, batch)
 
@@ -139,7 +140,11 @@ def place_frozen(model: torch.nn.Module, accelerator: Any) -> Any:
     dtype = next(
         (dtype for key, dtype in _DTYPES.items() if config.get(key, {}).get("enabled") is True), None
     )
-    return model.to(accelerator.device, dtype=dtype)
+    model.to(accelerator.device)
+    if dtype is not None:  # the parameters only, as the engine casts the policy's: buffers such as the
+        for parameter in model.parameters():  # rotary frequencies stay fp32
+            parameter.data = parameter.data.to(dtype)
+    return model
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
