@@ -6,7 +6,8 @@ one pair in TRL's conversational form: the prompt is the conversation up to its 
 the instruction data's own last reply, and rejected a fluent but wrong reply to the same question (a sum
 off by a few, another country's capital, the words not reversed, a miscount, the numbers sorted the wrong
 way, a wrong opposite, a wrong conversion factor, lower case asked in capitals). A model that learns the
-difference prefers correct answers; the held-out split holds other questions.
+difference prefers correct answers. The validation pairs come from the instruction data's validation
+split: the same templates, so some questions also occur in train, each with a wrong reply of its own.
 """
 
 from __future__ import annotations
