@@ -25,6 +25,7 @@ RECIPES = {
     "sft": ("recipes.sft", "SFTConfig"),
     "classify": ("recipes.classify", "ClassifyConfig"),
     "sft_pipeline": ("recipes.sft_pipeline", "SFTPipelineConfig"),
+    "dpo": ("recipes.dpo", "DPOConfig"),
 }
 
 
@@ -154,7 +155,14 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
 def _estimate(args, cfg, module, plan: dict, topology, overrides: list[str]) -> dict | None:
     """Compute, time and memory estimate; skipped with a note when the model config cannot be read."""
     from recipes.core.calibrate import calibrate
-    from recipes.core.estimate import DEFAULT_UTILIZATION, FSDP2Layout, Levers, estimate_run, model_shape
+    from recipes.core.estimate import (
+        DEFAULT_UTILIZATION,
+        FSDP2Layout,
+        Levers,
+        Workload,
+        estimate_run,
+        model_shape,
+    )
     from recipes.core.hardware import get_device
 
     asked = args.gpu or args.accelerate_config or args.deepspeed_config or args.calibrate
@@ -190,9 +198,12 @@ def _estimate(args, cfg, module, plan: dict, topology, overrides: list[str]) -> 
         else FSDP2Layout(
             topology.fsdp_shard_size, topology.fsdp_offload, topology.fsdp_reshard_after_forward
         ),
+        # Preference tuning trains two sequences per pair and runs a reference model (module.plan_workload).
+        workload=module.plan_workload(cfg) if hasattr(module, "plan_workload") else Workload(),
     )
+    length_field = "max_seq_length" if hasattr(cfg, "max_seq_length") else "max_length"
     estimate["seq_len_source"] = (
-        "--seq-len" if args.seq_len else "max_seq_length, an upper bound (--seq-len for the mean)"
+        "--seq-len" if args.seq_len else f"{length_field}, an upper bound (--seq-len for the mean)"
     )
     if args.calibrate:
         estimate.update(

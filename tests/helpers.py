@@ -226,6 +226,7 @@ MEASURED = {
     "train_runtime",
     "train_tokens_per_second",
     "train_samples_per_second",
+    "train_pairs_per_second",
     "peak_memory_mib_per_process",
     "setup_peak_memory_mib_per_process",
 }

@@ -10,9 +10,11 @@ from recipes.cli import main
 from recipes.core.estimate import (
     Levers,
     ModelShape,
+    Workload,
     activation_bytes,
     device_memory,
     estimate_run,
+    estimate_table,
     model_shape,
     model_state_bytes,
     training_flops,
@@ -284,3 +286,34 @@ def test_plan_of_a_lora_run_counts_states_for_the_adapters_only(small_llama):
         4_000,
         8_000,
     )
+
+
+def test_preference_tuning_counts_two_sequences_per_pair_and_the_reference_model(small_llama):
+    shape = model_shape(str(small_llama))
+    plan = make_plan(
+        num_samples=100, world_size=2, micro_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-4
+    ).to_dict()
+    pairs = plan["samples_per_step"] * plan["total_optimizer_steps"]  # 16 pairs x 7 steps
+    assert pairs == 112
+    trained = 2 * pairs * 64  # chosen and rejected, 64 tokens each
+    one_pass = training_flops(shape, trained, 64)
+    runs = {
+        reference: estimate_run(plan, shape, "fp32", 64, zero_stage=0, workload=Workload(2, reference))
+        for reference in ("copy", "adapter", "precomputed")
+    }
+    for est in runs.values():
+        assert est["processed_tokens"] == trained
+        # a micro-batch of 4 pairs is 8 sequences
+        assert est["memory_per_device"]["activations"] == activation_bytes(shape, 8, 64, "fp32")
+    # the reference's forward, a third of forward + backward, over every trained token (copy, adapter) or
+    # once over the 100 training pairs (precomputed)
+    assert runs["copy"]["training_flops"] == runs["adapter"]["training_flops"] == one_pass + one_pass / 3
+    assert runs["precomputed"]["reference_forward_tokens"] == 100 * 2 * 64
+    assert runs["precomputed"]["training_flops"] == one_pass + training_flops(shape, 100 * 2 * 64, 64) / 3
+    # only a frozen copy holds parameters of its own: fp32 4 bytes each, partitioned under ZeRO-3
+    assert runs["copy"]["memory_per_device"]["reference"] == 4 * TOTAL
+    assert runs["adapter"]["memory_per_device"]["reference"] == 0
+    assert runs["precomputed"]["memory_per_device"]["reference"] == 0
+    zero3 = estimate_run(plan, shape, "bf16", 64, zero_stage=3, workload=Workload(2, "copy"))
+    assert zero3["memory_per_device"]["reference"] == 2 * TOTAL / 2
+    assert "reference model" in estimate_table(runs["copy"])

@@ -261,6 +261,15 @@ def test_fsdp_with_torch_compile_or_deepspeed_is_refused_at_start_up():
         preflight(SFTConfig(), 2, {**env, "ACCELERATE_USE_DEEPSPEED": "true"})
 
 
+def test_the_dpo_recipe_is_refused_under_fsdp_at_start_up():
+    from recipes.dpo import DPOConfig
+
+    message = "recipe config: model_name_or_path: recipes/dpo.py does not run under FSDP yet"
+    with pytest.raises(DoctorError, match=message):
+        preflight(DPOConfig(), 2, launch_env(REPO / FSDP2))
+    preflight(DPOConfig(), 2, {})  # the same config passes without FSDP
+
+
 # ---------------------------------------------------------------- the doctor on FSDP configs
 def write(path: Path, text: str) -> str:
     path.write_text(text)

@@ -16,7 +16,7 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SFT_DIR = DATA_DIR / "sft_instructions"
 SYSTEM_PROMPT = "You are a concise assistant. Answer in one short sentence."
 
-_CAPITALS = {
+CAPITALS = {
     "France": "Paris",
     "Germany": "Berlin",
     "Italy": "Rome",
@@ -48,7 +48,7 @@ _CAPITALS = {
     "Morocco": "Rabat",
     "Ghana": "Accra",
 }
-_WORDS = [
+WORDS = [
     "apple",
     "river",
     "stone",
@@ -70,7 +70,7 @@ _WORDS = [
     "desert",
     "lantern",
 ]
-_ANTONYMS = {
+ANTONYMS = {
     "hot": "cold",
     "big": "small",
     "fast": "slow",
@@ -84,7 +84,7 @@ _ANTONYMS = {
     "rich": "poor",
     "young": "old",
 }
-_UNITS = [
+UNITS = [
     ("kilometres", "metres", 1000),
     ("metres", "centimetres", 100),
     ("kilograms", "grams", 1000),
@@ -100,17 +100,17 @@ def _addition(rng: random.Random) -> tuple[str, str]:
 
 
 def _capital(rng: random.Random) -> tuple[str, str]:
-    country = rng.choice(sorted(_CAPITALS))
-    return f"What is the capital of {country}?", f"The capital of {country} is {_CAPITALS[country]}."
+    country = rng.choice(sorted(CAPITALS))
+    return f"What is the capital of {country}?", f"The capital of {country} is {CAPITALS[country]}."
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    words = rng.sample(_WORDS, rng.randint(3, 5))
+    words = rng.sample(WORDS, rng.randint(3, 5))
     return f"Reverse the order of these words: {', '.join(words)}.", ", ".join(reversed(words)) + "."
 
 
 def _letters(rng: random.Random) -> tuple[str, str]:
-    word = rng.choice(_WORDS)
+    word = rng.choice(WORDS)
     return f"How many letters are in the word '{word}'?", f"The word '{word}' has {len(word)} letters."
 
 
@@ -121,18 +121,18 @@ def _sort(rng: random.Random) -> tuple[str, str]:
 
 
 def _antonym(rng: random.Random) -> tuple[str, str]:
-    word = rng.choice(sorted(_ANTONYMS))
-    return f"What is the opposite of '{word}'?", f"The opposite of '{word}' is '{_ANTONYMS[word]}'."
+    word = rng.choice(sorted(ANTONYMS))
+    return f"What is the opposite of '{word}'?", f"The opposite of '{word}' is '{ANTONYMS[word]}'."
 
 
 def _convert(rng: random.Random) -> tuple[str, str]:
-    big, small, factor = rng.choice(_UNITS)
+    big, small, factor = rng.choice(UNITS)
     n = rng.randint(2, 12)
     return f"Convert {n} {big} to {small}.", f"{n} {big} is {n * factor} {small}."
 
 
 def _uppercase(rng: random.Random) -> tuple[str, str]:
-    words = " ".join(rng.sample(_WORDS, 2))
+    words = " ".join(rng.sample(WORDS, 2))
     return f"Write '{words}' in capital letters.", words.upper() + "."
 
 

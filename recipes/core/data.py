@@ -394,6 +394,23 @@ def hold_out(split: Split, size: float, seed: int, stream: int = 0) -> tuple[Spl
     return split.select(np.sort(order[held:])), split.select(np.sort(order[:held]))
 
 
+def train_and_held_out(
+    data: Loaded, train_split: str, eval_split: str | None, cfg: Any, stream: int = 0, mixture: bool = False
+) -> tuple[Split, Split | None]:
+    """A dataset's training rows and its evaluation rows: its `eval_split`, or rows held out of the
+    training split by cfg.eval_split_size (drawn with the seed and `stream`), or none (also when
+    cfg.eval_split is null: evaluation is off). `mixture`: the splits are a dataset_mixture entry's."""
+    train = data.split(train_split, "split of a dataset_mixture entry" if mixture else "train_split")
+    if cfg.eval_split is None:
+        return train, None
+    if eval_split and (data.has(eval_split) or not cfg.eval_split_size):
+        field = "eval_split of a dataset_mixture entry" if mixture else "eval_split"
+        return train, data.split(eval_split, field).first(None if mixture else cfg.max_eval_samples)
+    if not cfg.eval_split_size:
+        return train, None
+    return hold_out(train, cfg.eval_split_size, cfg.seed, stream=stream)
+
+
 def map_rows(split: Split, function: Callable, **kwargs: Any) -> Split:
     """`split.data.map(function, with_indices=True, **kwargs)`, a RowError raised for a row (in this
     process or a worker) turned into the DataError that says where that row is."""

@@ -26,6 +26,10 @@ Formulas (printed with every estimate, so nobody has to guess which one was used
   layer's input is kept (2 x s x b x h bytes, x2 in fp32) plus one layer's activations while it is
   recomputed. Logits: fp32 logits of every token and their gradient, 8 x s x b x V bytes; with the
   chunked loss only one chunk's, 8 x min(chunk, s x b) x V.
+- preference tuning (Workload): each pair trains two sequences (chosen and rejected), so tokens and the
+  micro-batch's sequences double; a reference model's forward (a third of forward + backward) runs over the
+  same tokens every step, or once over the training pairs when precomputed; a frozen copy as the reference
+  holds its parameters on every device (partitioned under ZeRO-3) next to the policy's.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 FLOPS_FORMULA = "6 x non-embedding params x tokens + 12 x layers x attention dim x seq len x tokens"
+REFERENCE_FLOPS = "; + a third of that (a forward) over the reference's tokens"
 MEMORY_FORMULA = (
     "ZeRO accounting: bf16/fp16 2 (params) + 2 (grads) + 12 (fp32 Adam states) bytes/param, fp32 4 + 4 + 8, "
     "bf16/fp16 autocast without DeepSpeed 4 + 2 (16-bit copy of the weights) + 4 + 8; "
@@ -136,10 +141,11 @@ class DeviceMemory:
     optimizer_states: float
     activations: float
     offloaded: float
+    reference: float = 0.0  # a frozen reference model's parameters (preference tuning)
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer_states + self.activations
+        return self.parameters + self.gradients + self.optimizer_states + self.activations + self.reference
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -222,6 +228,14 @@ def fsdp2_state_bytes(
 
 
 @dataclass(frozen=True)
+class Workload:
+    """What a training sample costs beyond one sequence trained on (see the module docstring)."""
+
+    sequences_per_sample: int = 1
+    reference: str | None = None  # None | "copy" | "adapter" (forward every step) | "precomputed" (once)
+
+
+@dataclass(frozen=True)
 class Levers:
     """The memory levers of a run that change its activations (precision is passed on its own)."""
 
@@ -267,12 +281,14 @@ def device_memory(
     fsdp: FSDP2Layout | None = None,
     accumulating: bool = False,
     autocast: bool = False,
+    reference_copy: bool = False,
 ) -> DeviceMemory:
     """Activations are not divided by pipeline stages: under 1F1B a stage holds up to one micro-batch
     per stage in flight, which is about one micro-batch through all layers. `trainable_params` (e.g.
     LoRA adapters only) limits gradients and optimizer states; activations are counted in full. With
     `fsdp`, model states as FSDP2 holds them (`accumulating`: more than one micro-batch per step);
-    `autocast`: 16-bit precision by autocast, not DeepSpeed's (model_state_bytes)."""
+    `autocast`: 16-bit precision by autocast, not DeepSpeed's (model_state_bytes).
+    `reference_copy`: a frozen copy of the model, held as the parameters are."""
     if fsdp is not None:
         params, grads, optim, offloaded = fsdp2_state_bytes(
             shape, fsdp, precision, trainable_params, accumulating
@@ -289,7 +305,15 @@ def device_memory(
             autocast,
         )
     activations = activation_bytes(shape, micro_batch_size, seq_len, precision, levers)
-    return DeviceMemory(params, grads, optim, activations, offloaded)
+    reference = 0.0
+    if reference_copy:
+        weight_bytes = 4 if autocast else STATE_BYTES[precision][0]  # autocast keeps fp32 weights
+        held = weight_bytes * shape.total_params / (dp_size if zero_stage >= 3 else 1)
+        if offload_param in ("cpu", "nvme") and zero_stage == 3:
+            offloaded += held
+        else:
+            reference = held
+    return DeviceMemory(params, grads, optim, activations, offloaded, reference)
 
 
 def fit_warning(
@@ -322,17 +346,25 @@ def estimate_run(
     levers: Levers = Levers(),
     fsdp: FSDP2Layout | None = None,
     autocast: bool = False,
+    workload: Workload = Workload(),
 ) -> dict:
     """Tokens, FLOPs, wall clock (with a `hardware.Device`) and per-device memory of a plan, under ZeRO
     (stage 0: DDP) or, with `fsdp`, FSDP2."""
-    tokens = plan["samples_per_step"] * plan["total_optimizer_steps"] * seq_len
-    flops = training_flops(shape, tokens, seq_len)
+    sequences = workload.sequences_per_sample
+    tokens = plan["samples_per_step"] * plan["total_optimizer_steps"] * seq_len * sequences
+    reference_tokens = {
+        "copy": tokens,
+        "adapter": tokens,
+        "precomputed": plan["num_samples"] * sequences * seq_len,
+    }.get(workload.reference, 0)
+    # A forward is a third of forward + backward.
+    flops = training_flops(shape, tokens, seq_len) + training_flops(shape, reference_tokens, seq_len) / 3
     memory = device_memory(
         shape,
         plan["data_parallel_size"],
         zero_stage,
         precision,
-        plan["micro_batch_size"],
+        plan["micro_batch_size"] * sequences,
         seq_len,
         offload_optimizer,
         offload_param,
@@ -342,6 +374,7 @@ def estimate_run(
         fsdp,
         plan["gradient_accumulation_steps"] > 1,
         autocast,
+        reference_copy=workload.reference == "copy",
     )
     sharding = fsdp.describe(plan["world_size"]) if fsdp else f"ZeRO-{zero_stage}"
     out = {
@@ -351,8 +384,9 @@ def estimate_run(
         "seq_len": seq_len,
         "trained_target_tokens": plan.get("approx_total_tokens"),
         "processed_tokens": tokens,
+        "reference_forward_tokens": reference_tokens,
         "training_flops": flops,
-        "flops_formula": FLOPS_FORMULA,
+        "flops_formula": FLOPS_FORMULA + (REFERENCE_FLOPS if reference_tokens else ""),
         "zero_stage": zero_stage,
         "sharding": sharding,
         "offload_optimizer": offload_optimizer,
@@ -411,6 +445,8 @@ def estimate_table(est: dict) -> str:
         ),
         ("training FLOPs", f"{est['training_flops']:.3e} = {est['flops_formula']}"),
     ]
+    if est.get("reference_forward_tokens"):
+        rows.insert(-1, ("reference forward tokens", _num(est["reference_forward_tokens"])))
     if "wall_clock_seconds" in est:
         rows.append(
             (
@@ -436,7 +472,9 @@ def estimate_table(est: dict) -> str:
         (
             f"memory per device ({est['sharding']})",
             f"params {_gb(mem['parameters'])} + grads {_gb(mem['gradients'])} + optimizer "
-            f"{_gb(mem['optimizer_states'])} + activations {_gb(mem['activations'])} = {_gb(mem['total'])}"
+            f"{_gb(mem['optimizer_states'])} + activations {_gb(mem['activations'])}"
+            + (f" + reference model {_gb(mem['reference'])}" if mem.get("reference") else "")
+            + f" = {_gb(mem['total'])}"
             + (f"; {offload}: {_gb(mem['offloaded'])} in host memory" if offload else ""),
         ),
         ("memory levers", est["memory_levers"]),

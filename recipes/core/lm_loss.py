@@ -69,29 +69,27 @@ class CausalLMLoss:
         """Next-token cross-entropy summed over the target tokens of the batch."""
         if not self.chunk_tokens:
             return summed_token_loss(outputs.logits, labels)[0]
+        return self.sequence_losses(outputs, labels)[0].sum()
+
+    def sequence_losses(self, outputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the next-token cross-entropy summed over its target tokens (minus the log-likelihood
+        of its targets; differentiable), and its number of target tokens."""
+        counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+        if not self.chunk_tokens:
+            return per_sample_token_loss(outputs.logits, labels)[0], counts
         hidden = outputs.hidden_states[-1]
-        if not any(p.requires_grad for p in self.head.parameters()):
-            return frozen_head_token_loss(hidden, labels, self.head, self.chunk_tokens, self.autocast)
-        return chunked_token_loss(
-            hidden, labels, self._head, self.chunk_tokens, across_ranks=_partitioned(self.head)
-        )
+        if torch.is_grad_enabled() and not any(p.requires_grad for p in self.head.parameters()):
+            losses = frozen_head_sequence_losses(hidden, labels, self.head, self.chunk_tokens, self.autocast)
+        else:
+            losses = chunked_sequence_losses(
+                hidden, labels, self._head, self.chunk_tokens, across_ranks=_partitioned(self.head)
+            )
+        return losses, counts
 
     @torch.no_grad()
     def per_sample(self, outputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row summed token loss and target-token count (evaluation, gathered across ranks)."""
-        if not self.chunk_tokens:
-            return per_sample_token_loss(outputs.logits, labels)
-        targets_mask = labels[:, 1:] != IGNORE_INDEX
-        hidden, targets = outputs.hidden_states[-1][:, :-1, :][targets_mask], labels[:, 1:][targets_mask]
-        rows = targets_mask.nonzero()[:, 0]
-        losses = torch.zeros(labels.shape[0], device=hidden.device)
-        for start in _chunk_starts(len(targets), self.chunk_tokens, _partitioned(self.head), hidden.device):
-            stop = start + self.chunk_tokens
-            logits = self._head(hidden[start:stop]).float()
-            losses.index_add_(
-                0, rows[start:stop], F.cross_entropy(logits, targets[start:stop], reduction="none")
-            )
-        return losses, targets_mask.sum(dim=1)
+        return self.sequence_losses(outputs, labels)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -110,15 +108,28 @@ def chunked_token_loss(
     """Next-token cross-entropy summed over the target tokens, from the last hidden states (batch x
     sequence x width) and `head` (hidden -> logits), `chunk_tokens` target tokens at a time; with
     `across_ranks`, as many chunks on every rank (a head that gathers its parameters on each call)."""
-    hidden, targets = _targets(hidden, labels)
-    total = torch.zeros((), device=hidden.device)
+    return chunked_sequence_losses(hidden, labels, head, chunk_tokens, across_ranks).sum()
+
+
+def chunked_sequence_losses(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    chunk_tokens: int,
+    across_ranks: bool = False,
+) -> torch.Tensor:
+    """chunked_token_loss of each row of the batch. With gradients, each chunk runs inside a
+    non-reentrant checkpoint, so that no chunk's logits are kept for the backward."""
+    hidden, targets, rows = _targets(hidden, labels)
+    total = torch.zeros(labels.shape[0], device=hidden.device)
     for start in _chunk_starts(len(targets), chunk_tokens, across_ranks, hidden.device):
-        stop = start + chunk_tokens
-        # preserve_rng_state off: neither the head nor the cross-entropy draws random numbers
-        total = total + checkpoint(
-            _chunk_loss, head, hidden[start:stop], targets[start:stop], use_reentrant=False,
-            preserve_rng_state=False,
-        )  # fmt: skip
+        chunk = slice(start, start + chunk_tokens)
+        inputs = (head, hidden[chunk], targets[chunk], rows[chunk], labels.shape[0])
+        if torch.is_grad_enabled():
+            # preserve_rng_state off: neither the head nor the cross-entropy draws random numbers
+            total = total + checkpoint(_chunk_losses, *inputs, use_reentrant=False, preserve_rng_state=False)
+        else:
+            total = total + _chunk_losses(*inputs)
     return total
 
 
@@ -131,7 +142,18 @@ def frozen_head_token_loss(
 ) -> torch.Tensor:
     """chunked_token_loss for a linear head that is not trained: its gradient reaches the hidden states
     only, and is computed chunk by chunk in the forward, with the head's parameters gathered once."""
-    hidden, targets = _targets(hidden, labels)
+    return frozen_head_sequence_losses(hidden, labels, head, chunk_tokens, autocast).sum()
+
+
+def frozen_head_sequence_losses(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    chunk_tokens: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """frozen_head_token_loss of each row of the batch."""
+    hidden, targets, rows = _targets(hidden, labels)
     params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
     gathered = contextlib.nullcontext()
     if _partitioned(head):
@@ -139,37 +161,44 @@ def frozen_head_token_loss(
 
         gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     with gathered:
-        return _FrozenHeadLoss.apply(hidden, targets, head.weight, head.bias, chunk_tokens, autocast)
+        return _FrozenHeadLoss.apply(
+            hidden, targets, rows, labels.shape[0], head.weight, head.bias, chunk_tokens, autocast
+        )
 
 
 class _FrozenHeadLoss(torch.autograd.Function):
-    """Summed cross-entropy of F.linear(hidden, weight, bias) against targets, whose gradient with respect to
-    the hidden states is (softmax(logits) - one_hot(targets)) @ weight, row by row (0 for ignored rows)."""
+    """Per row, the summed cross-entropy of F.linear(hidden, weight, bias) against targets; the gradient of a
+    target row's loss with respect to its hidden state is (softmax(logits) - one_hot(target)) @ weight (0 for
+    ignored rows), scaled in the backward by the gradient of its batch row."""
 
     @staticmethod
-    def forward(ctx, hidden, targets, weight, bias, chunk_tokens, autocast):
-        total = torch.zeros((), device=hidden.device)
+    def forward(ctx, hidden, targets, rows, num_rows, weight, bias, chunk_tokens, autocast):
+        losses = torch.zeros(num_rows, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         for start in range(0, len(targets), chunk_tokens):
-            rows = slice(start, start + chunk_tokens)
+            chunk = slice(start, start + chunk_tokens)
             with autocast():
-                logits = F.linear(hidden[rows], weight, bias).float()
-            chunk_targets = targets[rows]
-            total += F.cross_entropy(logits, chunk_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+                logits = F.linear(hidden[chunk], weight, bias).float()
+            chunk_targets = targets[chunk]
+            losses.index_add_(
+                0,
+                rows[chunk],
+                F.cross_entropy(logits, chunk_targets, ignore_index=IGNORE_INDEX, reduction="none"),
+            )
             grad_logits = logits.softmax(dim=-1)
             kept = chunk_targets != IGNORE_INDEX
             grad_logits[kept, chunk_targets[kept]] -= 1
             grad_logits[~kept] = 0
             with autocast():  # the matmul in the precision autograd would use for the head's backward
-                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[chunk] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             del logits, grad_logits
-        ctx.save_for_backward(grad_hidden)
-        return total
+        ctx.save_for_backward(grad_hidden, rows)
+        return losses
 
     @staticmethod
-    def backward(ctx, grad_total):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total, None, None, None, None, None
+    def backward(ctx, grad_losses):
+        grad_hidden, rows = ctx.saved_tensors
+        return grad_hidden * grad_losses[rows].unsqueeze(-1), None, None, None, None, None, None, None
 
 
 def _fsdp_linear(head: torch.nn.Module) -> bool:
@@ -209,19 +238,26 @@ def _chunk_starts(tokens: int, chunk_tokens: int, across_ranks: bool, device: to
     return starts
 
 
-def _chunk_loss(head: Callable, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+def _chunk_losses(
+    head: Callable, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, num_rows: int
+) -> torch.Tensor:
+    """A chunk's cross-entropy summed into the batch row of each of its targets."""
+    losses = F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return torch.zeros(num_rows, device=hidden.device).index_add(0, rows, losses)
 
 
-def _targets(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hidden states that predict a target token (position t predicts label t + 1), and those labels.
+def _targets(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The hidden states that predict a target token (position t predicts label t + 1), those labels, and
+    the batch row of each.
 
     A batch without a target keeps one position with an ignored label, so the loss is 0 and still
     reaches the head's parameters (data parallelism waits for every parameter's gradient)."""
     shift_hidden, shift_labels = hidden[:, :-1, :], labels[:, 1:]
     mask = shift_labels != IGNORE_INDEX
     if not mask.any():
-        return shift_hidden.reshape(-1, hidden.shape[-1])[:1], torch.full(
-            (1,), IGNORE_INDEX, device=labels.device
+        return (
+            shift_hidden.reshape(-1, hidden.shape[-1])[:1],
+            torch.full((1,), IGNORE_INDEX, device=labels.device),
+            torch.zeros(1, dtype=torch.long, device=labels.device),
         )
-    return shift_hidden[mask], shift_labels[mask]
+    return shift_hidden[mask], shift_labels[mask], mask.nonzero()[:, 0]

@@ -184,11 +184,18 @@ class TrainingLoop:
             for parameter in model.parameters():
                 parameter.grad = None
 
-    def step_done(self, window: Window, *, count: int, loss: float | None = None) -> None:
+    def step_done(
+        self,
+        window: Window,
+        *,
+        count: int,
+        loss: float | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
         """After the window's optimizer and scheduler steps: `count` is its target tokens (or samples)
         over all ranks; `loss` its mean loss over all ranks, by default the window's loss sums over all
-        ranks divided by `count`. Stops the run on a non-finite step, and on SIGTERM/SIGINT after a
-        checkpoint."""
+        ranks divided by `count`; `metrics` more values for the step's record. Stops the run on a
+        non-finite step, and on SIGTERM/SIGINT after a checkpoint."""
         if loss is None:
             loss = self.ranks.sum(window.loss_sum) / count
         self.step += 1
@@ -215,6 +222,7 @@ class TrainingLoop:
             grad_norm=grad_norm,
             **skip_fields,
             **{self.unit: count},
+            **(metrics or {}),
             step_time=step_time,
         )
         if self.eval_steps and step % self.eval_steps == 0 and step != plan.total_optimizer_steps:

@@ -53,12 +53,13 @@ class Ranks:
     def distributed(self) -> bool:
         return self.num_processes > 1 and dist.is_initialized()
 
-    def sum(self, value: torch.Tensor | int) -> int | float:
-        """`value` summed over the data-parallel ranks, in its own dtype (counts stay integers)."""
+    def sum(self, value: torch.Tensor | int) -> Any:
+        """`value` summed over the data-parallel ranks, in its own dtype (counts stay integers): a number,
+        or a list of numbers for a vector (one collective for all of them)."""
         total = _tensor(value, self.device)
         if self.distributed:
             dist.all_reduce(total, group=self.data_parallel_group)
-        return total.item()
+        return total.tolist()
 
     def any(self, flag: bool) -> bool:
         """True on every process when `flag` is True on at least one of them."""

@@ -30,7 +30,7 @@ import numpy as np
 
 from recipes.core import chat, formats, text_data
 from recipes.core.config import ConfigError
-from recipes.core.data import DataError, Loaded, Split, hold_out, load, map_rows
+from recipes.core.data import DataError, Split, load, map_rows, train_and_held_out
 
 SOURCE_KEYS = (
     "dataset",
@@ -208,7 +208,9 @@ def load_sft_data(cfg: Any, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
     loaded = [load(source.dataset, source.config, cfg.dataset_num_proc) for source in chosen]
     train_splits, eval_splits = [], []
     for index, (source, data) in enumerate(zip(chosen, loaded, strict=True)):
-        train, held_out = _train_and_held_out(index, source, data, cfg, mixture)
+        train, held_out = train_and_held_out(
+            data, source.split, source.eval_split, cfg, stream=index, mixture=mixture
+        )
         train_splits.append(train)
         eval_splits.append(held_out)
     counts = _counts(chosen, [len(split) for split in train_splits])
@@ -236,22 +238,6 @@ def load_sft_data(cfg: Any, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
         train_parts, eval_parts, len(train_set), None if eval_set is None else len(eval_set), mixture
     )
     return train_set, eval_set, report
-
-
-def _train_and_held_out(
-    index: int, source: Source, data: Loaded, cfg: Any, mixture: bool
-) -> tuple[Split, Split | None]:
-    """A source's training rows and its evaluation rows: its eval split, or rows held out of the training
-    split by eval_split_size, or none."""
-    train = data.split(source.split, "split of a dataset_mixture entry" if mixture else "train_split")
-    if cfg.eval_split is None:  # evaluation is off
-        return train, None
-    if source.eval_split and (data.has(source.eval_split) or not cfg.eval_split_size):
-        field = "eval_split of a dataset_mixture entry" if mixture else "eval_split"
-        return train, data.split(source.eval_split, field).first(None if mixture else cfg.max_eval_samples)
-    if not cfg.eval_split_size:
-        return train, None
-    return hold_out(train, cfg.eval_split_size, cfg.seed, stream=index)
 
 
 def _counts(chosen: list[Source], rows: list[int]) -> list[int]:

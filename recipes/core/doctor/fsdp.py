@@ -172,6 +172,10 @@ def recipe_problems(recipe: Mapping[str, Any]) -> Iterator[Problem]:
             problem,
             "launch it with accelerate_configs/pipeline_2proc.yaml (or a DeepSpeed config)",
         )
+    if "precompute_ref_log_probs" in recipe:  # recipes/dpo.py's config
+        problem = "recipes/dpo.py does not run under FSDP yet (its reference model is not sharded, and no "
+        problem += "test covers it)"
+        yield "model_name_or_path", problem, "launch it with DDP or a DeepSpeed ZeRO config"
     if recipe.get("torch_compile"):
         problem = (
             "torch_compile under FSDP2 is not supported by the recipes yet (compiled layers would trace "
