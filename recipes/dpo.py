@@ -23,13 +23,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedul
 
 from recipes.core import lora
 from recipes.core.accumulation import backward_scale
-from recipes.core.checkpoint_io import AccelerateIO
+from recipes.core.checkpoint_io import accelerate_io
 from recipes.core.config import ConfigError, TrainingConfig, field, parse_config
 from recipes.core.data import make_train_loader
 from recipes.core.dpo_loss import METRICS, check_loss_config, chosen_and_rejected, pair_losses, pair_metrics
 from recipes.core.errors import run_recipe
 from recipes.core.estimate import Workload
 from recipes.core.final_model import save_final_model
+from recipes.core.fsdp import prepare, reshard
 from recipes.core.inputs import load_tokenizer
 from recipes.core.lm_loss import CausalLMLoss
 from recipes.core.model_setup import load_pretrained
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     loss_of = CausalLMLoss(model, cfg.loss_chunk_tokens, accelerator.autocast)
     parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned
     optimizer = make_optimizer(model, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # accelerator.prepare; under an FSDP launch the model comes back sharded by FSDP2 (core/fsdp.py)
+    model, optimizer = prepare(accelerator, model, optimizer)
     reference = build_reference(cfg, accelerator, model, loss_of)
     log(f"reference model: {reference.description}")
     if cfg.precompute_ref_log_probs:  # before any checkpoint is loaded: the starting weights
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         if eval_set is not None:
             eval_set = reference.precompute(accelerator, eval_set, collate, batch_size)
         reference.release()
+        reshard(model)  # forwards without a backward leave FSDP2's outer units gathered (no-op otherwise)
         log("reference log-probabilities precomputed for every train and eval pair")
     train_loader = accelerator.prepare(make_train_loader(train_set, cfg, collate))
     eval_loader = None
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------- train
     loop = run.training_loop(
         plan=plan,
-        io=AccelerateIO(accelerator),  # resumes model, optimizer, RNG and data position
+        io=accelerate_io(accelerator, model, optimizer),  # resumes model, optimizer, RNG, data position
         scheduler=scheduler,
         evaluate=evaluate,
         unit="pairs",

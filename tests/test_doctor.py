@@ -350,16 +350,10 @@ def test_importing_the_doctor_loads_neither_accelerate_nor_deepspeed():
 
 def shipped_runs():
     """Every accelerate config (with the DeepSpeed config and hostfile it names) with every recipe config
-    it can launch: pipeline topologies go with pipeline recipes, every other topology with the rest
-    (FSDP ones not with DPO, which is refused under FSDP)."""
+    it can launch: pipeline topologies go with pipeline recipes, every other topology with the rest."""
     accelerate = sorted((REPO / "accelerate_configs").glob("*.yaml"))
     recipes = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
-    return [
-        (a, r)
-        for a in accelerate
-        for r in recipes
-        if ("pipeline" in a.stem) == ("pipeline" in r.stem) and not ("fsdp" in a.stem and "dpo" in r.stem)
-    ]
+    return [(a, r) for a in accelerate for r in recipes if ("pipeline" in a.stem) == ("pipeline" in r.stem)]
 
 
 @pytest.mark.parametrize("acc, recipe", shipped_runs(), ids=lambda p: p.name)

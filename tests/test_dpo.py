@@ -69,6 +69,7 @@ RUNS = {  # name: (accelerate config, or None to run in this process; extra argu
     "big_batch": (None, ["--per_device_train_batch_size", "8", "--save_steps", "0"]),
     "ddp_precomputed": (TWO_PROCESSES, ["--precompute_ref_log_probs", "true"]),
     "zero3": ("accelerate_configs/ds_zero3.yaml", []),  # the frozen copy partitioned like the policy
+    "fsdp2_precomputed": ("accelerate_configs/fsdp2.yaml", ["--precompute_ref_log_probs", "true"]),
     "lora": (None, LORA),  # the reference is the policy with its adapter disabled
     "lora_copy": (None, [*LORA, "--ref_model_name_or_path", "{model}"]),  # the same base as a frozen copy
     # TRL's standard form (strings), held-out rows for evaluation, the IPO loss
@@ -222,6 +223,22 @@ def test_zero3_with_its_partitioned_reference_trains_as_ddp_does(runs, tiny_llam
             assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-5), key
     final = load_weights(runs["zero3"] / "final")
     assert max_weight_diff(final, load_weights(runs["ddp_precomputed"] / "final")) <= 1e-4
+    assert max_weight_diff(final, load_weights(tiny_llama)) > 1e-3
+
+
+@pytest.mark.slow
+def test_fsdp2_with_the_sharded_policy_as_its_reference_trains_as_ddp_does(runs, tiny_llama):
+    """The reference values precomputed through the FSDP2-sharded policy before its first step."""
+    fsdp2, ddp = train_records(runs["fsdp2_precomputed"]), train_records(runs["ddp_precomputed"])
+    assert [(r["step"], r["lr"], r["pairs"]) for r in fsdp2] == [
+        (r["step"], r["lr"], r["pairs"]) for r in ddp
+    ]
+    for a, b in zip(fsdp2, ddp, strict=True):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
+        for key in METRICS:
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), key
+    final = load_weights(runs["fsdp2_precomputed"] / "final")
+    assert max_weight_diff(final, load_weights(runs["ddp_precomputed"] / "final")) <= 1e-5
     assert max_weight_diff(final, load_weights(tiny_llama)) > 1e-3
 
 

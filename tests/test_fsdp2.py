@@ -261,13 +261,20 @@ def test_fsdp_with_torch_compile_or_deepspeed_is_refused_at_start_up():
         preflight(SFTConfig(), 2, {**env, "ACCELERATE_USE_DEEPSPEED": "true"})
 
 
-def test_the_dpo_recipe_is_refused_under_fsdp_at_start_up():
+def test_dpo_under_fsdp_takes_only_a_reference_precomputed_by_the_policy():
     from recipes.dpo import DPOConfig
 
-    message = "recipe config: model_name_or_path: recipes/dpo.py does not run under FSDP yet"
-    with pytest.raises(DoctorError, match=message):
-        preflight(DPOConfig(), 2, launch_env(REPO / FSDP2))
-    preflight(DPOConfig(), 2, {})  # the same config passes without FSDP
+    env = launch_env(REPO / FSDP2)
+    message = "recipe config: precompute_ref_log_probs: a reference model next to the policy under FSDP"
+    for refused in (
+        DPOConfig(),  # a frozen copy
+        DPOConfig(use_peft=True),  # the adapter disabled
+        DPOConfig(precompute_ref_log_probs=True, ref_model_name_or_path="other"),
+    ):
+        with pytest.raises(DoctorError, match=message):
+            preflight(refused, 2, env)
+        preflight(refused, 2, {})  # each passes without FSDP
+    preflight(DPOConfig(precompute_ref_log_probs=True), 2, env)
 
 
 # ---------------------------------------------------------------- the doctor on FSDP configs

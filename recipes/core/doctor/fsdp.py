@@ -172,10 +172,13 @@ def recipe_problems(recipe: Mapping[str, Any]) -> Iterator[Problem]:
             problem,
             "launch it with accelerate_configs/pipeline_2proc.yaml (or a DeepSpeed config)",
         )
-    if "precompute_ref_log_probs" in recipe:  # recipes/dpo.py's config
-        problem = "recipes/dpo.py does not run under FSDP yet (its reference model is not sharded, and no "
-        problem += "test covers it)"
-        yield "model_name_or_path", problem, "launch it with DDP or a DeepSpeed ZeRO config"
+    precomputed = recipe.get("precompute_ref_log_probs") and not recipe.get("ref_model_name_or_path")
+    if "precompute_ref_log_probs" in recipe and not precomputed:  # recipes/dpo.py's config
+        problem = "a reference model next to the policy under FSDP: the recipes shard no second model, and "
+        problem += "no test covers the disabled adapter under FSDP"
+        fix = "set precompute_ref_log_probs: true and no ref_model_name_or_path (the sharded policy computes "
+        fix += "the reference before its first step), or launch with DDP or a DeepSpeed ZeRO config"
+        yield "precompute_ref_log_probs", problem, fix
     if recipe.get("torch_compile"):
         problem = (
             "torch_compile under FSDP2 is not supported by the recipes yet (compiled layers would trace "
