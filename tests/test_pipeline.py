@@ -154,30 +154,19 @@ def test_tied_qwen2_trains_through_a_zero1_pipeline_like_sft(reference):
 
 
 @pytest.mark.slow
-def test_pipeline_with_all_logits_at_once_equals_its_chunked_loss(reference, tmp_path):
-    """The last stage's chunked loss (the reference, the default) against logits of every token."""
-    out = tmp_path / "full"
-    launch(
-        PIPELINE,
-        "sft_pipeline",
-        [*reference.args("pipeline"), "--output_dir", str(out), "--loss_chunk_tokens", "0"],
-    )
-    a, b = train_records(out), train_records(reference("pipeline"))
-    assert [(r["step"], r["lr"]) for r in a] == [(r["step"], r["lr"]) for r in b]
-    for x, y in zip(a, b, strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
-    assert max_weight_diff(load_weights(out / "final"), load_weights(reference("pipeline") / "final")) <= 1e-6
-
-
-@pytest.mark.slow
-def test_checkpointed_stages_train_exactly_like_the_plain_pipeline(reference, tmp_path):
-    """Every decoder layer recomputed in backward (non-reentrant) changes neither a loss nor a weight."""
-    out = tmp_path / "checkpointed"
-    launch(
-        PIPELINE,
-        "sft_pipeline",
-        [*reference.args("pipeline"), "--output_dir", str(out), "--gradient_checkpointing", "true"],
-    )
+@pytest.mark.parametrize(
+    "lever",
+    [
+        # the last stage's chunked loss (the reference, the default) against logits of every token
+        ["--loss_chunk_tokens", "0"],
+        # every decoder layer recomputed in backward (non-reentrant)
+        ["--gradient_checkpointing", "true"],
+    ],
+    ids=["all_logits", "checkpointed_stages"],
+)
+def test_exact_levers_change_neither_a_loss_nor_a_weight_of_the_pipeline(reference, tmp_path, lever):
+    out = tmp_path / "lever"
+    launch(PIPELINE, "sft_pipeline", [*reference.args("pipeline"), "--output_dir", str(out), *lever])
     a, b = train_records(out), train_records(reference("pipeline"))
     assert [(r["step"], r["lr"]) for r in a] == [(r["step"], r["lr"]) for r in b]
     for x, y in zip(a, b, strict=True):
