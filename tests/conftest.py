@@ -30,14 +30,16 @@ os.environ.update(OFFLINE)  # recipes run in this process too
 # The shared job (helpers.JOB) on each topology: (accelerate config, or None to run in this process;
 # recipe; extra arguments). Every one takes the same 12 steps on the same samples, so each is the
 # reference of the others: one process at micro batch 2 (GA 4) and 8 (GA 1), DDP, every shipped
-# ZeRO config and FSDP2 on 2 processes (GA 2), and a 2-stage pipeline (GA 4).
+# ZeRO config and FSDP2 on 2 processes (GA 2), and a 2-stage pipeline (GA 4). DDP and ZeRO-1/2/3 also
+# count their model-state bytes (memory_census).
+CENSUS = ["--memory_census", "true"]  # reads tensors only: the runs train exactly as without it
 REFERENCES = {
     "1proc": (None, "sft", ["--report_to", "tensorboard"]),
     "big_batch": (None, "sft", ["--per_device_train_batch_size", "8", "--save_steps", "0"]),
-    "ddp": (TWO_PROCESSES, "sft", []),
-    "zero1": ("accelerate_configs/ds_zero1.yaml", "sft", []),
-    "zero2": ("accelerate_configs/ds_zero2.yaml", "sft", []),
-    "zero3": ("accelerate_configs/ds_zero3.yaml", "sft", []),
+    "ddp": (TWO_PROCESSES, "sft", CENSUS),
+    "zero1": ("accelerate_configs/ds_zero1.yaml", "sft", CENSUS),
+    "zero2": ("accelerate_configs/ds_zero2.yaml", "sft", CENSUS),
+    "zero3": ("accelerate_configs/ds_zero3.yaml", "sft", CENSUS),
     "zero2_offload": ("accelerate_configs/ds_zero2_offload.yaml", "sft", ["--save_steps", "0"]),
     "zero3_offload": ("accelerate_configs/ds_zero3_offload.yaml", "sft", ["--save_steps", "0"]),
     "fsdp2": ("accelerate_configs/fsdp2.yaml", "sft", []),

@@ -229,6 +229,7 @@ MEASURED = {
     "train_pairs_per_second",
     "peak_memory_mib_per_process",
     "setup_peak_memory_mib_per_process",
+    "memory_census",  # resident sets, and a resumed run counts the step after its resume
 }
 
 

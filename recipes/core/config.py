@@ -135,6 +135,13 @@ class TrainingConfig:
         "Compile the model's repeated layers with torch.compile (inductor; on CPU it needs a C++ compiler). "
         "Set pad_to_multiple_of so that batch shapes repeat instead of recompiling.",
     )
+    memory_census: bool = field(
+        False,
+        "Count each process's model-state bytes from its tensors (parameters, gathered parameters, gradients, "
+        "master weights, optimizer states, buckets) after loading the model, at the loop's start, at the end of "
+        "a forward and of its backward, and after an optimizer step, with the resident set then and its peak; "
+        "written to the run's last metrics record (a diagnosis, not a default: each count walks the heap).",
+    )
     pad_to_multiple_of: int | None = field(
         None,
         "Pad every batch's length (or packed row) up to a multiple of this; null pads to the longest.",

@@ -30,6 +30,13 @@ from tqdm.auto import tqdm
 from recipes.core.accumulation import accumulation_windows
 from recipes.core.checkpoint import Checkpointer
 from recipes.core.fsdp import plain_norm, set_gradient_sync
+from recipes.core.memory_census import (
+    Census,
+    census_record,
+    censuses_before_loop,
+    take_census,
+    tensors_with_grad,
+)
 from recipes.core.model_setup import compiled_graphs
 from recipes.core.nonfinite import NonFiniteSteps
 from recipes.core.ranks import Ranks
@@ -120,11 +127,15 @@ class TrainingLoop:
         eval_steps: int,
         unit: str = "tokens",
         count_compilations: bool = False,
+        memory_census: bool = False,
         log: Callable[[str], None] = print,
     ):
         """`evaluate(step)` evaluates (and records) the model at an optimizer step; `unit` names what a
         step's count is (target tokens, or samples) in records, progress and throughput;
-        `count_compilations`: the run's record says how many graphs torch.compile built."""
+        `count_compilations`: the run's record says how many graphs torch.compile built; `memory_census`:
+        it says what each process's tensors hold (core/memory_census.py) after loading the model, at the
+        loop's start, at the end of the model's first forward of step 2 (step 1 in a one-step run) and of
+        its backward, and after that step."""
         self.plan, self.start, self.ranks, self.records = plan, start, ranks, records
         self.checkpoints, self.nonfinite, self.scheduler = checkpoints, nonfinite, scheduler
         self.evaluate, self.logging_steps, self.eval_steps = evaluate, logging_steps, eval_steps
@@ -136,6 +147,7 @@ class TrainingLoop:
         self.progress: Any = None
         self.batches_per_epoch = 0
         self.graphs_before = compiled_graphs() if count_compilations else None
+        self.censuses: dict[str, Census] | None = censuses_before_loop() if memory_census else None
 
     def __enter__(self) -> TrainingLoop:
         self.signals.__enter__()
@@ -161,11 +173,15 @@ class TrainingLoop:
             total=total, initial=self.step, disable=not self.ranks.is_main_process, desc="train"
         )
         self.usage = LoopUsage(self.ranks)
+        if self.censuses is not None:
+            self.censuses["start"] = take_census()
         for epoch in range(self.start.epoch, self.plan.num_epochs):
             loader.set_epoch(epoch)
             skip = self.start.batches_in_epoch if epoch == self.start.epoch else 0  # trained before a resume
             batches = skip_first_batches(loader, skip) if skip else loader
             for index, batches_of_step in enumerate(accumulation_windows(batches, ga), start=skip // ga):
+                if self.censuses is not None and self.step + 1 == self._census_step() and model is not None:
+                    self._census_after_forward(model)
                 yield Window(batches_of_step, epoch, index, lr=self.scheduler.get_last_lr()[0])
                 if self.step == total:
                     self._finish()
@@ -201,6 +217,8 @@ class TrainingLoop:
         self.step += 1
         step, plan, grad_norm = self.step, self.plan, window.grad_norm
         skip_fields = self.nonfinite.step_done(step, loss, grad_norm, window.skipped)  # or stops the run
+        if self.censuses is not None and step == self._census_step():
+            self.censuses["after_step"] = take_census()
         self.trained += count
         step_time = time.perf_counter() - window.started
         self.progress.update(1)
@@ -241,6 +259,32 @@ class TrainingLoop:
             self.ranks.end()
             raise SystemExit(EXIT_INTERRUPTED)
 
+    def _census_step(self) -> int:
+        # Step 2: ZeRO-3 prefetches from the module order it traced in step 1; torch's Adam has its states.
+        return min(self.start.step + 2, self.plan.total_optimizer_steps)
+
+    def _census_after_forward(self, model: Any) -> None:
+        """Take the "forward" census when the model's next forward returns (before the loss's backward),
+        and the "backward" one when that backward is complete (gradients reduced, before the optimizer
+        steps: a DeepSpeed engine steps inside accelerator.backward)."""
+
+        def backward_done() -> None:
+            self.censuses["backward"] = take_census()
+
+        def reached(_grad: torch.Tensor) -> None:  # queues the census for the end of the whole backward
+            if not queued:
+                queued.append(True)
+                torch.autograd.Variable._execution_engine.queue_callback(backward_done)
+
+        def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            handle.remove()
+            self.censuses["forward"] = take_census()
+            for tensor in tensors_with_grad(output):  # the loss is computed from some of them
+                tensor.register_hook(reached)
+
+        queued: list[bool] = []
+        handle = model.register_forward_hook(hook)
+
     def _finish(self) -> None:
         self.progress.close()
         record = {
@@ -248,6 +292,8 @@ class TrainingLoop:
             "lr_after_training": self.scheduler.get_last_lr()[0],
             **self.usage.summary(self.trained, self.unit),
         }
+        if self.censuses is not None:
+            record["memory_census"] = census_record(self.censuses, self.ranks)
         if self.graphs_before is not None:  # recompilations show as graphs beyond the first few
             record["compiled_graphs"] = compiled_graphs() - self.graphs_before
             self.log(f"torch.compile built {record['compiled_graphs']} graphs in this run")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from recipes.core.config import ConfigError
+from recipes.core.memory_census import take_census_before_loop
 
 # attn_implementation -> (the package its kernel needs, or None; whether it can train on a CPU)
 ATTENTION = {
@@ -53,6 +54,8 @@ def load_pretrained(auto_class: Any, cfg: Any, **kwargs: Any) -> torch.nn.Module
         trust_remote_code=cfg.trust_remote_code,
         **kwargs,
     )
+    if getattr(cfg, "memory_census", False):  # what loading left (ZeRO-3: partitions only) and its peak
+        take_census_before_loop("loaded")
     if cfg.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise ConfigError(

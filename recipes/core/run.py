@@ -173,5 +173,6 @@ class Run:
             eval_steps=cfg.eval_steps,
             unit=unit,
             count_compilations=cfg.torch_compile,
+            memory_census=cfg.memory_census,
             log=log,
         )

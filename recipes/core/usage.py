@@ -45,6 +45,16 @@ def peak_memory_bytes(device: torch.device) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def resident_memory_bytes() -> tuple[int, int]:
+    """(current, peak since the last reset_peak_memory) resident set of this process on Linux; (0, 0)
+    where /proc is not there."""
+    try:
+        status = _STATUS.read_text()
+    except OSError:
+        return 0, 0
+    return tuple(int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) * 1024 for key in ("VmRSS", "VmHWM"))
+
+
 class LoopUsage:
     """Start it right before the training loop; `summary` at its end. Every rank must do both."""
 
