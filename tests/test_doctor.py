@@ -174,6 +174,28 @@ def test_zero3_inline_in_the_accelerate_config_without_16bit_save():
     assert keys(check_accelerate(acc, "a.yaml")) == ["deepspeed_config.zero3_save_16bit_model"]
 
 
+def test_zero3_without_zero_init_is_refused_statically_and_at_start_up(tmp_path, capsys):
+    # zero3_init_flag: false would load the whole model in every process before DeepSpeed partitions it.
+    acc = yaml.safe_load((REPO / "accelerate_configs/ds_zero3.yaml").read_text())
+    acc["deepspeed_config"]["deepspeed_config_file"] = str(REPO / "ds_configs/zero3.json")
+    acc["deepspeed_config"]["zero3_init_flag"] = False
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(acc))
+    assert main(["doctor", "--accelerate-config", str(tmp_path / "a.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert "deepspeed_config.zero3_init_flag: false under ZeRO-3: every process loads the whole model" in out
+    assert "fix: remove it or set it to true" in out
+    env = {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "ds_configs/zero3.json"),
+        "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
+    }
+    with pytest.raises(DoctorError, match="zero3_init_flag: false under ZeRO-3"):
+        preflight(SFTConfig(), 2, env)
+    preflight(SFTConfig(), 2, {**env, "ACCELERATE_DEEPSPEED_ZERO3_INIT": "true"})
+    zero2 = {**env, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "ds_configs/zero2.json")}
+    preflight(SFTConfig(), 2, zero2)  # only ZeRO-3 partitions parameters
+
+
 def test_offload_to_nvme_without_a_path():
     ds = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}
     assert keys(check_deepspeed(ds, "ds.json")) == ["zero_optimization.offload_optimizer.nvme_path"]

@@ -125,3 +125,40 @@ def _set(config: dict[str, Any], dotted_key: str, value: Any) -> None:
     for part in parents:
         node = node.setdefault(part, {})
     node[last] = value
+
+
+def apply_model_values(ds_config: dict[str, Any], model: Any) -> None:
+    """Fill ZeRO-3's "auto" stage3_max_live_parameters and stage3_max_reuse_distance (in place, before
+    `accelerator.prepare`) from the parameter count of the model's largest repeated layer: two layers'
+    worth may be gathered at once (the one computing and the one prefetched), and a gathered parameter
+    stays gathered only if it is used again within one layer's worth of the traced module order.
+
+    DeepSpeed's defaults (1e9 each) keep every parameter of a model under a billion parameters gathered
+    from its forward to its backward (measured with memory_census: the whole model on every process at
+    the end of the forward), so ZeRO-3 held more than ZeRO-2. With these values a layer is released
+    after its forward, a layer recomputed under activation checkpointing stays gathered for its backward,
+    and the head stays gathered across the turn from forward to backward. Accelerate does not fill these
+    "auto"s; DeepSpeed would silently replace them with its defaults.
+    """
+    zero = ds_config.get("zero_optimization") or {}
+    if zero.get("stage") != 3:
+        return
+    layer = largest_layer_parameters(model)
+    for key, value in (("stage3_max_live_parameters", 2 * layer), ("stage3_max_reuse_distance", layer)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
+def largest_layer_parameters(model: Any) -> int:
+    """Parameters of the model's largest repeated layer (its `_no_split_modules` classes), counted from
+    the full shapes also when ZeRO-3 has partitioned them; the largest module with parameters of its own
+    when the model names no layer class."""
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        layers = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+
+    def numel(module: Any) -> int:
+        return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+    return max((numel(m) for m in layers), default=0)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from recipes.core.config import ConfigError
+from recipes.core.deepspeed_support import apply_model_values
 from recipes.core.doctor.fsdp import layout_of, requested, wrap_problems
 
 
@@ -75,8 +76,12 @@ def plugin_from_env(mixed_precision: str) -> Any:
 def prepare(accelerator: Any, model: torch.nn.Module, optimizer: Any, *others: Any) -> tuple:
     """`accelerator.prepare(model, optimizer, *others)`; under an FSDP launch the model comes back sharded
     by FSDP2 (on GPUs by Accelerate, on CPU processes here) and the optimizer over its sharded parameters.
-    Raises FSDPNotApplied when it would not be, ConfigError for a wrap class the model does not have."""
+    Raises FSDPNotApplied when it would not be, ConfigError for a wrap class the model does not have.
+    Under DeepSpeed the config's values that depend on the model are filled first (apply_model_values)."""
     if not requested(os.environ):
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin is not None:  # ZeRO-3's reuse distance "auto" from the model's layers
+            apply_model_values(plugin.deepspeed_config, model)
         return accelerator.prepare(model, optimizer, *others)
     if accelerator.is_fsdp2:
         check_wrap_classes(accelerator.state.fsdp_plugin, model)

@@ -292,6 +292,16 @@ def _zero3_gather_on_save(ds: dict) -> Iterator[Problem]:
         yield f"zero_optimization.{GATHER_ON_SAVE[0]}", problem, "set it to true"
 
 
+def zero3_init_problems(ds: dict, zero3_init_flag: Any) -> list[Problem]:
+    """ZeRO-3 must build the model partitioned (zero.Init, Accelerate's zero3_init_flag, true by default
+    for a ZeRO-3 config): otherwise every process loads the whole model before DeepSpeed partitions it."""
+    if _zero(ds).get("stage", 0) != 3 or str(zero3_init_flag).lower() != "false":
+        return []
+    problem = "false under ZeRO-3: every process loads the whole model before it is partitioned, so a "
+    problem += "model that does not fit on one device cannot load"
+    return [("deepspeed_config.zero3_init_flag", problem, "remove it or set it to true")]
+
+
 DEEPSPEED_RULES = [
     _deepspeed_keys,
     _offload_nvme_paths,
@@ -524,6 +534,8 @@ def diagnose(
         found += errors
         if ds is not None:
             found += check_deepspeed(ds, deepspeed_config)
+            init_flag = ((acc or {}).get("deepspeed_config") or {}).get("zero3_init_flag")
+            found += findings(accelerate_config or "accelerate config", zero3_init_problems(ds, init_flag))
     if hostfile and acc is not None:
         try:
             hosts = parse_hostfile(Path(hostfile).read_text())
@@ -568,6 +580,9 @@ def preflight(cfg: Any, world_size: int, env: Mapping[str, str] | None = None) -
         conflicts = sorted(from_accelerate & (known_keys.DEEPSPEED_FILE_CONFLICTS | {"mixed_precision"}))
         fix = "remove it from the accelerate config"
         found += findings("accelerate config", [(key, REFUSED_NEXT_TO_FILE, fix) for key in conflicts])
+        if ds is not None:
+            init_flag = env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT")
+            found += findings("accelerate config", zero3_init_problems(ds, init_flag))
     if fsdp_rules.requested(env):
         # The wrap classes are checked against the loaded model when it is sharded (core/fsdp.py).
         found += findings("accelerate config", fsdp_rules.settings_problems(fsdp_rules.from_env(env)))
