@@ -1,5 +1,6 @@
 """Plan estimates (parameters, FLOPs, wall clock, ZeRO memory, activations) against hand arithmetic."""
 
+import dataclasses
 import json
 import time
 
@@ -19,6 +20,8 @@ from recipes.core.estimate import (
     model_state_bytes,
     training_flops,
     wall_clock_seconds,
+    zero3_gathered_bytes,
+    zero_working_bytes,
 )
 from recipes.core.hardware import DEVICES, Device, get_device
 from recipes.core.steps import make_plan
@@ -88,9 +91,39 @@ def test_zero_stages_partition_states_as_in_the_zero_paper():
     assert model_state_bytes(n, dp, 1, "bf16") == (2000, 2000, 3000, 0)
     assert model_state_bytes(n, dp, 2, "bf16") == (2000, 500, 3000, 0)
     assert model_state_bytes(n, dp, 3, "bf16") == (500, 500, 3000, 0)
-    # fp32: 4 + 4 + 8
+    # fp32: 4 + 4 + 8, and under ZeRO 4 more for the fp32 copy of each partition the optimizer steps on
     assert model_state_bytes(n, dp, 0, "fp32") == (4000, 4000, 8000, 0)
-    assert model_state_bytes(n, dp, 3, "fp32") == (1000, 1000, 2000, 0)
+    assert model_state_bytes(n, dp, 1, "fp32") == (4000, 4000, 3000, 0)
+    assert model_state_bytes(n, dp, 3, "fp32") == (1000, 1000, 3000, 0)
+
+
+def test_zero3_gathers_two_layers_or_the_embedding_whichever_is_larger():
+    # 4 layers of 1,000 parameters; a 100 x 8 embedding (800) is smaller than two layers (2,000)
+    shape = ModelShape(4800, 800, num_layers=4, hidden_size=8, num_heads=2, attention_dim=8, vocab_size=100)
+    assert zero3_gathered_bytes(shape, "fp32") == 4 * 2000
+    assert zero3_gathered_bytes(shape, "bf16") == 2 * 2000
+    wide = dataclasses.replace(shape, vocab_size=1000)  # an 8,000-parameter embedding is gathered alone
+    assert zero3_gathered_bytes(wide, "bf16") == 2 * 8000
+    # per device on 4 processes: its partition of the parameters and what is gathered
+    assert device_memory(shape, 4, 3, "fp32", 1, 16).parameters == 4 * 4800 / 4 + 4 * 2000
+
+
+def test_zero_holds_whole_gradients_of_its_largest_unit_next_to_the_partitions():
+    # 4 layers of 1,000 parameters; a 100 x 8 embedding (800 parameters)
+    shape = ModelShape(4800, 800, num_layers=4, hidden_size=8, num_heads=2, attention_dim=8, vocab_size=100)
+    # ZeRO-3: two gathered layers; one layer's whole gradient before its reduce-scatter
+    assert zero_working_bytes(shape, 3, "bf16") == (2 * 2000, 2 * 1000, 0)
+    # ZeRO-1/2: the embedding's whole gradient; offloading, a staging buffer of it on each side
+    assert zero_working_bytes(shape, 2, "fp32") == (0, 4 * 800, 0)
+    assert zero_working_bytes(shape, 1, "fp32", offload_optimizer="cpu") == (0, 2 * 4 * 800, 4 * 800)
+    assert zero_working_bytes(shape, 0, "fp32") == (0, 0, 0)
+    zero2 = device_memory(shape, 4, 2, "fp32", 1, 16)
+    # fp32 under ZeRO: Adam's 8 bytes and the fp32 copy's 4, partitioned
+    expected = (4 * 4800, 4 * 4800 / 4 + 4 * 800, 12 * 4800 / 4)
+    assert (zero2.parameters, zero2.gradients, zero2.optimizer_states) == expected
+    # LoRA (40 trainable): no whole gradients of frozen tensors; the gathered parameters stay
+    lora = device_memory(shape, 4, 3, "fp32", 1, 16, trainable_params=40)
+    assert (lora.parameters, lora.gradients) == (4 * 4800 / 4 + 4 * 2000, 4 * 40 / 4)
 
 
 def test_frozen_parameters_have_no_gradients_or_optimizer_states():
@@ -217,9 +250,11 @@ def test_plan_cli_reads_topology_and_prints_hand_computed_estimate(small_llama, 
     assert est["wall_clock_seconds"] == pytest.approx(
         (799_604_736 + 352_321_536) / (2 * 989.5e12 * 0.5), rel=1e-12
     )
-    # ZeRO-2 on 2 ranks, bf16: params 2 x 82,592; grads 2 x 82,592 / 2; optimizer 12 x 82,592 / 2
+    # ZeRO-2 on 2 ranks, bf16: params 2 x 82,592; grads 2 x 82,592 / 2 and the 1,000 x 32 embedding's
+    # whole bf16 gradient outside the reduce bucket; optimizer 12 x 82,592 / 2
     mem = est["memory_per_device"]
-    assert (mem["parameters"], mem["gradients"], mem["optimizer_states"]) == (165_184, 82_592, 495_552)
+    grads = 82_592 + 2 * 32_000
+    assert (mem["parameters"], mem["gradients"], mem["optimizer_states"]) == (165_184, grads, 495_552)
     # the recipe's chunks of 256 tokens hold all 64 x 4 tokens of a micro-batch: 8 x 256 x 1,000
     assert mem["activations"] == 1_212_416 + 2_048_000
     assert est["memory_levers"] == "chunked loss (256 tokens)"

@@ -10,10 +10,15 @@ Formulas (printed with every estimate, so nobody has to guess which one was used
 - wall clock = FLOPs / (devices x dense peak FLOP/s x utilisation)
 - model states per device (ZeRO paper, Rajbhandari et al. 2019): mixed-precision Adam keeps 2 bytes of
   16-bit parameters + 2 bytes of 16-bit gradients + 12 bytes of fp32 master weights, momentum and
-  variance per parameter; fp32 training 4 + 4 + 8; 16-bit autocast without DeepSpeed (fp32 weights,
-  gradients and Adam, and a 16-bit copy of each weight for the forward) 4 + 2 + 4 + 8. Stage 1
-  partitions the optimizer states over the data-parallel ranks, stage 2 also the gradients, stage 3
-  also the parameters; offloaded parts leave the device.
+  variance per parameter; fp32 training 4 + 4 + 8, and 4 + 4 + 12 under ZeRO (DeepSpeed's ZeRO
+  optimizers step on an fp32 copy of each partition also in fp32: counted by memory_census); 16-bit
+  autocast without DeepSpeed (fp32 weights, gradients and Adam, and a 16-bit copy of each weight for the
+  forward) 4 + 2 + 4 + 8. Stage 1 partitions the optimizer states over the data-parallel ranks, stage 2
+  also the gradients, stage 3 also the parameters; offloaded parts leave the device. Next to the
+  partitions, in the compute precision (zero_working_bytes): stage 3 gathers two layers or the embedding /
+  LM head, whichever is larger, and holds one such unit's full gradient before reducing it; stages 1 and 2
+  hold the largest tensor's full gradient outside their reduce bucket (and, offloading, a staging buffer
+  of that size on the device and in host memory).
 - FSDP2 per device: fp32 parameters (the masters, also under bf16: 4 bytes), gradients (4) and Adam
   states (8) per parameter, sharded over the shard group (every process; dp_shard_size when hybrid);
   plus parameters gathered in the compute precision (2 bytes in bf16/fp16, 4 in fp32) for two FSDP
@@ -39,9 +44,11 @@ from dataclasses import asdict, dataclass
 FLOPS_FORMULA = "6 x non-embedding params x tokens + 12 x layers x attention dim x seq len x tokens"
 REFERENCE_FLOPS = "; + a third of that (a forward) over the reference's tokens"
 MEMORY_FORMULA = (
-    "ZeRO accounting: bf16/fp16 2 (params) + 2 (grads) + 12 (fp32 Adam states) bytes/param, fp32 4 + 4 + 8, "
-    "bf16/fp16 autocast without DeepSpeed 4 + 2 (16-bit copy of the weights) + 4 + 8; "
-    "stage 1 splits optimizer states, 2 also grads, 3 also params over data-parallel ranks; "
+    "ZeRO accounting: bf16/fp16 2 (params) + 2 (grads) + 12 (fp32 Adam states) bytes/param, fp32 4 + 4 + 8 "
+    "(+ 4 for the fp32 copy ZeRO optimizers step on), bf16/fp16 autocast without DeepSpeed 4 + 2 (16-bit copy "
+    "of the weights) + 4 + 8; stage 1 splits optimizer states, 2 also grads, 3 also params over data-parallel "
+    "ranks; + in the compute precision: ZeRO-3 2 gathered layers or the embedding, whichever is larger, and "
+    "one such unit's gradient, ZeRO-1/2 the embedding's gradient (twice more with the optimizer offloaded); "
     "pipeline stages split them evenly; grads and optimizer states only for trainable params (LoRA)"
 )
 FSDP2_MEMORY_FORMULA = (
@@ -161,7 +168,8 @@ def model_state_bytes(
     trainable_params: int | None = None,
     autocast: bool = False,
 ) -> tuple[float, float, float, float]:
-    """(parameters, gradients, optimizer states, offloaded) bytes per device for Adam under ZeRO.
+    """(parameters, gradients, optimizer states, offloaded) bytes per device for Adam under ZeRO (without
+    the parameters ZeRO-3 gathers for computing, zero3_gathered_bytes).
     Gradients and optimizer states exist for trainable parameters only (all of them unless given).
     `autocast`: 16-bit precision by autocast (no DeepSpeed), where weights, gradients and Adam stay
     fp32 and each weight's 16-bit copy is cached for the forward and kept by autograd for backward."""
@@ -171,6 +179,8 @@ def model_state_bytes(
     param_b, grad_b, optim_b = STATE_BYTES[precision]
     if autocast and precision != "fp32":
         param_b, grad_b, optim_b = 4 + 2, 4, 8
+    if precision == "fp32" and zero_stage >= 1:
+        optim_b += 4  # DeepSpeed's ZeRO optimizers step on an fp32 copy of each partition, also in fp32
     params = param_b * num_params / (dp_size if zero_stage >= 3 else 1)
     grads = grad_b * trainable / (dp_size if zero_stage >= 2 else 1)
     optim = optim_b * trainable / (dp_size if zero_stage >= 1 else 1)
@@ -180,6 +190,43 @@ def model_state_bytes(
     if offload_param in ("cpu", "nvme") and zero_stage == 3:
         offloaded, params = offloaded + params, 0.0
     return params, grads, optim, offloaded
+
+
+def zero3_gathered_bytes(shape: ModelShape, precision: str) -> float:
+    """Parameters ZeRO-3 holds gathered at once, in the compute precision: two decoder layers (the ds_configs'
+    stage3_max_live_parameters, which the recipe fills with two layers' worth), or the embedding / LM head
+    when it is larger (it stays gathered across the turn from forward to backward)."""
+    return _compute_bytes(precision) * largest_gathered_unit(shape, layers=2)
+
+
+def largest_gathered_unit(shape: ModelShape, layers: int = 1) -> float:
+    """Parameters of `layers` decoder layers, or of the token embedding (vocabulary x width) if larger."""
+    layer = shape.non_embedding_params / max(shape.num_layers, 1)
+    return max(layers * layer, shape.vocab_size * shape.hidden_size)
+
+
+def zero_working_bytes(
+    shape: ModelShape, zero_stage: int, precision: str, offload_optimizer: str | None = None
+) -> tuple[float, float, float]:
+    """(parameters, gradients, host memory) bytes ZeRO holds next to its partitions while it computes, in the
+    compute precision, for full fine-tuning (counted with memory_census; README, DeepSpeed):
+    - stage 3: the gathered parameters (zero3_gathered_bytes) and the full gradient of one layer, or of the
+      embedding / LM head if larger, before its reduce-scatter;
+    - stages 1 and 2: the full gradient of the largest tensor (the embedding or LM head, vocabulary x width),
+      which is larger than the reduce bucket and waits outside it; with the optimizer offloaded, a staging
+      buffer of that size on the device and one in host memory."""
+    compute = _compute_bytes(precision)
+    if zero_stage == 3:
+        return zero3_gathered_bytes(shape, precision), compute * largest_gathered_unit(shape), 0.0
+    if zero_stage in (1, 2):
+        largest = compute * shape.vocab_size * shape.hidden_size
+        offloaded = offload_optimizer in ("cpu", "nvme")
+        return 0.0, largest * (2 if offloaded else 1), largest if offloaded else 0.0
+    return 0.0, 0.0, 0.0
+
+
+def _compute_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
 
 
 @dataclass(frozen=True)
@@ -198,11 +245,6 @@ class FSDP2Layout:
         return f"FSDP2 sharded over {self.shard_size}{hybrid}" + (", offloaded" if self.offload else "")
 
 
-def largest_fsdp_unit(shape: ModelShape) -> float:
-    """Parameters of the largest FSDP unit: a decoder layer, or the token embedding (vocabulary x width)."""
-    return max(shape.non_embedding_params / max(shape.num_layers, 1), shape.vocab_size * shape.hidden_size)
-
-
 def fsdp2_state_bytes(
     shape: ModelShape,
     layout: FSDP2Layout,
@@ -214,14 +256,14 @@ def fsdp2_state_bytes(
     `accumulating`: gradient accumulation over more than one micro-batch per optimizer step."""
     total = shape.total_params
     trainable = total if trainable_params is None else trainable_params
-    compute = 4 if precision == "fp32" else 2
+    compute = _compute_bytes(precision)
     params, grads, optim = (
         b * n / layout.shard_size for b, n in ((4, total), (4, trainable), (8, trainable))
     )
     offloaded = 0.0
     if layout.offload:
         offloaded, params, grads, optim = params + grads + optim, 0.0, 0.0, 0.0
-    unit = largest_fsdp_unit(shape)
+    unit = largest_gathered_unit(shape)  # an FSDP unit: a decoder layer or the embeddings
     gathered = compute * (2 * unit if layout.reshard_after_forward else total)
     unsharded_grads = compute * (trainable if accumulating else trainable * unit / total)
     return params + gathered, grads + unsharded_grads, optim, offloaded
@@ -304,6 +346,12 @@ def device_memory(
             None if trainable_params is None else trainable_params // pipeline_stages,
             autocast,
         )
+        full_fine_tuning = trainable_params is None or trainable_params == shape.total_params
+        if pipeline_stages == 1 and (zero_stage == 3 or full_fine_tuning):
+            working = zero_working_bytes(shape, zero_stage, precision, offload_optimizer)
+            if not full_fine_tuning:  # LoRA: only the gathered parameters; adapter gradients are small
+                working = (working[0], 0.0, 0.0)
+            params, grads, offloaded = params + working[0], grads + working[1], offloaded + working[2]
     activations = activation_bytes(shape, micro_batch_size, seq_len, precision, levers)
     reference = 0.0
     if reference_copy:
