@@ -24,10 +24,14 @@ from helpers import (
     load_plan,
     load_weights,
     max_weight_diff,
+    read_jsonl,
     train_records,
 )
+from safetensors import safe_open
+from transformers import AutoConfig
 
 from recipes.core.deepspeed_support import DeepSpeedConfigError, apply_recipe_values
+from recipes.core.estimate import model_shape, zero3_gathered_bytes
 
 ZERO_CONFIGS = {  # reference run -> the ds config its accelerate config (accelerate_configs/ds_<name>.yaml) names
     "zero1": "ds_configs/zero1.json",
@@ -220,3 +224,75 @@ def test_every_ds_accelerate_config_loads_and_points_at_its_ds_config():
         assert config.deepspeed_config == {"deepspeed_config_file": ds_path}, name
         assert config.num_machines == 1
         assert config.mixed_precision in (None, "no")  # precision comes from the recipe only
+
+
+# ---------------------------------------------------------------- model-state bytes, counted from the tensors
+
+
+def census(output_dir) -> dict:
+    """The run's memory census: {point: {category: [bytes per rank]}} (core/memory_census.py)."""
+    [end] = [r for r in read_jsonl(output_dir / "metrics.jsonl") if "memory_census" in r]
+    return end["memory_census"]
+
+
+def parameter_numels(model_dir) -> dict[str, int]:
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        return {name: math.prod(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+
+
+@pytest.mark.slow
+def test_zero3_keeps_its_partition_and_gathers_only_what_it_computes(reference, tiny_llama):
+    numels = parameter_numels(tiny_llama)
+    config = AutoConfig.from_pretrained(tiny_llama)
+    partition = 4 * sum(math.ceil(n / 2) for n in numels.values())  # fp32, each tensor split in 2
+    # Accelerate's "auto" persistence threshold is 10 x hidden size: smaller tensors stay whole.
+    persistent = 4 * sum(n for n in numels.values() if n <= 10 * config.hidden_size)
+    counted = census(reference("zero3"))
+    assert set(counted) == {"loaded", "start", "forward", "backward", "after_step"}
+    for rank in (0, 1):
+        at = {point: {c: v[rank] for c, v in values.items()} for point, values in counted.items()}
+        # Loaded under zero.Init: from_pretrained hands back partitions only, before DeepSpeed's engine exists.
+        assert at["loaded"]["parameters"] == partition
+        assert at["loaded"]["gathered_parameters"] == at["loaded"]["master_weights"] == 0
+        for point in ("start", "forward", "backward", "after_step"):
+            assert at[point]["parameters"] == partition
+            assert at[point]["master_weights"] == partition  # DeepSpeed's fp32 copy, also in fp32
+            assert at[point]["persistent_parameters"] == persistent
+        assert at["start"]["gathered_parameters"] == at["after_step"]["gathered_parameters"] == 0
+        # Mid-step no more than two layers, or the LM head, is gathered: never the whole model.
+        assert (
+            0
+            < at["forward"]["gathered_parameters"]
+            <= zero3_gathered_bytes(model_shape(str(tiny_llama)), "fp32")
+        )
+        assert at["after_step"]["gradients"] == partition  # the gradient partitions' flat buffer
+        # Adam's two moments, and its 4-byte step counters (one per flat partition DeepSpeed steps on)
+        counters = at["after_step"]["optimizer_states"] - 2 * partition
+        assert counters % 4 == 0 and 0 < counters <= 4 * 2
+
+
+@pytest.mark.slow
+def test_ddp_holds_every_gradient_once_in_its_buckets(reference, tiny_llama):
+    n = sum(parameter_numels(tiny_llama).values())
+    tensors = len(parameter_numels(tiny_llama))
+    counted = census(reference("ddp"))
+    for rank in (0, 1):
+        assert counted["loaded"]["parameters"][rank] == 4 * n  # every process loads the whole model
+        for point, values in counted.items():
+            if point == "loaded":  # before DDP and its buckets exist
+                continue
+            assert values["parameters"][rank] == 4 * n
+            # Gradients are views into the all-reduce buckets, also while accumulating (zeroed in place).
+            assert (values["communication_buckets"][rank], values["gradients"][rank]) == (4 * n, 0), point
+        # AdamW: two fp32 moments and a step counter per tensor
+        assert counted["after_step"]["optimizer_states"][rank] == 8 * n + 4 * tensors
+        assert counted["after_step"]["model_states"][rank] == 16 * n + 4 * tensors
+
+
+@pytest.mark.slow
+def test_model_states_per_process_fall_from_ddp_to_zero1_zero2_and_zero3(reference):
+    peak = {
+        name: max(max(values["model_states"]) for values in census(reference(name)).values())
+        for name in ("ddp", "zero1", "zero2", "zero3")
+    }
+    assert peak["zero3"] < peak["zero2"] < peak["zero1"] < peak["ddp"], peak
