@@ -42,7 +42,8 @@ from recipes.core.stop_signal import EXIT_INTERRUPTED
 
 SAVE_TOTAL_LIMIT = 2
 RESUMED_AT = 8  # the reference runs' checkpoint in the second epoch: 2 of its 6 windows done
-ZERO = [pytest.param(f"zero{stage}", marks=pytest.mark.slow) for stage in (1, 2, 3)]
+# ZeRO-1 in fp32 runs DeepSpeed's ZeRO-2 optimizer class and checkpoint layout with unpartitioned gradients.
+ZERO = [pytest.param(f"zero{stage}", marks=pytest.mark.slow) for stage in (2, 3)]
 
 
 @pytest.fixture(scope="module")
