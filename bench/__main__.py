@@ -26,7 +26,17 @@ from bench import sections
 from bench.job import REPO, Job
 from bench.report import render_table
 
-SECTIONS = ("throughput", "padding", "plan", "scale", "pipeline", "tokenization", "model_flops", "levers")
+SECTIONS = (
+    "throughput",
+    "padding",
+    "plan",
+    "scale",
+    "zero",
+    "pipeline",
+    "tokenization",
+    "model_flops",
+    "levers",
+)
 
 
 def machine(device: str) -> dict:
@@ -125,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     if "scale" in chosen:
         model = sections.scale_model(REPO / ".cache/bench/llama-scale", job.model, hidden=1024, layers=12)
         step("scale", lambda: sections.scale(job.replace(micro_batch=1, max_seq_length=128), model, steps=3))
+    if "zero" in chosen:
+        from bench import levers
+
+        model = levers.qwen_shaped_model(REPO / ".cache/bench/qwen2.5-0.5b-shape", job.model)
+        step(
+            "zero",
+            lambda: sections.zero_memory(job.replace(micro_batch=1, max_seq_length=128), model, steps=2),
+        )
     if "pipeline" in chosen:
         model = sections.scale_model(REPO / ".cache/bench/llama-scale", job.model, hidden=1024, layers=12)
         pipeline_job = job.replace(micro_batch=1, gradient_accumulation=4, max_seq_length=128)

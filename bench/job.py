@@ -112,14 +112,15 @@ def run_recipe(
     processes: int = 1,
     script: str = "recipes/sft.py",
     extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> dict:
-    """Run the SFT recipe (or `script`, with `extra` arguments) on the job through `accelerate launch`;
-    what its metrics.jsonl says it did."""
+    """Run the SFT recipe (or `script`, with `extra` arguments, in `env` on top of the usual) on the job
+    through `accelerate launch`; what its metrics.jsonl says it did."""
     accelerate_config = accelerate_config or one_process_config()
     with tempfile.TemporaryDirectory(prefix="bench_recipe_") as out:
         args = [*job.recipe_args(out), *extra]
         cmd = launch_command(script, args, accelerate_config, processes, port=free_port())
-        run(cmd, thread_env(processes))
+        run(cmd, {**thread_env(processes), **(env or {})})
         records = read_metrics(out)
     steps = [r for r in records if "loss" in r]
     [end] = [r for r in records if "train_runtime" in r]
@@ -133,6 +134,7 @@ def run_recipe(
         "runtime": end["train_runtime"],
         "peak_memory_mib_per_process": end["peak_memory_mib_per_process"],
         "setup_peak_memory_mib_per_process": end["setup_peak_memory_mib_per_process"],
+        "memory_census": end.get("memory_census"),  # with --memory_census true
     }
 
 

@@ -72,6 +72,7 @@ def render_table(results: dict) -> str:
                     "reported",
                 )
             )
+    rows += _zero_rows(results.get("zero"))
     pipe = results.get("pipeline")
     if pipe:
         for name, r in pipe["runs"].items():
@@ -152,4 +153,31 @@ def _lever_rows(levers: dict | None) -> list[tuple[str, str, str]]:
     rows.append(
         ("torch.compile speed, bf16 with both levers", f"{levers['compile_speedup']:.2f}x", "reported")
     )
+    return rows
+
+
+def _zero_rows(zero: dict | None) -> list[tuple[str, str, str]]:
+    """Per topology: model-state GiB per process counted from the tensors, the plan's, their ratio (with
+    the host-side part of offload rows), and the peak resident set."""
+    if not zero:
+        return []
+    rows = []
+    for name, t in zero["topologies"].items():
+        measured = max(t["model_state_bytes_per_process"])
+        host = ""
+        if t.get("host_side_bytes_per_process"):
+            host = (
+                f", of which host {_gib(max(t['host_side_bytes_per_process']))} vs "
+                f"{_gib(t['planned_offloaded_bytes'])}"
+            )
+        peak = "/".join(f"{m / 1024:.2f}" for m in t["peak_memory_mib_per_process"])
+        rows.append(
+            (
+                f"{name}, {zero['model_parameters'] / 1e6:.0f}M-parameter model: model states per process "
+                "(tensor census) vs plan; peak resident set",
+                f"{_gib(measured)} vs {_gib(t['planned_model_state_bytes'])} (plan / measured "
+                f"{t['plan_over_measured']:.2f}){host}; {peak} GiB",
+                "plan within 20%",
+            )
+        )
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -163,15 +164,26 @@ def scale_topologies() -> dict[str, tuple[str, int]]:
     }
 
 
-def planned_memory_gib(job: Job, accelerate_config: str) -> float:
-    """`recipes plan`'s per-device memory estimate (model states + activations) of the job on a topology."""
+def planned_memory(job: Job, accelerate_config: str, processes: int | None = None) -> dict:
+    """`recipes plan`'s per-device memory estimate of the job on a topology (bytes: parameters, gradients,
+    optimizer_states, activations, offloaded, total), on `processes` instead of the config's count."""
     with tempfile.TemporaryDirectory() as out:
+        if processes is not None:
+            text = Path(accelerate_config).read_text()
+            resized = re.sub(r"(?m)^num_processes:\s*\d+", f"num_processes: {processes}", text)
+            accelerate_config = str(Path(out) / "accelerate.yaml")
+            Path(accelerate_config).write_text(resized)
         cmd = [sys.executable, "-m", "recipes.cli", "plan", *job.recipe_args(out)]
         cmd += ["--accelerate-config", accelerate_config, "--json"]
         result = subprocess.run(
             cmd, cwd=REPO, env={**os.environ, **OFFLINE}, capture_output=True, text=True, check=True
         )
-    return json.loads(result.stdout)["estimate"]["memory_per_device"]["total"] / 2**30
+    return json.loads(result.stdout)["estimate"]["memory_per_device"]
+
+
+def planned_memory_gib(job: Job, accelerate_config: str) -> float:
+    """`recipes plan`'s per-device memory estimate (model states + activations) of the job on a topology."""
+    return planned_memory(job, accelerate_config)["total"] / 2**30
 
 
 def scale_model(directory: Path, tokenizer_from: str, hidden: int, layers: int) -> Path:
@@ -214,6 +226,71 @@ def scale(job: Job, model: Path, steps: int) -> dict:
             "seconds_per_step": statistics.median(result["step_times"][1:] or result["step_times"]),
             "runtime": result["runtime"],
             "planned_memory_gib_per_device": planned_memory_gib(scaled, config),
+        }
+    return out
+
+
+# glibc keeps freed buffers resident (each gather, reduce and optimizer temporary), so on CPU processes the
+# resident set grows past live memory; with a fixed mmap threshold every buffer of 1 MiB or more goes back
+# to the system when freed. Measured on ZeRO-3 x2 (204M parameters): peak 4.6 -> 3.3 GiB per process, at
+# about 1.5x the step time. Without it, ZeRO-3 x4 of the 0.5B model did not fit 4 processes into 24 GiB.
+RESIDENT_LIVE = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+
+
+def zero_topologies() -> list[tuple[str, str, int]]:
+    """(name, accelerate config, processes) of the ZeRO memory section, from DDP to ZeRO-3 with offload
+    (4 processes for ZeRO-3 only: the others would not fit a 0.5B model four times into 24 GiB)."""
+    ddp = "multi_gpu.yaml" if torch.cuda.is_available() else "cpu_2proc.yaml"
+    rows = [("DDP", ddp, 2), ("ZeRO-1", "ds_zero1.yaml", 2), ("ZeRO-2", "ds_zero2.yaml", 2)]
+    rows += [("ZeRO-3", "ds_zero3.yaml", 2), ("ZeRO-3", "ds_zero3.yaml", 4)]
+    rows += [("ZeRO-2 offload", "ds_zero2_offload.yaml", 2), ("ZeRO-3 offload", "ds_zero3_offload.yaml", 2)]
+    return [(f"{name} x{n}", f"accelerate_configs/{config}", n) for name, config, n in rows]
+
+
+def zero_memory(job: Job, model: Path, steps: int) -> dict:
+    """Model-state bytes per process counted from the tensors (the recipe's memory_census) on each topology
+    of zero_topologies, next to `recipes plan`'s estimate of the same run, and the peak resident set.
+
+    Measured model states are the census's largest over its four points (loop start, end of a forward,
+    end of its backward, after the step); the plan's are its parameters + gradients + optimizer states
+    per device. Offloaded states live in the same address space as the rest on CPU processes; the census
+    tells them apart by what holds them: the fp32 master weights and optimizer states (offload_optimizer)
+    and the parameter partitions (offload_param) are what DeepSpeed keeps in host memory, so they are
+    compared with the plan's host part, and the rest with its device part. The runs set RESIDENT_LIVE."""
+    from recipes.core.topology import read_topology
+
+    shape = model_shape(str(model))
+    out = {"model_parameters": shape.total_params, "steps": steps, "topologies": {}}
+    for name, config, processes in zero_topologies():
+        print(f"  zero: {name}", file=sys.stderr, flush=True)
+        scaled = job.replace(
+            model=str(model), samples=steps * processes * job.micro_batch, gradient_accumulation=1
+        )
+        result = run_recipe(scaled, config, processes, extra=("--memory_census", "true"), env=RESIDENT_LIVE)
+        census = result["memory_census"]
+        planned = planned_memory(scaled, config, processes)
+        topology = read_topology(config)
+        host = ["master_weights", "optimizer_states"] if topology.offload_optimizer else []
+        host += ["parameters"] if topology.offload_param else []
+        measured, measured_host = [], []
+        for rank in range(processes):
+            peak_point = max(census, key=lambda p, r=rank: census[p]["model_states"][r])
+            measured.append(census[peak_point]["model_states"][rank])
+            measured_host.append(sum(census[peak_point][c][rank] for c in host))
+        planned_device = sum(planned[k] for k in ("parameters", "gradients", "optimizer_states"))
+        planned_states = planned_device + planned["offloaded"]
+        out["topologies"][name] = {
+            "processes": processes,
+            "census": census,
+            "model_state_bytes_per_process": measured,
+            "host_side_bytes_per_process": measured_host if host else None,
+            "planned_model_state_bytes": planned_states,
+            "planned_offloaded_bytes": planned["offloaded"],
+            "plan_over_measured": planned_states / max(measured),
+            "planned_memory": planned,
+            "peak_memory_mib_per_process": result["peak_memory_mib_per_process"],
+            "setup_peak_memory_mib_per_process": result["setup_peak_memory_mib_per_process"],
+            "seconds_per_step": statistics.median(result["step_times"][1:] or result["step_times"]),
         }
     return out
 
