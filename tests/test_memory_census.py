@@ -9,7 +9,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from recipes.core.deepspeed_support import apply_model_values, largest_layer_parameters
-from recipes.core.memory_census import CATEGORIES, MODEL_STATES, take_census, tensors_with_grad
+from recipes.core.memory_census import (
+    CATEGORIES,
+    MODEL_STATES,
+    censuses_before_loop,
+    take_census,
+    take_census_before_loop,
+    tensors_with_grad,
+)
 
 
 def grown(before, after) -> dict[str, int]:
@@ -77,6 +84,14 @@ def test_ddp_buckets_are_counted_once_with_the_gradients_that_are_views_into_the
     assert [grown(before, synced)[c] for c in both] == [0, 4 * n]
     assert [grown(before, released)[c] for c in both] == [0, 4 * n]
     assert [grown(before, accumulating)[c] for c in both] == [4 * n, 4 * n]
+
+
+def test_a_census_taken_before_the_loop_goes_to_the_next_loop_only():
+    take_census_before_loop("loaded")
+    take_census_before_loop("loaded")  # a second model loaded (a DPO reference copy): one census per point
+    first = censuses_before_loop()
+    assert list(first) == ["loaded"]
+    assert censuses_before_loop() == {}  # a later run in this process starts afresh
 
 
 def test_the_backward_census_hooks_onto_every_output_tensor_with_a_gradient():

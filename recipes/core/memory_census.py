@@ -213,13 +213,16 @@ _BEFORE_LOOP: dict[str, Census] = {}
 
 def take_census_before_loop(point: str) -> None:
     """A census before the training loop exists (e.g. "loaded": right after the model is loaded, when the
-    peak resident set is the loading peak); the loop's record includes the first one of each point."""
+    peak resident set is the loading peak); the next loop's record includes the first one of each point."""
     if point not in _BEFORE_LOOP:
         _BEFORE_LOOP[point] = take_census()
 
 
 def censuses_before_loop() -> dict[str, Census]:
-    return dict(_BEFORE_LOOP)
+    """The censuses taken since the last call (a later run in the same process starts afresh)."""
+    taken = dict(_BEFORE_LOOP)
+    _BEFORE_LOOP.clear()
+    return taken
 
 
 def census_record(censuses: dict[str, Census], ranks: Any) -> dict[str, Any]:
