@@ -279,6 +279,9 @@ def test_ddp_holds_every_gradient_once_in_its_buckets(reference, tiny_llama):
     for rank in (0, 1):
         assert counted["loaded"]["parameters"][rank] == 4 * n  # every process loads the whole model
         for point, values in counted.items():
+            # The resident set next to each count: the whole process (libraries too), its peak since the
+            # last reset no lower than it.
+            assert values["model_states"][rank] < values["resident"][rank] <= values["peak_resident"][rank]
             if point == "loaded":  # before DDP and its buckets exist
                 continue
             assert values["parameters"][rank] == 4 * n

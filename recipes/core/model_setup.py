@@ -54,7 +54,7 @@ def load_pretrained(auto_class: Any, cfg: Any, **kwargs: Any) -> torch.nn.Module
         trust_remote_code=cfg.trust_remote_code,
         **kwargs,
     )
-    if getattr(cfg, "memory_census", False):  # what loading left (ZeRO-3: partitions only) and its peak
+    if cfg.memory_census:  # what loading left (ZeRO-3: partitions only) and its peak
         take_census_before_loop("loaded")
     if cfg.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
