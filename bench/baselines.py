@@ -27,11 +27,11 @@ from transformers import (
 )
 
 from bench.job import Job, sample_order
-from recipes.core.accumulation import accumulation_windows, summed_token_loss
-from recipes.core.chat import PadCollator, make_collator, model_inputs
 from recipes.core.config import parse_config
-from recipes.core.optim import make_optimizer
-from recipes.core.steps import plan_for_config
+from recipes.core.data.chat import PadCollator, make_collator, model_inputs
+from recipes.core.losses.accumulation import accumulation_windows, summed_token_loss
+from recipes.core.model.optimizer import make_optimizer
+from recipes.core.plan.steps import plan_for_config
 from recipes.sft import SFTConfig, load_data
 
 

@@ -69,7 +69,7 @@ def train(model: Path, data: Path, out: Path, *fields: str) -> list[dict]:
     """The SFT recipe in this process (one GPU, or the CPU in a dry run); its metrics records."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from recipes.core.records import read_metrics
+    from recipes.core.output.records import read_metrics
     from recipes.sft import main
 
     args = [
@@ -160,8 +160,8 @@ def fsdp2(model: Path, data: Path, work: Path, reference: list[dict]) -> dict:
 
     from safetensors.torch import load_file
 
-    from recipes.core.launching import free_port, launch_command
-    from recipes.core.records import read_metrics
+    from recipes.core.launch.command import free_port, launch_command
+    from recipes.core.output.records import read_metrics
 
     processes = torch.cuda.device_count() if torch.cuda.is_available() else 2
     args = [
@@ -222,8 +222,9 @@ def throughput(
     device_name: str | None,
 ) -> dict:
     """Every lever on: packing, chunked loss, activation checkpointing, compilation, bf16."""
-    from recipes.core.estimate import ModelShape, model_shape, training_flops
-    from recipes.core.hardware import get_device
+    from recipes.core.model.shape import model_shape
+    from recipes.core.plan.estimate import ModelShape, training_flops
+    from recipes.core.plan.hardware import get_device
 
     records = train(
         model,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from recipes.core.launching import free_port, launch_command
-from recipes.core.records import read_metrics
+from recipes.core.launch.command import free_port, launch_command
+from recipes.core.output.records import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -101,7 +101,7 @@ def long_conversations(directory: Path, source: Path, tokenizer_from: str, token
 
 
 def _grown(before: int, device: torch.device) -> int:
-    from recipes.core.usage import peak_memory_bytes
+    from recipes.core.train.usage import peak_memory_bytes
 
     return peak_memory_bytes(device) - before
 
@@ -112,9 +112,9 @@ def measure_loss(
     """Peak memory growth of the loss alone: the last hidden states of `tokens` positions through an LM head,
     forward and backward, as the recipe computes it: every logit at once (chunk_tokens 0) or a chunk of
     target positions at a time. Every position is a target, the most logits a batch can need."""
-    from recipes.core.accumulation import summed_token_loss
-    from recipes.core.lm_loss import chunked_token_loss
-    from recipes.core.usage import peak_memory_bytes, reset_peak_memory
+    from recipes.core.losses.accumulation import summed_token_loss
+    from recipes.core.losses.causal_lm import chunked_token_loss
+    from recipes.core.train.usage import peak_memory_bytes, reset_peak_memory
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -142,8 +142,8 @@ def measure_activations(model_dir: str, tokens: int, checkpointing: bool, device
     gradients it allocates: the activations kept for backward."""
     from transformers import AutoModelForCausalLM
 
-    from recipes.core.model_setup import enable_activation_checkpointing
-    from recipes.core.usage import peak_memory_bytes, reset_peak_memory
+    from recipes.core.model.pretrained import enable_activation_checkpointing
+    from recipes.core.train.usage import peak_memory_bytes, reset_peak_memory
 
     dev = torch.device(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
@@ -183,8 +183,9 @@ def levers(
     `device_name` (`recipes plan --gpu` terms), each run's MFU."""
     from bench.job import run_recipe
     from bench.measures import mfu, model_flops_per_second
-    from recipes.core.estimate import Levers, device_memory, model_shape
-    from recipes.core.hardware import get_device
+    from recipes.core.model.shape import model_shape
+    from recipes.core.plan.estimate import Levers, device_memory
+    from recipes.core.plan.hardware import get_device
 
     shape = model_shape(str(model))
     out: dict = {"model": {"parameters": shape.total_params, "shape": "Qwen2.5-0.5B", **QWEN_05B}}

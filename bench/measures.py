@@ -6,7 +6,7 @@ import math
 import random
 import statistics
 
-from recipes.core.estimate import ModelShape, training_flops
+from recipes.core.plan.estimate import ModelShape, training_flops
 
 
 def throughput(result: dict) -> float:

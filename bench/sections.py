@@ -37,8 +37,9 @@ from bench.measures import (
     real_token_fraction,
     throughput,
 )
-from recipes.core.estimate import FLOPS_FORMULA, model_shape
-from recipes.core.hardware import get_device
+from recipes.core.model.shape import model_shape
+from recipes.core.plan.estimate import FLOPS_FORMULA
+from recipes.core.plan.hardware import get_device
 
 
 def check_same_job(recipe: dict, other: dict, tolerance: float) -> None:
@@ -257,7 +258,7 @@ def zero_memory(job: Job, model: Path, steps: int) -> dict:
     tells them apart by what holds them: the fp32 master weights and optimizer states (offload_optimizer)
     and the parameter partitions (offload_param) are what DeepSpeed keeps in host memory, so they are
     compared with the plan's host part, and the rest with its device part. The runs set RESIDENT_LIVE."""
-    from recipes.core.topology import read_topology
+    from recipes.core.doctor.topology import read_topology
 
     shape = model_shape(str(model))
     out = {"model_parameters": shape.total_params, "steps": steps, "topologies": {}}

@@ -24,29 +24,22 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from recipes.core import lora
-from recipes.core.accumulation import backward_scale
-from recipes.core.checkpoint_io import accelerate_io
-from recipes.core.classification import (
-    BestModel,
-    check_metric_config,
-    data_record,
-    load_splits,
-    model_inputs,
-    predict_and_score,
-    write_test_results,
-)
 from recipes.core.config import ConfigError, TrainingConfig, field, parse_config
-from recipes.core.data import make_train_loader
+from recipes.core.data.classification import check_metric_config, data_record, load_splits, model_inputs
+from recipes.core.data.loading import make_train_loader
+from recipes.core.distributed.accelerator import setup_accelerator
+from recipes.core.distributed.fsdp import full_state_dict, load_full_state_dict, prepare
 from recipes.core.errors import run_recipe
-from recipes.core.final_model import save_final_model
-from recipes.core.fsdp import full_state_dict, load_full_state_dict, prepare
-from recipes.core.inputs import load_tokenizer
-from recipes.core.metrics import load_metrics
-from recipes.core.model_setup import load_pretrained
-from recipes.core.optim import make_optimizer
-from recipes.core.run import Run
-from recipes.core.runtime import setup_accelerator
+from recipes.core.evaluation.classification import BestModel, predict_and_score, write_test_results
+from recipes.core.evaluation.metrics import load_metrics
+from recipes.core.losses.accumulation import backward_scale
+from recipes.core.model import lora
+from recipes.core.model.optimizer import make_optimizer
+from recipes.core.model.pretrained import load_pretrained
+from recipes.core.model.source import load_tokenizer
+from recipes.core.output.checkpoint_io import accelerate_io
+from recipes.core.output.final_model import save_final_model
+from recipes.core.train.run import Run
 
 
 @dataclass
@@ -127,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     model = lora.apply_lora(model, cfg, lora.SEQUENCE_CLASSIFICATION)  # the head trains in full
     parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned
     optimizer = make_optimizer(model, cfg)
-    # accelerator.prepare; under an FSDP launch the model comes back sharded by FSDP2 (core/fsdp.py)
+    # accelerator.prepare; under an FSDP launch the model comes back sharded by FSDP2 (core/distributed/fsdp.py)
     model, optimizer, train_loader = prepare(accelerator, model, optimizer, train_loader)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
 

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from recipes.core.config import ConfigError, parse_config
-from recipes.core.data import DataError
-from recipes.core.steps import plan_for_config
+from recipes.core.errors import DataError
+from recipes.core.plan.steps import plan_for_config
 
 # recipe name -> (module, config class); the module exposes plan_inputs(cfg) -> (samples, tokens/sample,
 # the data record plan.json holds)
@@ -118,7 +118,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
         num_samples, tokens_per_sample = args.num_samples, args.tokens_per_sample
     else:
         num_samples, tokens_per_sample, data = module.plan_inputs(cfg)
-    from recipes.core.topology import read_topology
+    from recipes.core.doctor.topology import read_topology
 
     topology = read_topology(args.accelerate_config, args.deepspeed_config)
     # A recipe that can count its model's parameters (LoRA: the adapters are the trainable ones) says so.
@@ -142,11 +142,11 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
         if pipeline:
             print("\n" + plan_table(pipeline))
         if estimate:
-            from recipes.core.estimate import estimate_table
+            from recipes.core.plan.estimate import estimate_table
 
             print("\n" + estimate_table(estimate))
     if args.plot:
-        from recipes.core.plots import write_schedule_plot
+        from recipes.core.output.plots import write_schedule_plot
 
         print(f"LR schedule drawn in {write_schedule_plot(plan.to_dict(), args.plot)}", file=sys.stderr)
     return 0
@@ -154,16 +154,10 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _estimate(args, cfg, module, plan: dict, topology, overrides: list[str]) -> dict | None:
     """Compute, time and memory estimate; skipped with a note when the model config cannot be read."""
-    from recipes.core.calibrate import calibrate
-    from recipes.core.estimate import (
-        DEFAULT_UTILIZATION,
-        FSDP2Layout,
-        Levers,
-        Workload,
-        estimate_run,
-        model_shape,
-    )
-    from recipes.core.hardware import get_device
+    from recipes.core.launch.calibrate import calibrate
+    from recipes.core.model.shape import model_shape
+    from recipes.core.plan.estimate import DEFAULT_UTILIZATION, FSDP2Layout, Levers, Workload, estimate_run
+    from recipes.core.plan.hardware import get_device
 
     asked = args.gpu or args.accelerate_config or args.deepspeed_config or args.calibrate
     try:
@@ -269,7 +263,7 @@ def _recipe_from_filename(path: str) -> str:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from recipes.core.default_models import DEFAULT_MODELS, prepare_model
+    from recipes.core.model.defaults import DEFAULT_MODELS, prepare_model
 
     for name in args.model or sorted(DEFAULT_MODELS):
         print(f"{name}: {prepare_model(name, force=args.force)}")

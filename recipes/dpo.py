@@ -4,10 +4,10 @@
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/dpo.py \
         --config recipes/configs/dpo_smollm2.yaml [--field value ...]
 
-The data are prompt / chosen / rejected pairs (core/preference_data.py); the unit of a batch is a pair,
-whose chosen and rejected sequences go through the model in one forward. The loss (core/dpo_loss.py)
+The data are prompt / chosen / rejected pairs (core/data/preferences.py); the unit of a batch is a pair,
+whose chosen and rejected sequences go through the model in one forward. The loss (core/losses/dpo.py)
 compares the policy's summed log-probabilities of each completion with the reference model's
-(core/reference.py: a frozen copy, the policy with its LoRA adapter disabled, or precomputed) and is
+(core/losses/reference.py: a frozen copy, the policy with its LoRA adapter disabled, or precomputed) and is
 averaged over all pairs of an optimizer step on all ranks, so gradient accumulation and data parallelism
 give exactly the gradient of one big batch.
 """
@@ -21,24 +21,24 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-from recipes.core import lora
-from recipes.core.accumulation import backward_scale
-from recipes.core.checkpoint_io import accelerate_io
 from recipes.core.config import ConfigError, TrainingConfig, field, parse_config
-from recipes.core.data import make_train_loader
-from recipes.core.dpo_loss import METRICS, check_loss_config, chosen_and_rejected, pair_losses, pair_metrics
+from recipes.core.data.loading import make_train_loader
+from recipes.core.data.preferences import PairCollator, load_preference_data
+from recipes.core.distributed.accelerator import setup_accelerator
+from recipes.core.distributed.fsdp import prepare, reshard
 from recipes.core.errors import run_recipe
-from recipes.core.estimate import Workload
-from recipes.core.final_model import save_final_model
-from recipes.core.fsdp import prepare, reshard
-from recipes.core.inputs import load_tokenizer
-from recipes.core.lm_loss import CausalLMLoss
-from recipes.core.model_setup import load_pretrained
-from recipes.core.optim import make_optimizer
-from recipes.core.preference_data import PairCollator, load_preference_data
-from recipes.core.reference import build_reference, sequence_logps
-from recipes.core.run import Run
-from recipes.core.runtime import setup_accelerator
+from recipes.core.losses.accumulation import backward_scale
+from recipes.core.losses.causal_lm import CausalLMLoss
+from recipes.core.losses.dpo import METRICS, check_loss_config, chosen_and_rejected, pair_losses, pair_metrics
+from recipes.core.losses.reference import build_reference, sequence_logps
+from recipes.core.model import lora
+from recipes.core.model.optimizer import make_optimizer
+from recipes.core.model.pretrained import load_pretrained
+from recipes.core.model.source import load_tokenizer
+from recipes.core.output.checkpoint_io import accelerate_io
+from recipes.core.output.final_model import save_final_model
+from recipes.core.plan.estimate import Workload
+from recipes.core.train.run import Run
 
 
 @dataclass
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     loss_of = CausalLMLoss(model, cfg.loss_chunk_tokens, accelerator.autocast)
     parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned
     optimizer = make_optimizer(model, cfg)
-    # accelerator.prepare; under an FSDP launch the model comes back sharded by FSDP2 (core/fsdp.py)
+    # accelerator.prepare; under an FSDP launch the model comes back sharded by FSDP2 (core/distributed/fsdp.py)
     model, optimizer = prepare(accelerator, model, optimizer)
     reference = build_reference(cfg, accelerator, model, loss_of)
     log(f"reference model: {reference.description}")

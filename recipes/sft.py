@@ -5,7 +5,7 @@ topology `accelerate launch` sets up.
         --config recipes/configs/sft_smollm2.yaml [--field value ...]
 
 The data may be messages, ShareGPT, Alpaca, prompt/completion or plain text, one dataset or a mixture
-(core/sft_data.py). Loss is on assistant (completion) tokens only, or on every token of plain text,
+(core/data/sft.py). Loss is on assistant (completion) tokens only, or on every token of plain text,
 averaged over all target tokens of an optimizer step on all ranks, so gradient accumulation and data
 parallelism give exactly the gradient of one big batch.
 """
@@ -20,22 +20,22 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-from recipes.core import lora
-from recipes.core.accumulation import backward_scale, eval_loss_results, target_tokens
-from recipes.core.chat import PadCollator, make_collator, model_inputs
-from recipes.core.checkpoint_io import accelerate_io
 from recipes.core.config import TrainingConfig, field, parse_config
-from recipes.core.data import make_train_loader
+from recipes.core.data.chat import PadCollator, make_collator, model_inputs
+from recipes.core.data.loading import make_train_loader
+from recipes.core.data.sft import load_sft_data
+from recipes.core.distributed.accelerator import setup_accelerator
+from recipes.core.distributed.fsdp import prepare
 from recipes.core.errors import run_recipe
-from recipes.core.final_model import save_final_model
-from recipes.core.fsdp import prepare
-from recipes.core.inputs import load_tokenizer
-from recipes.core.lm_loss import CausalLMLoss
-from recipes.core.model_setup import load_pretrained
-from recipes.core.optim import make_optimizer
-from recipes.core.run import Run
-from recipes.core.runtime import setup_accelerator
-from recipes.core.sft_data import load_sft_data
+from recipes.core.losses.accumulation import backward_scale, eval_loss_results, target_tokens
+from recipes.core.losses.causal_lm import CausalLMLoss
+from recipes.core.model import lora
+from recipes.core.model.optimizer import make_optimizer
+from recipes.core.model.pretrained import load_pretrained
+from recipes.core.model.source import load_tokenizer
+from recipes.core.output.checkpoint_io import accelerate_io
+from recipes.core.output.final_model import save_final_model
+from recipes.core.train.run import Run
 
 
 @dataclass
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     loss_of = CausalLMLoss(model, cfg.loss_chunk_tokens, accelerator.autocast)
     parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned
     optimizer = make_optimizer(model, cfg)
-    # accelerator.prepare; under an FSDP launch the model comes back sharded by FSDP2 (core/fsdp.py)
+    # accelerator.prepare; under an FSDP launch the model comes back sharded by FSDP2 (core/distributed/fsdp.py)
     model, optimizer, train_loader = prepare(accelerator, model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def load_data(cfg: SFTConfig, tokenizer) -> tuple:
     """Tokenised train and eval samples (eval None without evaluation) and the report of what they are
-    made of (core/sft_data.py): printed, and recorded in plan.json."""
+    made of (core/data/sft.py): printed, and recorded in plan.json."""
     return load_sft_data(cfg, tokenizer)
 
 

@@ -21,17 +21,11 @@ from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, get_linear_schedule_with_warmup
 
-from recipes.core.accumulation import backward_scale, eval_loss_results, target_tokens
-from recipes.core.chat import IGNORE_INDEX, PadCollator
-from recipes.core.checkpoint_io import DeepSpeedEngineIO
 from recipes.core.config import ConfigError, field, parse_config, read_mapping
-from recipes.core.data import make_train_loader
-from recipes.core.doctor import preflight
-from recipes.core.errors import run_recipe
-from recipes.core.inputs import load_tokenizer
-from recipes.core.model_setup import check_attention
-from recipes.core.optim import make_optimizer
-from recipes.core.pipeline import (
+from recipes.core.data.chat import IGNORE_INDEX, PadCollator
+from recipes.core.data.loading import make_train_loader
+from recipes.core.distributed.accelerator import init_distributed, resolve_gradient_accumulation
+from recipes.core.distributed.pipeline import (
     ModelSource,
     PipelineClipper,
     build_pipeline,
@@ -43,11 +37,17 @@ from recipes.core.pipeline import (
     pipe_batches,
     resolve_ds_config,
 )
-from recipes.core.pipeline_plan import module_boundaries, pipeline_view
-from recipes.core.ranks import Ranks
-from recipes.core.run import Run
-from recipes.core.runtime import init_distributed, resolve_gradient_accumulation
-from recipes.core.steps import data_parallel_size
+from recipes.core.distributed.ranks import Ranks
+from recipes.core.doctor import preflight
+from recipes.core.errors import run_recipe
+from recipes.core.losses.accumulation import backward_scale, eval_loss_results, target_tokens
+from recipes.core.model.optimizer import make_optimizer
+from recipes.core.model.pretrained import check_attention
+from recipes.core.model.source import load_tokenizer
+from recipes.core.output.checkpoint_io import DeepSpeedEngineIO
+from recipes.core.plan.pipeline_layout import module_boundaries, pipeline_view
+from recipes.core.plan.steps import data_parallel_size
+from recipes.core.train.run import Run
 from recipes.sft import SFTConfig, load_data, plan_inputs  # noqa: F401 - plan_inputs serves `recipes plan`
 
 

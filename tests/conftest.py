@@ -9,6 +9,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import matplotlib.font_manager  # noqa: F401  (see below)
 import pytest
 from helpers import (
     OFFLINE,
@@ -26,6 +27,8 @@ from helpers import (
 )
 
 os.environ.update(OFFLINE)  # recipes run in this process too
+# matplotlib.font_manager, imported above, lists the system fonts with a process (fc-list) the first time
+# it runs on a machine: here, not inside a fast test that draws curves.png.
 
 # The shared job (helpers.JOB) on each topology: (accelerate config, or None to run in this process;
 # recipe; extra arguments). Every one takes the same 12 steps on the same samples, so each is the
@@ -133,7 +136,7 @@ def deepspeed_env(monkeypatch):
     environment `accelerate launch` gives it for a DeepSpeed config file; undone after the test."""
 
     def set_env(ds_config: Path) -> None:
-        from recipes.core.launching import free_port
+        from recipes.core.launch.command import free_port
 
         values = {
             "ACCELERATE_USE_DEEPSPEED": "true",

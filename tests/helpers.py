@@ -24,8 +24,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from recipes.core.bundled_classification import NEWS_DIR
-from recipes.core.launching import free_port, launch_command
+from recipes.core.launch.command import free_port, launch_command
+from recipes.data.generators.news_topics import NEWS_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 SFT_DATA = REPO / "recipes" / "data" / "sft_instructions"

@@ -28,8 +28,8 @@ from helpers import (
 from safetensors.torch import load_file, save_file
 
 from recipes.core.errors import EXIT_USER_ERROR, USER_ERRORS
-from recipes.core.run_dir import complete_checkpoints, incomplete_checkpoints
-from recipes.core.steps import Plan
+from recipes.core.output.run_dir import complete_checkpoints, incomplete_checkpoints
+from recipes.core.plan.steps import Plan
 
 
 def sft_args(model: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -630,8 +630,7 @@ def test_recipes_launch_exits_with_the_status_the_processes_recorded(launcher, r
 
 
 def test_a_recipe_records_how_its_process_ended_where_recipes_launch_asks(tmp_path, monkeypatch, capsys):
-    from recipes.core.data import DataError
-    from recipes.core.errors import run_recipe
+    from recipes.core.errors import DataError, run_recipe
     from recipes.core.exit_status import STATUS_DIR_ENV, read
 
     def bad_data() -> None:

@@ -21,7 +21,7 @@ from bench.measures import (
 )
 from bench.report import render_table
 from bench.sections import check_same_job
-from recipes.core.estimate import model_shape
+from recipes.core.model.shape import model_shape
 
 RESULTS = REPO / "bench" / "results" / "cpu.json"
 

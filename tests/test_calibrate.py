@@ -6,8 +6,8 @@ import pytest
 from helpers import OFFLINE, REPO, make_tiny_decoder
 
 from recipes.cli import main
-from recipes.core.calibrate import extrapolate, micro_batches_per_rank, window_size
-from recipes.core.steps import make_plan
+from recipes.core.launch.calibrate import extrapolate, micro_batches_per_rank, window_size
+from recipes.core.plan.steps import make_plan
 
 # 50 samples, micro batch 4 -> 13 batches per epoch on 1 rank; GA 4 -> windows 4, 4, 4, 1 (4 steps/epoch)
 PLAN = make_plan(

@@ -10,10 +10,11 @@ import pytest
 import torch
 from helpers import SFT_DATA, make_chat_tokenizer
 
-from recipes.core.bundled_data import write_sft_dataset
-from recipes.core.chat import IGNORE_INDEX, PadCollator, tokenize_conversation
-from recipes.core.data import DataError, load_split, require_columns
-from recipes.core.sft_data import load_sft_data
+from recipes.core.data.chat import IGNORE_INDEX, PadCollator, tokenize_conversation
+from recipes.core.data.loading import load_split, require_columns
+from recipes.core.data.sft import load_sft_data
+from recipes.core.errors import DataError
+from recipes.data.generators.sft_instructions import write_sft_dataset
 from recipes.sft import SFTConfig
 
 CONVERSATION = [

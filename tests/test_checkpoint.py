@@ -37,8 +37,8 @@ from helpers import (
     workers,
 )
 
-from recipes.core.run_dir import MARKER, claim, complete_checkpoints
-from recipes.core.stop_signal import EXIT_INTERRUPTED
+from recipes.core.exit_status import EXIT_INTERRUPTED
+from recipes.core.output.run_dir import MARKER, claim, complete_checkpoints
 
 SAVE_TOTAL_LIMIT = 2
 RESUMED_AT = 8  # the reference runs' checkpoint in the second epoch: 2 of its 6 windows done
@@ -191,10 +191,10 @@ def run_dir(tmp_path):
 
     from accelerate import Accelerator
 
-    from recipes.core.checkpoint import Checkpointer
-    from recipes.core.checkpoint_io import AccelerateIO
-    from recipes.core.ranks import Ranks
-    from recipes.core.run_dir import find_start
+    from recipes.core.distributed.ranks import Ranks
+    from recipes.core.output.checkpoint import Checkpointer
+    from recipes.core.output.checkpoint_io import AccelerateIO
+    from recipes.core.output.run_dir import find_start
     from recipes.sft import SFTConfig
 
     accelerator = Accelerator(cpu=True)
@@ -216,7 +216,7 @@ def run_dir(tmp_path):
 
 
 def test_rotation_keeps_exactly_save_total_limit_complete_checkpoints(run_dir):
-    from recipes.core.run_dir import Position
+    from recipes.core.output.run_dir import Position
 
     checkpoints = run_dir.checkpointer(save_total_limit=2)
     for step in range(1, 6):
@@ -234,7 +234,7 @@ def test_save_total_limit_below_one_is_refused(run_dir):
 
 def test_new_run_refuses_an_output_dir_with_another_config_unless_told_to_overwrite(run_dir):
     from recipes.core.config import ConfigError, save_config
-    from recipes.core.run_dir import Position
+    from recipes.core.output.run_dir import Position
 
     run_dir.checkpointer().save(Position(step=3))
     save_config(run_dir.config(), run_dir.dir / "config.yaml")
@@ -255,7 +255,7 @@ def test_new_run_refuses_an_output_dir_with_another_config_unless_told_to_overwr
 
 def test_resume_refuses_an_incomplete_checkpoint_path_and_a_changed_config(run_dir):
     from recipes.core.config import ConfigError
-    from recipes.core.run_dir import Position
+    from recipes.core.output.run_dir import Position
 
     saved = run_dir.checkpointer().save(Position(step=3, epoch=1, batches_in_epoch=6))
     partial = saved.with_name("checkpoint-4.partial")

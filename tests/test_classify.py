@@ -26,10 +26,10 @@ from sklearn.metrics import accuracy_score, f1_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from recipes.core.bundled_classification import LABELS, NEWS_DIR, SPLIT_SIZES, write_news_dataset
-from recipes.core.plots import curve_series
-from recipes.core.records import read_metrics
-from recipes.core.steps import linear_warmup_decay_lr
+from recipes.core.output.plots import curve_series
+from recipes.core.output.records import read_metrics
+from recipes.core.plan.steps import linear_warmup_decay_lr
+from recipes.data.generators.news_topics import LABELS, NEWS_DIR, SPLIT_SIZES, write_news_dataset
 
 
 @pytest.fixture(scope="module")

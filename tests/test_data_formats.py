@@ -25,9 +25,10 @@ from helpers import (
 )
 from transformers import AutoTokenizer
 
-from recipes.core.chat import IGNORE_INDEX, PadCollator, model_inputs
-from recipes.core.data import DataError, load, load_split
-from recipes.core.sft_data import load_sft_data
+from recipes.core.data.chat import IGNORE_INDEX, PadCollator, model_inputs
+from recipes.core.data.loading import load, load_split
+from recipes.core.data.sft import load_sft_data
+from recipes.core.errors import DataError
 from recipes.sft import SFTConfig
 
 ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}

@@ -30,8 +30,9 @@ from helpers import (
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from recipes.core.deepspeed_support import DeepSpeedConfigError, apply_recipe_values
-from recipes.core.estimate import model_shape, zero3_gathered_bytes
+from recipes.core.distributed.deepspeed_config import DeepSpeedConfigError, apply_recipe_values
+from recipes.core.model.shape import model_shape
+from recipes.core.plan.estimate import zero3_gathered_bytes
 
 ZERO_CONFIGS = {  # reference run -> the ds config its accelerate config (accelerate_configs/ds_<name>.yaml) names
     "zero1": "ds_configs/zero1.json",
@@ -230,7 +231,7 @@ def test_every_ds_accelerate_config_loads_and_points_at_its_ds_config():
 
 
 def census(output_dir) -> dict:
-    """The run's memory census: {point: {category: [bytes per rank]}} (core/memory_census.py)."""
+    """The run's memory census: {point: {category: [bytes per rank]}} (core/train/memory_census.py)."""
     [end] = [r for r in read_jsonl(output_dir / "metrics.jsonl") if "memory_census" in r]
     return end["memory_census"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recipes.core.default_models import COMPLETE_MARKER, model_dir, prepare_model
+from recipes.core.model.defaults import COMPLETE_MARKER, model_dir, prepare_model
 
 
 def test_prepare_twice_reuses_the_converted_model():

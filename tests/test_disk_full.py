@@ -15,7 +15,7 @@ import subprocess
 import pytest
 from helpers import SFT_DATA, in_process, read_jsonl
 
-from recipes.core.checkpoint import CheckpointWriteFailed
+from recipes.core.output.checkpoint import CheckpointWriteFailed
 
 pytestmark = pytest.mark.slow  # mounting the small disk is a process
 

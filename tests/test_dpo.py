@@ -46,10 +46,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from recipes.cli import main as recipes_cli
 from recipes.core.config import ConfigError
-from recipes.core.data import DataError
-from recipes.core.dpo_loss import METRICS, pair_losses
-from recipes.core.run_dir import MARKER
-from recipes.core.stop_signal import EXIT_INTERRUPTED
+from recipes.core.errors import DataError
+from recipes.core.exit_status import EXIT_INTERRUPTED
+from recipes.core.losses.dpo import METRICS, pair_losses
+from recipes.core.output.run_dir import MARKER
 
 DPO_CONFIG = "recipes/configs/dpo_smollm2.yaml"
 PREFERENCES = REPO / "recipes" / "data" / "preferences"

@@ -15,14 +15,14 @@ import torch
 from helpers import EXAMPLES, REPO, read_jsonl, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recipes.core.bundled_preferences import PREFERENCE_DIR, write_preference_dataset
-from recipes.core.chat import IGNORE_INDEX
 from recipes.core.config import parse_config
-from recipes.core.data import DataError
-from recipes.core.dpo_loss import chosen_and_rejected
-from recipes.core.lm_loss import CausalLMLoss
-from recipes.core.preference_data import IMPLICIT, STANDARD, PairCollator, load_preference_data
-from recipes.core.reference import sequence_logps
+from recipes.core.data.chat import IGNORE_INDEX
+from recipes.core.data.preferences import IMPLICIT, STANDARD, PairCollator, load_preference_data
+from recipes.core.errors import DataError
+from recipes.core.losses.causal_lm import CausalLMLoss
+from recipes.core.losses.dpo import chosen_and_rejected
+from recipes.core.losses.reference import sequence_logps
+from recipes.data.generators.preferences import PREFERENCE_DIR, write_preference_dataset
 from recipes.dpo import DPOConfig
 
 DPO_CONFIG = "recipes/configs/dpo_smollm2.yaml"

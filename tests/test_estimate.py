@@ -8,7 +8,8 @@ import pytest
 from transformers import AutoConfig
 
 from recipes.cli import main
-from recipes.core.estimate import (
+from recipes.core.model.shape import model_shape
+from recipes.core.plan.estimate import (
     Levers,
     ModelShape,
     Workload,
@@ -16,15 +17,14 @@ from recipes.core.estimate import (
     device_memory,
     estimate_run,
     estimate_table,
-    model_shape,
     model_state_bytes,
     training_flops,
     wall_clock_seconds,
     zero3_gathered_bytes,
     zero_working_bytes,
 )
-from recipes.core.hardware import DEVICES, Device, get_device
-from recipes.core.steps import make_plan
+from recipes.core.plan.hardware import DEVICES, Device, get_device
+from recipes.core.plan.steps import make_plan
 
 V = 1000  # vocabulary of the small config below
 

@@ -3,7 +3,7 @@
 Accelerate does not switch CPU processes to FSDP; the recipes apply the preparation Accelerate applies on
 GPUs (its own fsdp2_prepare_model with the plugin it builds from the same launch environment) themselves,
 so these runs shard exactly as a GPU run does, and stop if a single parameter were left unsharded
-(core/fsdp.py). Everything after the preparation (deferred gradient reduction in accumulation windows,
+(core/distributed/fsdp.py). Everything after the preparation (deferred gradient reduction in accumulation windows,
 clipping of sharded gradients, sharded checkpoints, the gathered final model) is the recipes' own code on
 every device.
 
@@ -40,11 +40,12 @@ from helpers import (
 from safetensors.torch import load_file
 
 from recipes.cli import main as cli_main
+from recipes.core.distributed.fsdp import FSDPNotApplied
 from recipes.core.doctor import DoctorError, diagnose, preflight
-from recipes.core.estimate import FSDP2Layout, fsdp2_state_bytes, model_shape
-from recipes.core.fsdp import FSDPNotApplied
-from recipes.core.launching import free_port
-from recipes.core.topology import read_topology
+from recipes.core.doctor.topology import read_topology
+from recipes.core.launch.command import free_port
+from recipes.core.model.shape import model_shape
+from recipes.core.plan.estimate import FSDP2Layout, fsdp2_state_bytes
 from recipes.sft import SFTConfig
 
 FSDP2 = "accelerate_configs/fsdp2.yaml"

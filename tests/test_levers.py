@@ -35,10 +35,10 @@ from helpers import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recipes.core.chat import IGNORE_INDEX, PackedCollator, PadCollator, model_inputs
 from recipes.core.config import ConfigError, parse_config
-from recipes.core.lm_loss import CausalLMLoss
-from recipes.core.model_setup import check_attention
+from recipes.core.data.chat import IGNORE_INDEX, PackedCollator, PadCollator, model_inputs
+from recipes.core.losses.causal_lm import CausalLMLoss
+from recipes.core.model.pretrained import check_attention
 from recipes.sft import SFTConfig, load_data
 
 FULL_LOGITS = ["--loss_chunk_tokens", "0"]
@@ -78,7 +78,7 @@ def test_chunked_loss_gives_the_full_logits_loss_and_every_gradient(tiny_llama, 
     def loss_and_gradients(chunk: int) -> tuple[float, dict[str, torch.Tensor]]:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         if family == "llama_lora":
-            from recipes.core.lora import CAUSAL_LM, apply_lora
+            from recipes.core.model.lora import CAUSAL_LM, apply_lora
 
             torch.manual_seed(0)  # the same adapters' initial weights in both models
             model = apply_lora(model, SFTConfig(use_peft=True, lora_r=4, lora_alpha=8), CAUSAL_LM)

@@ -17,9 +17,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin
 
-from recipes.core.accumulation import accumulation_windows
-from recipes.core.loop import AccumulationMismatch, Window
-from recipes.core.stop_signal import StopSignals
+from recipes.core.losses.accumulation import accumulation_windows
+from recipes.core.train.loop import AccumulationMismatch, Window
+from recipes.core.train.stop_signal import StopSignals
 
 
 def prepared(ga: int):

@@ -37,11 +37,11 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from recipes.cli import main as cli_main
-from recipes.core.accumulation import per_sample_token_loss
-from recipes.core.bundled_classification import LABELS
-from recipes.core.chat import PadCollator
 from recipes.core.config import ConfigError, parse_config
-from recipes.core.lora import DEFAULT_TARGET_MODULES, apply_lora, target_modules
+from recipes.core.data.chat import PadCollator
+from recipes.core.losses.accumulation import per_sample_token_loss
+from recipes.core.model.lora import DEFAULT_TARGET_MODULES, apply_lora, target_modules
+from recipes.data.generators.news_topics import LABELS
 from recipes.sft import SFTConfig, load_data
 
 R, ALPHA = 4, 8

@@ -1,5 +1,5 @@
-"""The memory census (core/memory_census.py) counts every storage once, under what holds it, and the
-ZeRO-3 values the recipe fills from the model (core/deepspeed_support.py apply_model_values)."""
+"""The memory census (core/train/memory_census.py) counts every storage once, under what holds it, and the
+ZeRO-3 values the recipe fills from the model (core/distributed/deepspeed_config.py apply_model_values)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from recipes.core.deepspeed_support import apply_model_values, largest_layer_parameters
-from recipes.core.memory_census import (
+from recipes.core.distributed.deepspeed_config import apply_model_values, largest_layer_parameters
+from recipes.core.train.memory_census import (
     CATEGORIES,
     MODEL_STATES,
     censuses_before_loop,

@@ -7,9 +7,16 @@ import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
 from recipes.classify import ClassifyConfig
-from recipes.core.classification import BestModel, check_metric_config
 from recipes.core.config import ConfigError
-from recipes.core.metrics import SHIPPED_DIR, compute_metrics, load_metrics, metric_path, shipped_metrics
+from recipes.core.data.classification import check_metric_config
+from recipes.core.evaluation.classification import BestModel
+from recipes.core.evaluation.metrics import (
+    SHIPPED_DIR,
+    compute_metrics,
+    load_metrics,
+    metric_path,
+    shipped_metrics,
+)
 
 
 @pytest.fixture(scope="module")

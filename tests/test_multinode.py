@@ -26,7 +26,7 @@ from helpers import (
     load_plan,
 )
 
-from recipes.core.launching import free_port
+from recipes.core.launch.command import free_port
 
 MULTINODE = "accelerate_configs/ds_multinode.yaml"
 PDSH = "accelerate_configs/ds_multinode_pdsh.yaml"

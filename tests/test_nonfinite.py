@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from recipes.core.nonfinite import NonFiniteSteps, TrainingDiverged
+from recipes.core.train.nonfinite import NonFiniteSteps, TrainingDiverged
 
 
 def steps(precision: str, tmp_path) -> NonFiniteSteps:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recipes.core.config import ConfigError
-from recipes.core.optim import make_optimizer
+from recipes.core.model.optimizer import make_optimizer
 
 
 def config(optim: str) -> SimpleNamespace:

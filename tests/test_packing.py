@@ -15,13 +15,13 @@ from helpers import (
 )
 from transformers import AutoModelForCausalLM
 
-from recipes.core.accumulation import per_sample_token_loss
-from recipes.core.chat import (
+from recipes.core.data.chat import (
     IGNORE_INDEX,
     PackedCollator,
     PadCollator,
     model_inputs,
 )
+from recipes.core.losses.accumulation import per_sample_token_loss
 
 SAMPLES = [
     {"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8, 9]},

@@ -30,8 +30,7 @@ from helpers import (
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from recipes.cli import main as recipes_cli
-from recipes.core.doctor import DoctorError
-from recipes.core.pipeline import (
+from recipes.core.distributed.pipeline import (
     ModelSource,
     PipelineConfigError,
     TiedLayerSpec,
@@ -39,14 +38,15 @@ from recipes.core.pipeline import (
     layer_specs,
     resolve_ds_config,
 )
-from recipes.core.pipeline_plan import (
+from recipes.core.doctor import DoctorError
+from recipes.core.plan.pipeline_layout import (
     bubble_fraction,
     decoder_layer_ranges,
     micro_batches_for_bubble,
     module_boundaries,
     pipeline_view,
 )
-from recipes.core.steps import data_parallel_size, linear_warmup_decay_lr
+from recipes.core.plan.steps import data_parallel_size, linear_warmup_decay_lr
 
 MAX_GRAD_NORM = 0.5  # the shared job's
 # Pipeline and data parallelism reduce in another order than one process: float rounding, far below this.

@@ -31,8 +31,8 @@ from helpers import (
     workers,
 )
 
-from recipes.core.run_dir import MARKER, complete_checkpoints
-from recipes.core.stop_signal import EXIT_INTERRUPTED
+from recipes.core.exit_status import EXIT_INTERRUPTED
+from recipes.core.output.run_dir import MARKER, complete_checkpoints
 
 pytestmark = pytest.mark.slow  # every test launches the pipeline
 GA, SAVE_TOTAL_LIMIT, STOP_AFTER = 4, 2, 7

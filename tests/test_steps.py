@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import BatchSampler, SequentialSampler
 
-from recipes.core.steps import (
+from recipes.core.plan.steps import (
     batches_before_sharding,
     batches_per_rank,
     data_parallel_size,

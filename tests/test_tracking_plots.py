@@ -8,9 +8,9 @@ from helpers import JOB_STEPS, eval_records, train_records
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from recipes.cli import main as cli
-from recipes.core.plots import curve_series, schedule_series
-from recipes.core.steps import make_plan
-from recipes.core.tracking import hparams, tracker_kwargs, tracker_names
+from recipes.core.output.plots import curve_series, schedule_series
+from recipes.core.output.tracking import hparams, tracker_kwargs, tracker_names
+from recipes.core.plan.steps import make_plan
 from recipes.sft import SFTConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""Reading a checkpoint one tensor at a time (recipes/core/weights_reader.py), as pipeline stages do."""
+"""Reading a checkpoint one tensor at a time (recipes/core/distributed/weights_reader.py), as pipeline stages do."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from helpers import make_tiny_decoder
 from transformers import AutoModelForCausalLM
 
 from recipes.core.config import ConfigError
-from recipes.core.weights_reader import WeightsReader
+from recipes.core.distributed.weights_reader import WeightsReader
 
 
 @pytest.fixture(scope="module")

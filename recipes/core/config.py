@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 C = TypeVar("C")
-# What an optimizer step with a non-finite loss or gradient norm does (see core/nonfinite.py).
+# What an optimizer step with a non-finite loss or gradient norm does (see core/train/nonfinite.py).
 ON_NONFINITE_CHOICES = ("stop", "skip")
 
 

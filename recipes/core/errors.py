@@ -8,8 +8,24 @@ from collections.abc import Callable
 
 from recipes.core import exit_status
 from recipes.core.config import ConfigError
-from recipes.core.data import DataError
 from recipes.core.exit_status import EXIT_USER_ERROR
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as configured; the message names the split or column and the fix."""
+
+
+class RowError(DataError):
+    """A problem with one row, raised where the row is read (possibly in a `datasets.map` worker, hence
+    the plain constructor arguments, which pickle). The Split the row belongs to turns it into the
+    DataError a user reads (Split.row_error), naming the file, the row and the column."""
+
+    def __init__(self, row: int, column: str, problem: str, fix: str) -> None:
+        super().__init__(row, column, problem, fix)
+        self.row, self.column, self.problem, self.fix = row, column, problem, fix
+
+    def __str__(self) -> str:
+        return f"row {self.row}, column {self.column!r}: {self.problem}; {self.fix}"
 
 
 class RunStopped(ConfigError):

@@ -27,10 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from recipes.core.stop_signal import EXIT_INTERRUPTED
-
 STATUS_DIR_ENV = "RECIPES_STATUS_DIR"
 EXIT_OK, EXIT_CRASH, EXIT_USER_ERROR = 0, 1, 2
+EXIT_INTERRUPTED = 75  # "temporary failure: try again": stopped by a signal after a checkpoint
 MEANING = {
     EXIT_USER_ERROR: "bad input: fix what the error above says and run again",
     EXIT_INTERRUPTED: "stopped by a signal after a checkpoint: continue with --resume_from_checkpoint latest",

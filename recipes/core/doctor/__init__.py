@@ -23,8 +23,8 @@ from typing import Any
 from recipes.core.config import ON_NONFINITE_CHOICES, ConfigError, ConfigFileError, read_mapping
 from recipes.core.doctor import fsdp as fsdp_rules
 from recipes.core.doctor import known_keys
-from recipes.core.hardware import get_device
-from recipes.core.steps import (
+from recipes.core.plan.hardware import get_device
+from recipes.core.plan.steps import (
     batches_before_sharding,
     batches_per_rank,
     optimizer_steps_per_epoch,
@@ -584,7 +584,7 @@ def preflight(cfg: Any, world_size: int, env: Mapping[str, str] | None = None) -
             init_flag = env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT")
             found += findings("accelerate config", zero3_init_problems(ds, init_flag))
     if fsdp_rules.requested(env):
-        # The wrap classes are checked against the loaded model when it is sharded (core/fsdp.py).
+        # The wrap classes are checked against the loaded model when it is sharded (core/distributed/fsdp.py).
         found += findings("accelerate config", fsdp_rules.settings_problems(fsdp_rules.from_env(env)))
         found += findings("recipe config", fsdp_rules.recipe_problems(recipe))
         if launched_with_deepspeed:

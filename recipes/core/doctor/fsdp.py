@@ -230,7 +230,7 @@ def wrap_problems(fsdp: Mapping[str, Any], model: str, layout: ModelLayout | Non
             f"{', '.join(missing)}: no module of {model} has this class, so Accelerate cannot wrap its layers"
         )
         yield key, problem, "set it to the model's decoder layer class (its _no_split_modules), or remove it"
-    # Without the key the recipes leave such a class out of the model's own ones (core/fsdp.py).
+    # Without the key the recipes leave such a class out of the model's own ones (core/distributed/fsdp.py).
     holders = [name for name in names if name in layout.embedding_holders] if wrap else []
     if holders:
         problem = f"{', '.join(holders)} holds the input embeddings, which Accelerate's FSDP2 preparation "

@@ -1,0 +1,1 @@
+"""Evaluation metrics through the `evaluate` library, shipped metric modules first."""

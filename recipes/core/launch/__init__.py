@@ -1,0 +1,1 @@
+"""Launching recipes: the command line, and calibrating a plan on real steps."""
