@@ -28,7 +28,7 @@ from transformers import (
 
 from bench.job import Job, sample_order
 from recipes.core.config import parse_config
-from recipes.core.data.chat import PadCollator, make_collator, model_inputs
+from recipes.core.data.chat import PadCollator, causal_lm_inputs, make_collator
 from recipes.core.losses.accumulation import accumulation_windows, summed_token_loss
 from recipes.core.model.optimizer import make_optimizer
 from recipes.core.plan.steps import plan_for_config
@@ -75,7 +75,7 @@ def bare(job: Job, output_dir: str) -> dict:
         for batch in window:
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast or torch.enable_grad():
-                logits = model(**model_inputs(batch)).logits
+                logits = model(**causal_lm_inputs(batch)).logits
                 summed, _ = summed_token_loss(logits, batch["labels"])
             (summed / tokens).backward()
             loss_sum += summed.item()

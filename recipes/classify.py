@@ -25,7 +25,12 @@ from transformers import (
 )
 
 from recipes.core.config import ConfigError, TrainingConfig, field, parse_config
-from recipes.core.data.classification import check_metric_config, data_record, load_splits, model_inputs
+from recipes.core.data.classification import (
+    check_metric_config,
+    classifier_inputs,
+    data_record,
+    load_classification_data,
+)
 from recipes.core.data.loading import make_train_loader
 from recipes.core.distributed.accelerator import setup_accelerator
 from recipes.core.distributed.fsdp import full_state_dict, load_full_state_dict, prepare
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------- data
     tokenizer = load_tokenizer(cfg)  # checks first that model_name_or_path names a model
     # Rank 0 tokenises and caches, the others read the cache; bad data stops every rank, as one.
-    label_names, splits = run.main_process_first(lambda: load_splits(cfg, tokenizer))
+    label_names, splits = run.main_process_first(lambda: load_classification_data(cfg, tokenizer))
     metrics = run.main_process_first(lambda: load_metrics(cfg.metrics))
     train_set = splits["train"]
     log(f"train samples: {len(train_set)}, classes: {label_names}")
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
             scale = backward_scale(window_samples, accelerator.num_processes, ga)
             for batch in window.micro_batches(accelerator, model):
                 with accelerator.accumulate(model):
-                    logits = model(**model_inputs(batch)).logits
+                    logits = model(**classifier_inputs(batch)).logits
                     summed = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
                     accelerator.backward(window.add_loss(summed) * scale)
                     if accelerator.sync_gradients:  # the window's last micro-batch: gradients are complete
@@ -200,7 +205,7 @@ def score_test_split(
 def plan_inputs(cfg: ClassifyConfig) -> tuple[int, float, dict]:
     """Training samples, mean tokens per sample and the data record, exactly as the run will count them."""
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    label_names, splits = load_splits(cfg, tokenizer)
+    label_names, splits = load_classification_data(cfg, tokenizer)
     train = splits["train"]
     return len(train), sum(train["num_tokens"]) / len(train), data_record(label_names, splits)
 
@@ -208,7 +213,7 @@ def plan_inputs(cfg: ClassifyConfig) -> tuple[int, float, dict]:
 def plan_parameters(cfg: ClassifyConfig) -> dict[str, int]:
     """Trainable and total parameters the run will report, from the model config and the label count."""
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    label_names, _ = load_splits(dataclasses.replace(cfg, test_split=None), tokenizer)
+    label_names, _ = load_classification_data(dataclasses.replace(cfg, test_split=None), tokenizer)
     return lora.planned_parameter_fields(cfg, lora.SEQUENCE_CLASSIFICATION, num_labels=len(label_names))
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
 from recipes.core.config import TrainingConfig, field, parse_config
-from recipes.core.data.chat import PadCollator, make_collator, model_inputs
+from recipes.core.data.chat import PadCollator, causal_lm_inputs, make_collator
 from recipes.core.data.loading import make_train_loader
 from recipes.core.data.sft import load_sft_data
 from recipes.core.distributed.accelerator import setup_accelerator
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             scale = backward_scale(window_tokens, accelerator.num_processes, ga)
             for batch in window.micro_batches(accelerator, model):
                 with accelerator.accumulate(model):
-                    outputs = model(**model_inputs(batch), **loss_of.model_kwargs)
+                    outputs = model(**causal_lm_inputs(batch), **loss_of.model_kwargs)
                     summed = loss_of(outputs, batch["labels"])
                     accelerator.backward(window.add_loss(summed) * scale)
                     if accelerator.sync_gradients:  # the window's last micro-batch: gradients are complete
@@ -183,7 +183,7 @@ def evaluate_loss(accelerator, model, loss_of: CausalLMLoss, loader) -> float:
     model.eval()
     total_loss, total_tokens = 0.0, 0
     for batch in loader:
-        outputs = model(**model_inputs(batch), **loss_of.model_kwargs)
+        outputs = model(**causal_lm_inputs(batch), **loss_of.model_kwargs)
         losses, counts = loss_of.per_sample(outputs, batch["labels"])
         losses, counts = accelerator.gather_for_metrics((losses, counts))
         total_loss += losses.sum().item()

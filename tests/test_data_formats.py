@@ -25,7 +25,7 @@ from helpers import (
 )
 from transformers import AutoTokenizer
 
-from recipes.core.data.chat import IGNORE_INDEX, PadCollator, model_inputs
+from recipes.core.data.chat import IGNORE_INDEX, PadCollator, causal_lm_inputs
 from recipes.core.data.loading import load, load_split
 from recipes.core.data.sft import load_sft_data
 from recipes.core.errors import DataError
@@ -164,7 +164,7 @@ def test_each_example_file_trains_in_its_detected_format_on_exactly_the_tokens_i
         width = batch["input_ids"].shape[1]
         last = expected[-1][2] + list(range(width - len(expected[-1][2])))  # padding: a segment of its own
         assert batch["position_ids"].tolist() == [expected[0][2], last]
-        assert "attention_mask" not in model_inputs(batch)  # boundaries come from the position ids
+        assert "attention_mask" not in causal_lm_inputs(batch)  # boundaries come from the position ids
     else:
         sample = completion_sample if name == "prompt_completion.jsonl" else chatml_sample
         expected = [sample(tokenizer, row) for row in rows]
@@ -465,7 +465,7 @@ def test_packed_text_blocks_attend_within_each_document(tiny_llama, tokenizer):
     short = {"input_ids": docs[1], "labels": docs[1], "segments": [len(docs[1])]}
     batch = PadCollator(tokenizer.pad_token_id)([block, short])
     with torch.no_grad():
-        packed = model(**model_inputs(batch)).logits
+        packed = model(**causal_lm_inputs(batch)).logits
         alone = [model(input_ids=torch.tensor([d])).logits[0] for d in docs]
     assert torch.allclose(packed[0, : len(docs[0])], alone[0], atol=1e-5)
     assert torch.allclose(packed[0, len(docs[0]) :], alone[1], atol=1e-5)

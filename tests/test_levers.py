@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recipes.core.config import ConfigError, parse_config
-from recipes.core.data.chat import IGNORE_INDEX, PackedCollator, PadCollator, model_inputs
+from recipes.core.data.chat import IGNORE_INDEX, PackedCollator, PadCollator, causal_lm_inputs
 from recipes.core.losses.causal_lm import CausalLMLoss
 from recipes.core.model.pretrained import check_attention
 from recipes.sft import SFTConfig, load_data
@@ -83,7 +83,7 @@ def test_chunked_loss_gives_the_full_logits_loss_and_every_gradient(tiny_llama, 
             torch.manual_seed(0)  # the same adapters' initial weights in both models
             model = apply_lora(model, SFTConfig(use_peft=True, lora_r=4, lora_alpha=8), CAUSAL_LM)
         loss = CausalLMLoss(model, chunk)
-        summed = loss(model(**model_inputs(batch), **loss.model_kwargs), batch["labels"])
+        summed = loss(model(**causal_lm_inputs(batch), **loss.model_kwargs), batch["labels"])
         summed.backward()
         return summed.item(), gradients(model)
 
@@ -105,7 +105,7 @@ def test_chunked_loss_never_computes_more_logits_than_a_chunk(tiny_llama):
     loss = CausalLMLoss(model, chunk_tokens=16)
     rows = []
     model.get_output_embeddings().register_forward_hook(lambda module, args, out: rows.append(out.shape[:-1]))
-    outputs = model(**model_inputs(batch), **loss.model_kwargs)
+    outputs = model(**causal_lm_inputs(batch), **loss.model_kwargs)
     assert outputs.logits.shape[:2] == (batch["labels"].shape[0], 0)  # the model computed no logits
     rows.clear()
     loss(outputs, batch["labels"]).backward()

@@ -19,7 +19,7 @@ from recipes.core.data.chat import (
     IGNORE_INDEX,
     PackedCollator,
     PadCollator,
-    model_inputs,
+    causal_lm_inputs,
 )
 from recipes.core.losses.accumulation import per_sample_token_loss
 
@@ -51,9 +51,9 @@ def test_packed_forward_gives_each_sample_the_logits_it_gets_padded(tmp_path, fa
     samples = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (17, 5, 30, 9)]
     with torch.no_grad():
         padded = PadCollator(pad_token_id=0)(samples)
-        padded_logits = model(**model_inputs(padded)).logits
+        padded_logits = model(**causal_lm_inputs(padded)).logits
         packed = PackedCollator()(samples)
-        packed_logits = model(**model_inputs(packed)).logits[0]
+        packed_logits = model(**causal_lm_inputs(packed)).logits[0]
     start = 0
     for i, s in enumerate(samples):
         n = len(s["input_ids"])

@@ -88,7 +88,7 @@ def tokenize_conversation(
     return ids[:max_seq_length], labels[:max_seq_length], truncated
 
 
-def tokenize_batch(
+def tokenize_chat_batch(
     batch: dict[str, list], indices: list[int], tokenizer: Any, max_seq_length: int
 ) -> dict[str, list]:
     """datasets.map(batched=True) body over chat rows (core/data/formats.py): the fields of sample_fields."""
@@ -125,7 +125,7 @@ class PadCollator:
     `pad_to_multiple_of`, so that shapes repeat); padding is never a target.
 
     A batch holding packed documents (samples of several segments) also gets position ids that restart at
-    every document and in the padding, which model_inputs passes instead of the attention mask, so that
+    every document and in the padding, which causal_lm_inputs passes instead of the attention mask, so that
     attention stays within each document (the padding, a segment of its own, is attended by nothing else).
     """
 
@@ -188,7 +188,7 @@ def make_collator(
     return collator(pad_token_id, pad_to_multiple_of)
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+def causal_lm_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The model's keyword arguments for a batch of either collator. No KV cache is built in training;
     a cache would also stop transformers from reading packed position ids as sample boundaries. Position
     ids, where a batch has them, replace the attention mask: transformers reads sample boundaries from

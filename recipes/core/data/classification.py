@@ -75,7 +75,7 @@ def check_metric_config(cfg) -> None:
         )
 
 
-def load_splits(cfg, tokenizer) -> tuple[list[str], dict[str, datasets.Dataset]]:
+def load_classification_data(cfg, tokenizer) -> tuple[list[str], dict[str, datasets.Dataset]]:
     """Class names and the tokenised splits of a ClassifyConfig: "train", eval_split and test_split (when
     set). Without an eval_split in the dataset, eval_split_size holds rows out of the train split.
 
@@ -144,5 +144,5 @@ def data_record(label_names: list[str], splits: dict[str, datasets.Dataset]) -> 
     return {"classes": label_names, "samples": {name: len(data) for name, data in splits.items()}}
 
 
-def model_inputs(batch: dict) -> dict:
+def classifier_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}

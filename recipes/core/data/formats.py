@@ -58,7 +58,7 @@ ROLES = {
 DROPPED_WHY = {CHAT: "no assistant turn to train on", COMPLETION: "", TEXT: "empty text"}
 
 
-def column_names(format_name: str, columns: dict[str, str]) -> dict[str, str]:
+def format_columns(format_name: str, columns: dict[str, str]) -> dict[str, str]:
     """The dataset column of each field of a format: `columns` where it names one, else the field's name."""
     fmt = FORMATS[format_name]
     return {name: columns.get(name, name) for name in (*fmt.required, *fmt.optional)}
@@ -106,7 +106,7 @@ def kind_of(split: Split, format_name: str, columns: dict[str, str]) -> str:
         return TEXT
     if format_name != "prompt_completion":
         return CHAT
-    prompt = split.data[0][column_names(format_name, columns)["prompt"]]
+    prompt = split.data[0][format_columns(format_name, columns)["prompt"]]
     return CHAT if isinstance(prompt, list) else COMPLETION
 
 
@@ -133,7 +133,7 @@ def normalize(
     Every row is checked; a malformed one stops the run with the file, row and column. When every row is
     dropped, that is an error too."""
     kind = kind_of(split, format_name, columns)
-    names = column_names(format_name, columns)
+    names = format_columns(format_name, columns)
     converted = map_rows(
         split,
         _convert_batch,

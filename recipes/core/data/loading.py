@@ -39,7 +39,7 @@ SPLIT_SYNTAX = "e.g. train, train[:10%], train[100:200] or train+validation"
 
 
 @dataclasses.dataclass(frozen=True)
-class Part:
+class SplitSlice:
     """Rows start..stop-1 of one split of a dataset as loaded, and the local files that split was read from."""
 
     split: str
@@ -55,8 +55,8 @@ class Split:
     data: datasets.Dataset
     dataset: str  # dataset_name as configured
     spec: str  # the split as configured, e.g. "train[:10%]"
-    parts: tuple[Part, ...]
-    positions: np.ndarray | None = None  # each row's position among the parts' rows; None: all, in order
+    slices: tuple[SplitSlice, ...]
+    positions: np.ndarray | None = None  # each row's position among the slices' rows; None: all, in order
 
     @property
     def name(self) -> str:
@@ -83,26 +83,26 @@ class Split:
     def locate(self, row: int) -> str:
         """Where row `row` of this split is: the file, the row of its split and, in JSON Lines, the line."""
         position = row if self.positions is None else int(self.positions[row])
-        for part in self.parts:
-            if position < part.stop - part.start:
-                return _describe_row(self, part, part.start + position)
-            position -= part.stop - part.start
+        for piece in self.slices:
+            if position < piece.stop - piece.start:
+                return _describe_row(self, piece, piece.start + position)
+            position -= piece.stop - piece.start
         raise IndexError(row)
 
     def row_error(self, err: RowError) -> DataError:
         return DataError(f"{self.locate(err.row)}, column {err.column!r}: {err.problem}; {err.fix}")
 
 
-def _describe_row(split: Split, part: Part, row: int) -> str:
-    where = f"row {row} of split {part.split!r} of {split.dataset}"
-    if not part.files:
+def _describe_row(split: Split, piece: SplitSlice, row: int) -> str:
+    where = f"row {row} of split {piece.split!r} of {split.dataset}"
+    if not piece.files:
         return where
-    if all(file.endswith(".jsonl") for file in part.files):
-        found = _json_line(part.files, row)
+    if all(file.endswith(".jsonl") for file in piece.files):
+        found = _json_line(piece.files, row)
         if found:
-            return f"{found[0]} (split {part.split!r}), line {found[1]} (row {row})"
-    if len(part.files) == 1:
-        return f"{part.files[0]} (split {part.split!r}), row {row}"
+            return f"{found[0]} (split {piece.split!r}), line {found[1]} (row {row})"
+    if len(piece.files) == 1:
+        return f"{piece.files[0]} (split {piece.split!r}), row {row}"
     return where
 
 
@@ -147,19 +147,19 @@ class Loaded:
             raise DataError(
                 f"{field} {spec!r} is not a split or a slice of one ({err}); {SPLIT_SYNTAX}"
             ) from None
-        parts, pieces = [], []
+        slices, selected = [], []
         for instruction in instructions:
             data, start = self.splits[instruction.splitname], instruction.from_
             stop = max(start, instruction.to)
-            pieces.append(data if (start, stop) == (0, len(data)) else data.select(range(start, stop)))
+            selected.append(data if (start, stop) == (0, len(data)) else data.select(range(start, stop)))
             files = tuple(self.files.get(instruction.splitname, ()))
-            parts.append(Part(instruction.splitname, start, stop, files))
-        data = pieces[0] if len(pieces) == 1 else datasets.concatenate_datasets(pieces)
+            slices.append(SplitSlice(instruction.splitname, start, stop, files))
+        data = selected[0] if len(selected) == 1 else datasets.concatenate_datasets(selected)
         if len(data) == 0:
             raise DataError(
                 f"{field} {spec!r} of dataset {self.dataset} has no rows; it needs at least one sample"
             )
-        return Split(data, self.dataset, spec, tuple(parts))
+        return Split(data, self.dataset, spec, tuple(slices))
 
 
 def load_split(
@@ -180,7 +180,7 @@ def load(dataset_name: str, config_name: str | None = None, num_proc: int | None
         raise DataError(
             "dataset_name is empty; set it to a Hub id, a data file or a directory of split files"
         )
-    splits, files = load_splits(dataset_name, config_name, num_proc)
+    splits, files = _read_splits(dataset_name, config_name, num_proc)
     return Loaded(dataset_name, splits, files)
 
 
@@ -194,7 +194,7 @@ def _split_names(spec: str) -> list[str]:
     return [re.split(r"[\[(]", part, maxsplit=1)[0].strip() for part in spec.split("+")]
 
 
-def load_splits(
+def _read_splits(
     dataset_name: str, config_name: str | None = None, num_proc: int | None = None
 ) -> tuple[dict[str, datasets.Dataset], dict[str, list[str]]]:
     """Every split of a dataset, and the local files each split was read from (none for Hub data and

@@ -49,7 +49,7 @@ DROPPED = {  # why a pair is dropped -> how the report says it
 
 
 @dataclasses.dataclass
-class PairPart:
+class PairSplitReport:
     """What became of the rows of one split."""
 
     dataset: str
@@ -73,12 +73,12 @@ class PairPart:
 class PairReport:
     """What the train and eval pairs are made of; `summary` is printed, `to_dict` goes into plan.json."""
 
-    train: PairPart
-    eval: PairPart | None
+    train: PairSplitReport
+    eval: PairSplitReport | None
 
     def summary(self, max_prompt_length: int, max_length: int) -> str:
-        parts = [("train", self.train), ("eval", self.eval)]
-        return "\n".join(part.line(role, max_prompt_length, max_length) for role, part in parts if part)
+        roles = [("train", self.train), ("eval", self.eval)]
+        return "\n".join(report.line(role, max_prompt_length, max_length) for role, report in roles if report)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -94,17 +94,17 @@ def load_preference_data(
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, PairReport]:
     """Tokenised train and eval pairs (eval None without evaluation) and the report of how they were made.
     Every check that reads the data happens here, before a model is loaded or output_dir is touched."""
-    names = column_names(cfg.dataset_columns)
+    names = pair_columns(cfg.dataset_columns)
     loaded = load(cfg.dataset_name, cfg.dataset_config_name, cfg.dataset_num_proc)
     train, held_out = train_and_held_out(loaded, cfg.train_split, cfg.eval_split, cfg)
-    train_set, train_part = tokenize_pairs(train.first(cfg.max_train_samples), names, tokenizer, cfg)
-    eval_set = eval_part = None
+    train_set, train_report = tokenize_pairs(train.first(cfg.max_train_samples), names, tokenizer, cfg)
+    eval_set = eval_report = None
     if held_out is not None:
-        eval_set, eval_part = tokenize_pairs(held_out.first(cfg.max_eval_samples), names, tokenizer, cfg)
-    return train_set, eval_set, PairReport(train_part, eval_part)
+        eval_set, eval_report = tokenize_pairs(held_out.first(cfg.max_eval_samples), names, tokenizer, cfg)
+    return train_set, eval_set, PairReport(train_report, eval_report)
 
 
-def column_names(columns: dict[str, str]) -> dict[str, str]:
+def pair_columns(columns: dict[str, str]) -> dict[str, str]:
     """The dataset column of prompt, chosen and rejected: `columns` where it names one."""
     unknown = sorted(set(columns) - set(FIELDS))
     if unknown:
@@ -139,7 +139,7 @@ def detect_form(split: Split, names: dict[str, str]) -> str:
 
 def tokenize_pairs(
     split: Split, names: dict[str, str], tokenizer: Any, cfg: Any
-) -> tuple[datasets.Dataset, PairPart]:
+) -> tuple[datasets.Dataset, PairSplitReport]:
     """A split's rows read in their form and tokenised; the pairs kept and what became of the rows."""
     form = detect_form(split, names)
     if form == STANDARD:
@@ -155,7 +155,7 @@ def tokenize_pairs(
     }
     tokenized = map_rows(
         split,
-        tokenize_batch,
+        tokenize_pair_batch,
         batched=True,
         remove_columns=split.data.column_names,
         fn_kwargs=kwargs,
@@ -164,18 +164,20 @@ def tokenize_pairs(
     ).data
     reasons = tokenized["dropped"]
     kept = tokenized.select([i for i, why in enumerate(reasons) if not why])
-    part = PairPart(split.dataset, split.spec, form, len(split), len(kept), sum(tokenized["truncated"]))
-    part.dropped = {why: reasons.count(why) for why in DROPPED}
+    report = PairSplitReport(
+        split.dataset, split.spec, form, len(split), len(kept), sum(tokenized["truncated"])
+    )
+    report.dropped = {why: reasons.count(why) for why in DROPPED}
     if len(kept) == 0:
-        counts = ", ".join(f"{part.dropped[why]} {text}" for why, text in DROPPED.items())
+        counts = ", ".join(f"{report.dropped[why]} {text}" for why, text in DROPPED.items())
         raise DataError(
             f"none of the {len(split)} rows of {split.name} is a usable preference pair ({counts}); check "
             "the chosen and rejected columns"
         )
-    return kept.remove_columns(["dropped", "truncated"]), part
+    return kept.remove_columns(["dropped", "truncated"]), report
 
 
-def tokenize_batch(
+def tokenize_pair_batch(
     batch: dict[str, list],
     indices: list[int],
     tokenizer: Any,

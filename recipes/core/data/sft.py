@@ -62,7 +62,7 @@ class Source:
 
 
 @dataclasses.dataclass
-class Part:
+class SourceReport:
     """What became of one source's rows in one role (train or eval)."""
 
     dataset: str
@@ -102,17 +102,17 @@ class Part:
 class DataReport:
     """What the train and eval data are made of; `summary` is printed, `to_dict` goes into plan.json."""
 
-    train: list[Part]
-    eval: list[Part]
+    train: list[SourceReport]
+    eval: list[SourceReport]
     train_samples: int
     eval_samples: int | None
     mixture: bool
 
     def summary(self, max_seq_length: int) -> str:
-        lines = [part.line("train", max_seq_length) for part in self.train]
-        lines += [part.line("eval", max_seq_length) for part in self.eval]
-        truncated = sum(part.truncated for part in self.train)
-        dropped = sum(part.dropped + part.no_targets for part in self.train)
+        lines = [source.line("train", max_seq_length) for source in self.train]
+        lines += [source.line("eval", max_seq_length) for source in self.eval]
+        truncated = sum(source.truncated for source in self.train)
+        dropped = sum(source.dropped + source.no_targets for source in self.train)
         lines.append(
             f"train samples: {self.train_samples} ({truncated} truncated to {max_seq_length} tokens, "
             f"{dropped} dropped with nothing to train on)"
@@ -125,8 +125,8 @@ class DataReport:
             "train_samples": self.train_samples,
             "eval_samples": self.eval_samples,
             "mixture": self.mixture,
-            "train": [part.to_dict() for part in self.train],
-            "eval": [part.to_dict() for part in self.eval],
+            "train": [source.to_dict() for source in self.train],
+            "eval": [source.to_dict() for source in self.eval],
         }
 
 
@@ -215,20 +215,20 @@ def load_sft_data(cfg: Any, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
         train_splits.append(train)
         eval_splits.append(held_out)
     counts = _counts(chosen, [len(split) for split in train_splits])
-    train_parts, eval_parts, train_sets, eval_sets = [], [], [], []
+    train_reports, eval_reports, train_sets, eval_sets = [], [], [], []
     for index, (source, split) in enumerate(zip(chosen, train_splits, strict=True)):
         split = (
             _draw(split, counts[index], cfg.seed, index) if mixture else split.first(cfg.max_train_samples)
         )
-        tokenized, part = _prepare(split, source, tokenizer, cfg)
-        part.share = dict([source.share]) if source.share else None
+        tokenized, source_report = _tokenize_source(split, source, tokenizer, cfg)
+        source_report.share = dict([source.share]) if source.share else None
         train_sets.append(tokenized)
-        train_parts.append(part)
+        train_reports.append(source_report)
     for source, split in zip(chosen, eval_splits, strict=True):
         if split is not None:
-            tokenized, part = _prepare(split, source, tokenizer, cfg)
+            tokenized, source_report = _tokenize_source(split, source, tokenizer, cfg)
             eval_sets.append(tokenized)
-            eval_parts.append(part)
+            eval_reports.append(source_report)
     train_set = _mix(train_sets, cfg.seed, len(chosen)) if mixture else train_sets[0]
     if mixture and cfg.max_train_samples is not None and cfg.max_train_samples < len(train_set):
         train_set = train_set.select(range(cfg.max_train_samples))
@@ -236,7 +236,7 @@ def load_sft_data(cfg: Any, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
     if eval_set is not None and cfg.max_eval_samples is not None and cfg.max_eval_samples < len(eval_set):
         eval_set = eval_set.select(range(cfg.max_eval_samples))
     report = DataReport(
-        train_parts, eval_parts, len(train_set), None if eval_set is None else len(eval_set), mixture
+        train_reports, eval_reports, len(train_set), None if eval_set is None else len(eval_set), mixture
     )
     return train_set, eval_set, report
 
@@ -278,11 +278,13 @@ def _mix(sets: list[datasets.Dataset], seed: int, num_sources: int) -> datasets.
     return mixed.select(order)
 
 
-def _prepare(split: Split, source: Source, tokenizer: Any, cfg: Any) -> tuple[datasets.Dataset, Part]:
+def _tokenize_source(
+    split: Split, source: Source, tokenizer: Any, cfg: Any
+) -> tuple[datasets.Dataset, SourceReport]:
     """A split's rows read in their format and tokenised, and what became of them."""
     format_name = formats.detect(split, source.format, source.columns)
     rows = formats.normalize(split, format_name, source.columns, cfg.dataset_num_proc)
-    part = Part(
+    report = SourceReport(
         dataset=split.dataset,
         split=split.spec,
         format=format_name,
@@ -305,7 +307,7 @@ def _prepare(split: Split, source: Source, tokenizer: Any, cfg: Any) -> tuple[da
             desc="Tokenizing",
             **common,
         ).data
-        part.tokens = sum(len(document) for document in documents["document"])
+        report.tokens = sum(len(document) for document in documents["document"])
         # One process: where blocks start must not depend on how many processes tokenised.
         tokenized = documents.map(
             plain_text.pack_batch,
@@ -318,21 +320,21 @@ def _prepare(split: Split, source: Source, tokenizer: Any, cfg: Any) -> tuple[da
     else:
         if rows.kind == formats.CHAT:
             chat.require_chat_tokenizer(tokenizer)
-            body = chat.tokenize_batch
+            body = chat.tokenize_chat_batch
         else:
             plain_text.require_eos(tokenizer)
             body = plain_text.tokenize_completion_batch
         fn_kwargs = {"tokenizer": tokenizer, "max_seq_length": cfg.max_seq_length}
         tokenized = map_rows(rows.split, body, fn_kwargs=fn_kwargs, desc="Tokenizing", **common).data
-    part.truncated = sum(tokenized["truncated"])
+    report.truncated = sum(tokenized["truncated"])
     targets = tokenized["num_targets"]
     kept = tokenized.select([i for i, n in enumerate(targets) if n > 0]).remove_columns("truncated")
-    part.no_targets = len(tokenized) - len(kept)
-    part.samples = len(kept)
+    report.no_targets = len(tokenized) - len(kept)
+    report.samples = len(kept)
     if len(kept) == 0:
         raise DataError(
             f"no sample of {split.name} has a token left to train on: all {len(tokenized)} lost their "
             f"targets to truncation at max_seq_length {cfg.max_seq_length}; raise max_seq_length or "
             "shorten the prompts"
         )
-    return kept, part
+    return kept, report

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from recipes.core.config import ConfigError
-from recipes.core.data.classification import model_inputs
+from recipes.core.data.classification import classifier_inputs
 from recipes.core.evaluation.metrics import compute_metrics
 
 
@@ -23,7 +23,7 @@ def predict_and_score(accelerator, model, loader, metrics, metric_kwargs) -> tup
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {"loss": [], "prediction": [], "label": [], "idx": []}
     for batch in loader:
-        logits = model(**model_inputs(batch)).logits.float()
+        logits = model(**classifier_inputs(batch)).logits.float()
         losses = F.cross_entropy(logits, batch["labels"], reduction="none")
         gathered = accelerator.gather_for_metrics((losses, logits.argmax(-1), batch["labels"], batch["idx"]))
         for key, value in zip(parts, gathered, strict=True):

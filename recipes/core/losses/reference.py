@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
-from recipes.core.data.chat import model_inputs
+from recipes.core.data.chat import causal_lm_inputs
 from recipes.core.data.preferences import REF_COLUMNS
 from recipes.core.losses.causal_lm import CausalLMLoss
 from recipes.core.model.pretrained import load_pretrained
@@ -35,7 +35,7 @@ from recipes.core.model.pretrained import load_pretrained
 
 def sequence_logps(model: Any, loss_of: CausalLMLoss, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed log-probability of each sequence's target tokens (differentiable when gradients are on)."""
-    inputs = model_inputs({key: value for key, value in batch.items() if key != "ref_logps"})
+    inputs = causal_lm_inputs({key: value for key, value in batch.items() if key != "ref_logps"})
     outputs = model(**inputs, **loss_of.model_kwargs)
     return -loss_of.sequence_losses(outputs, batch["labels"])[0]
 
