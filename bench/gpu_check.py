@@ -223,8 +223,9 @@ def throughput(
 ) -> dict:
     """Every lever on: packing, chunked loss, activation checkpointing, compilation, bf16."""
     from recipes.core.model.shape import model_shape
-    from recipes.core.plan.estimate import ModelShape, training_flops
+    from recipes.core.plan.flops import training_flops
     from recipes.core.plan.hardware import get_device
+    from recipes.core.plan.model_shape import ModelShape
 
     records = train(
         model,

@@ -184,8 +184,10 @@ def levers(
     from bench.job import run_recipe
     from bench.measures import mfu, model_flops_per_second
     from recipes.core.model.shape import model_shape
-    from recipes.core.plan.estimate import Levers, device_memory
+    from recipes.core.plan.activations import Levers
     from recipes.core.plan.hardware import get_device
+    from recipes.core.plan.memory import device_memory
+    from recipes.core.plan.workload import MicroBatch
 
     shape = model_shape(str(model))
     out: dict = {"model": {"parameters": shape.total_params, "shape": "Qwen2.5-0.5B", **QWEN_05B}}
@@ -223,8 +225,8 @@ def levers(
         steady = result["step_times"][1:] or result["step_times"]  # the first step warms up (and compiles)
         precision = {"no": "fp32"}.get(configured.mixed_precision, configured.mixed_precision)
         estimate = device_memory(
-            shape, 1, 0, precision, 1, seq_len,
-            levers=Levers(configured.gradient_checkpointing, configured.loss_chunk_tokens), autocast=True,
+            shape, MicroBatch(1, seq_len), precision, autocast=True,
+            levers=Levers(configured.gradient_checkpointing, configured.loss_chunk_tokens),
         ).total  # fmt: skip
         peak = result["peak_memory_mib_per_process"][0] * 2**20
         # every sample fills max_seq_length, so each step (a micro-batch of one) trains seq_len tokens

@@ -6,7 +6,8 @@ import math
 import random
 import statistics
 
-from recipes.core.plan.estimate import ModelShape, training_flops
+from recipes.core.plan.flops import training_flops
+from recipes.core.plan.model_shape import ModelShape
 
 
 def throughput(result: dict) -> float:

@@ -38,7 +38,7 @@ from bench.measures import (
     throughput,
 )
 from recipes.core.model.shape import model_shape
-from recipes.core.plan.estimate import FLOPS_FORMULA
+from recipes.core.plan.flops import FLOPS_FORMULA
 from recipes.core.plan.hardware import get_device
 
 

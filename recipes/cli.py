@@ -156,8 +156,12 @@ def _estimate(args, cfg, module, plan: dict, topology, overrides: list[str]) -> 
     """Compute, time and memory estimate; skipped with a note when the model config cannot be read."""
     from recipes.core.launch.calibrate import calibrate
     from recipes.core.model.shape import model_shape
-    from recipes.core.plan.estimate import DEFAULT_UTILIZATION, FSDP2Layout, Levers, Workload, estimate_run
+    from recipes.core.plan.activations import Levers
+    from recipes.core.plan.estimate import estimate_run
     from recipes.core.plan.hardware import get_device
+    from recipes.core.plan.model_states import FSDP2Layout
+    from recipes.core.plan.wall_clock import DEFAULT_UTILIZATION
+    from recipes.core.plan.workload import Workload
 
     asked = args.gpu or args.accelerate_config or args.deepspeed_config or args.calibrate
     try:

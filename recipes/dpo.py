@@ -37,7 +37,7 @@ from recipes.core.model.pretrained import load_pretrained
 from recipes.core.model.source import load_tokenizer
 from recipes.core.output.checkpoint_io import accelerate_io
 from recipes.core.output.final_model import save_final_model
-from recipes.core.plan.estimate import Workload
+from recipes.core.plan.workload import Workload
 from recipes.core.train.run import Run
 
 

@@ -32,7 +32,7 @@ from transformers import AutoConfig
 
 from recipes.core.distributed.deepspeed_config import DeepSpeedConfigError, apply_recipe_values
 from recipes.core.model.shape import model_shape
-from recipes.core.plan.estimate import zero3_gathered_bytes
+from recipes.core.plan.model_states import zero3_gathered_bytes
 
 ZERO_CONFIGS = {  # reference run -> the ds config its accelerate config (accelerate_configs/ds_<name>.yaml) names
     "zero1": "ds_configs/zero1.json",

@@ -9,22 +9,21 @@ from transformers import AutoConfig
 
 from recipes.cli import main
 from recipes.core.model.shape import model_shape
-from recipes.core.plan.estimate import (
-    Levers,
-    ModelShape,
-    Workload,
-    activation_bytes,
-    device_memory,
-    estimate_run,
-    estimate_table,
+from recipes.core.plan.activations import Levers, activation_bytes
+from recipes.core.plan.estimate import estimate_run, estimate_table
+from recipes.core.plan.flops import training_flops
+from recipes.core.plan.hardware import DEVICES, Device, get_device
+from recipes.core.plan.memory import device_memory
+from recipes.core.plan.model_shape import ModelShape
+from recipes.core.plan.model_states import (
+    ZeroLayout,
     model_state_bytes,
-    training_flops,
-    wall_clock_seconds,
     zero3_gathered_bytes,
     zero_working_bytes,
 )
-from recipes.core.plan.hardware import DEVICES, Device, get_device
 from recipes.core.plan.steps import make_plan
+from recipes.core.plan.wall_clock import wall_clock_seconds
+from recipes.core.plan.workload import MicroBatch, Workload
 
 V = 1000  # vocabulary of the small config below
 
@@ -87,14 +86,14 @@ def test_training_flops_are_6_n_d_plus_the_attention_term(small_llama):
 def test_zero_stages_partition_states_as_in_the_zero_paper():
     n, dp = 1000, 4
     # bf16 Adam: 2 + 2 + 12 bytes per parameter
-    assert model_state_bytes(n, dp, 0, "bf16") == (2000, 2000, 12000, 0)
-    assert model_state_bytes(n, dp, 1, "bf16") == (2000, 2000, 3000, 0)
-    assert model_state_bytes(n, dp, 2, "bf16") == (2000, 500, 3000, 0)
-    assert model_state_bytes(n, dp, 3, "bf16") == (500, 500, 3000, 0)
+    assert model_state_bytes(n, ZeroLayout(0, dp), "bf16") == (2000, 2000, 12000, 0)
+    assert model_state_bytes(n, ZeroLayout(1, dp), "bf16") == (2000, 2000, 3000, 0)
+    assert model_state_bytes(n, ZeroLayout(2, dp), "bf16") == (2000, 500, 3000, 0)
+    assert model_state_bytes(n, ZeroLayout(3, dp), "bf16") == (500, 500, 3000, 0)
     # fp32: 4 + 4 + 8, and under ZeRO 4 more for the fp32 copy of each partition the optimizer steps on
-    assert model_state_bytes(n, dp, 0, "fp32") == (4000, 4000, 8000, 0)
-    assert model_state_bytes(n, dp, 1, "fp32") == (4000, 4000, 3000, 0)
-    assert model_state_bytes(n, dp, 3, "fp32") == (1000, 1000, 3000, 0)
+    assert model_state_bytes(n, ZeroLayout(0, dp), "fp32") == (4000, 4000, 8000, 0)
+    assert model_state_bytes(n, ZeroLayout(1, dp), "fp32") == (4000, 4000, 3000, 0)
+    assert model_state_bytes(n, ZeroLayout(3, dp), "fp32") == (1000, 1000, 3000, 0)
 
 
 def test_zero3_gathers_two_layers_or_the_embedding_whichever_is_larger():
@@ -105,48 +104,57 @@ def test_zero3_gathers_two_layers_or_the_embedding_whichever_is_larger():
     wide = dataclasses.replace(shape, vocab_size=1000)  # an 8,000-parameter embedding is gathered alone
     assert zero3_gathered_bytes(wide, "bf16") == 2 * 8000
     # per device on 4 processes: its partition of the parameters and what is gathered
-    assert device_memory(shape, 4, 3, "fp32", 1, 16).parameters == 4 * 4800 / 4 + 4 * 2000
+    zero3 = device_memory(shape, MicroBatch(1, 16), "fp32", ZeroLayout(3, data_parallel_size=4))
+    assert zero3.parameters == 4 * 4800 / 4 + 4 * 2000
 
 
 def test_zero_holds_whole_gradients_of_its_largest_unit_next_to_the_partitions():
     # 4 layers of 1,000 parameters; a 100 x 8 embedding (800 parameters)
     shape = ModelShape(4800, 800, num_layers=4, hidden_size=8, num_heads=2, attention_dim=8, vocab_size=100)
     # ZeRO-3: two gathered layers; one layer's whole gradient before its reduce-scatter
-    assert zero_working_bytes(shape, 3, "bf16") == (2 * 2000, 2 * 1000, 0)
+    assert zero_working_bytes(shape, ZeroLayout(3), "bf16") == (2 * 2000, 2 * 1000, 0)
     # ZeRO-1/2: the embedding's whole gradient; offloading, a staging buffer of it on each side
-    assert zero_working_bytes(shape, 2, "fp32") == (0, 4 * 800, 0)
-    assert zero_working_bytes(shape, 1, "fp32", offload_optimizer="cpu") == (0, 2 * 4 * 800, 4 * 800)
-    assert zero_working_bytes(shape, 0, "fp32") == (0, 0, 0)
-    zero2 = device_memory(shape, 4, 2, "fp32", 1, 16)
+    assert zero_working_bytes(shape, ZeroLayout(2), "fp32") == (0, 4 * 800, 0)
+    assert zero_working_bytes(shape, ZeroLayout(1, offload_optimizer="cpu"), "fp32") == (
+        0,
+        2 * 4 * 800,
+        4 * 800,
+    )
+    assert zero_working_bytes(shape, ZeroLayout(0), "fp32") == (0, 0, 0)
+    zero2 = device_memory(shape, MicroBatch(1, 16), "fp32", ZeroLayout(2, data_parallel_size=4))
     # fp32 under ZeRO: Adam's 8 bytes and the fp32 copy's 4, partitioned
     expected = (4 * 4800, 4 * 4800 / 4 + 4 * 800, 12 * 4800 / 4)
     assert (zero2.parameters, zero2.gradients, zero2.optimizer_states) == expected
     # LoRA (40 trainable): no whole gradients of frozen tensors; the gathered parameters stay
-    lora = device_memory(shape, 4, 3, "fp32", 1, 16, trainable_params=40)
+    lora = device_memory(
+        shape, MicroBatch(1, 16), "fp32", ZeroLayout(3, data_parallel_size=4), trainable_params=40
+    )
     assert (lora.parameters, lora.gradients) == (4 * 4800 / 4 + 4 * 2000, 4 * 40 / 4)
 
 
 def test_frozen_parameters_have_no_gradients_or_optimizer_states():
     # LoRA: 1,000 parameters held, 40 of them trained; bf16 2 bytes per weight, 2 + 12 per trained one.
-    assert model_state_bytes(1000, 4, 0, "bf16", trainable_params=40) == (2000, 80, 480, 0)
-    assert model_state_bytes(1000, 4, 3, "bf16", trainable_params=40) == (500, 20, 120, 0)
+    assert model_state_bytes(1000, ZeroLayout(0, 4), "bf16", trainable_params=40) == (2000, 80, 480, 0)
+    assert model_state_bytes(1000, ZeroLayout(3, 4), "bf16", trainable_params=40) == (500, 20, 120, 0)
 
 
 def test_offloaded_states_leave_the_device():
     # ZeRO-2 + optimizer offload: 3,000 bytes of optimizer states per rank go to the host
-    assert model_state_bytes(1000, 4, 2, "bf16", offload_optimizer="cpu") == (2000, 500, 0, 3000)
+    assert model_state_bytes(1000, ZeroLayout(2, 4, offload_optimizer="cpu"), "bf16") == (2000, 500, 0, 3000)
     # ZeRO-3 + parameter and optimizer offload: 500 + 3,000 bytes per rank on the host
-    assert model_state_bytes(1000, 4, 3, "bf16", "cpu", "cpu") == (0, 500, 0, 3500)
+    assert model_state_bytes(
+        1000, ZeroLayout(3, 4, offload_optimizer="cpu", offload_param="cpu"), "bf16"
+    ) == (0, 500, 0, 3500)
     # parameter offload exists only for ZeRO-3
-    assert model_state_bytes(1000, 4, 2, "bf16", offload_param="cpu") == (2000, 500, 3000, 0)
+    assert model_state_bytes(1000, ZeroLayout(2, 4, offload_param="cpu"), "bf16") == (2000, 500, 3000, 0)
 
 
 def test_autocast_keeps_fp32_states_and_a_16_bit_copy_of_the_weights():
     # without DeepSpeed, bf16 is autocast: fp32 weights (4) and their cached bf16 copies (2), fp32
     # gradients (4) and Adam states (8); DeepSpeed's bf16 keeps 2 + 2 + 12
-    assert model_state_bytes(1000, 1, 0, "bf16", autocast=True) == (6000, 4000, 8000, 0)
-    assert model_state_bytes(1000, 1, 0, "bf16") == (2000, 2000, 12000, 0)
-    assert model_state_bytes(1000, 1, 0, "fp32", autocast=True) == (4000, 4000, 8000, 0)
+    assert model_state_bytes(1000, ZeroLayout(), "bf16", autocast=True) == (6000, 4000, 8000, 0)
+    assert model_state_bytes(1000, ZeroLayout(), "bf16") == (2000, 2000, 12000, 0)
+    assert model_state_bytes(1000, ZeroLayout(), "fp32", autocast=True) == (4000, 4000, 8000, 0)
 
 
 def test_activation_estimate_follows_the_stated_formula(small_llama):
@@ -296,8 +304,8 @@ def test_pipeline_stages_split_the_model_states():
         attention_dim=32,
         vocab_size=V,
     )
-    one = device_memory(small, 1, 0, "fp32", 4, 64)
-    two = device_memory(small, 1, 0, "fp32", 4, 64, pipeline_stages=2)
+    one = device_memory(small, MicroBatch(4, 64), "fp32")
+    two = device_memory(small, MicroBatch(4, 64), "fp32", ZeroLayout(pipeline_stages=2))
     assert (one.parameters, one.gradients, one.optimizer_states) == (4000, 4000, 8000)
     assert (two.parameters, two.gradients, two.optimizer_states) == (2000, 2000, 4000)
     assert two.activations == one.activations

@@ -45,7 +45,7 @@ from recipes.core.doctor import DoctorError, diagnose, preflight
 from recipes.core.doctor.topology import read_topology
 from recipes.core.launch.command import free_port
 from recipes.core.model.shape import model_shape
-from recipes.core.plan.estimate import FSDP2Layout, fsdp2_state_bytes
+from recipes.core.plan.model_states import FSDP2Layout, fsdp2_state_bytes
 from recipes.sft import SFTConfig
 
 FSDP2 = "accelerate_configs/fsdp2.yaml"

@@ -1,12 +1,12 @@
 """A model's shape (parameter counts, layers, widths) read from its config on the meta device: what the
-plan's estimates (core/plan/estimate.py) are computed from."""
+plan's estimates (core/plan/) are computed from."""
 
 from __future__ import annotations
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from recipes.core.plan.estimate import ModelShape
+from recipes.core.plan.model_shape import ModelShape
 
 
 def model_shape(model_name_or_path: str, trust_remote_code: bool = False) -> ModelShape:
