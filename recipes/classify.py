@@ -12,6 +12,7 @@ The best evaluation by `metric_for_best_model` is kept: its weights are the ones
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import (
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     DataCollatorWithPadding,
     get_linear_schedule_with_warmup,
 )
@@ -44,6 +44,7 @@ from recipes.core.model.pretrained import load_pretrained
 from recipes.core.model.source import load_tokenizer
 from recipes.core.output.checkpoint_io import accelerate_io
 from recipes.core.output.final_model import save_final_model
+from recipes.core.train.recipe import Recipe
 from recipes.core.train.run import Run
 
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             "keeping the best model needs whole weights on every rank, which ZeRO-3 partitions; set "
             "metric_for_best_model: null (the last model is then tested and saved) or use ZeRO stage 1 or 2"
         )
-    run = Run.of_accelerator("classify", cfg, accelerator)  # seeds; checks output_dir, picks the checkpoint
+    run = Run.of_accelerator(RECIPE, cfg, accelerator)  # seeds; checks output_dir, picks the checkpoint
     log, ranks = run.log, run.ranks
 
     # ---------------------------------------------------------------- data
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
         ignore_mismatched_sizes=True,
+        on_loaded=run.model_loaded,  # the memory census counts what loading left
     )
     model = lora.apply_lora(model, cfg, lora.SEQUENCE_CLASSIFICATION)  # the head trains in full
     parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
 
     # ---------------------------------------------------------------- plan and schedule
-    plan = run.plan(train_set, len(train_loader), "num_tokens", gradient_accumulation_steps=ga, **parameters)
+    plan = run.plan(train_set, len(train_loader), gradient_accumulation_steps=ga, **parameters)
     # Kept out of accelerator.prepare: a prepared scheduler steps once per process per optimizer step.
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_optimizer_steps)
     best = BestModel(cfg.metric_for_best_model, cfg.greater_is_better)
@@ -153,7 +155,6 @@ def main(argv: list[str] | None = None) -> None:
         scheduler=scheduler,
         evaluate=evaluate,
         tracked={"best_model": best},
-        unit="samples",
     )
     with loop:
         for window in loop.windows(train_loader, model):
@@ -202,20 +203,28 @@ def score_test_split(
     log("test: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("test_")))
 
 
-def plan_inputs(cfg: ClassifyConfig) -> tuple[int, float, dict]:
-    """Training samples, mean tokens per sample and the data record, exactly as the run will count them."""
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    label_names, splits = load_classification_data(cfg, tokenizer)
-    train = splits["train"]
-    return len(train), sum(train["num_tokens"]) / len(train), data_record(label_names, splits)
+def plan_data(cfg: ClassifyConfig, tokenizer: Callable[[], Any]) -> tuple[Any, dict]:
+    """The train set and the data record, exactly as the run loads them (for `recipes plan`)."""
+    label_names, splits = load_classification_data(cfg, tokenizer())
+    return splits["train"], data_record(label_names, splits)
 
 
-def plan_parameters(cfg: ClassifyConfig) -> dict[str, int]:
-    """Trainable and total parameters the run will report, from the model config and the label count."""
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    label_names, _ = load_classification_data(dataclasses.replace(cfg, test_split=None), tokenizer)
-    return lora.planned_parameter_fields(cfg, lora.SEQUENCE_CLASSIFICATION, num_labels=len(label_names))
+def head_size(cfg: ClassifyConfig, tokenizer: Callable[[], Any]) -> dict[str, int]:
+    """The new head's classes, for the parameter count `recipes plan` shows."""
+    label_names, _ = load_classification_data(dataclasses.replace(cfg, test_split=None), tokenizer())
+    return {"num_labels": len(label_names)}
 
+
+RECIPE = Recipe(
+    name="classify",
+    config_class=ClassifyConfig,
+    script=__file__,
+    plan_data=plan_data,
+    unit="samples",
+    tokens_column="num_tokens",
+    lora_task=lora.SEQUENCE_CLASSIFICATION,
+    model_kwargs=head_size,
+)
 
 if __name__ == "__main__":
     run_recipe(main)

@@ -14,19 +14,27 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recipes.core.config import ConfigError, parse_config
 from recipes.core.errors import DataError
 from recipes.core.plan.steps import plan_for_config
 
-# recipe name -> (module, config class); the module exposes plan_inputs(cfg) -> (samples, tokens/sample,
-# the data record plan.json holds)
+if TYPE_CHECKING:  # a recipe module and its description import torch: only when a command needs one
+    from recipes.core.train.recipe import Recipe
+
+# recipe name -> the module that describes it (its RECIPE), imported only when asked for
 RECIPES = {
-    "sft": ("recipes.sft", "SFTConfig"),
-    "classify": ("recipes.classify", "ClassifyConfig"),
-    "sft_pipeline": ("recipes.sft_pipeline", "SFTPipelineConfig"),
-    "dpo": ("recipes.dpo", "DPOConfig"),
+    "sft": "recipes.sft",
+    "classify": "recipes.classify",
+    "sft_pipeline": "recipes.sft_pipeline",
+    "dpo": "recipes.dpo",
 }
+
+
+def recipe_of_config(path: str, name: str | None = None) -> Recipe:
+    """The description of recipe `name`, by default of the one the config file's name starts with."""
+    return importlib.import_module(RECIPES[name or _recipe_from_filename(path)]).RECIPE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,20 +117,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
-    recipe = args.recipe or _recipe_from_filename(args.config)
-    module_name, class_name = RECIPES[recipe]
-    module = importlib.import_module(module_name)
-    cfg = parse_config(getattr(module, class_name), ["--config", args.config, *overrides])
+    recipe = recipe_of_config(args.config, args.recipe)
+    cfg = parse_config(recipe.config_class, ["--config", args.config, *overrides])
+    from recipes.core.train.recipe import planning_tokenizer
+
+    tokenizer = planning_tokenizer(cfg)
     data = None
     if args.num_samples is not None:
         num_samples, tokens_per_sample = args.num_samples, args.tokens_per_sample
-    else:
-        num_samples, tokens_per_sample, data = module.plan_inputs(cfg)
+    else:  # the samples, tokens and data record exactly as the run will count them
+        train_set, data = recipe.plan_data(cfg, tokenizer)
+        num_samples, tokens_per_sample = len(train_set), recipe.tokens_per_sample(train_set)
     from recipes.core.doctor.topology import read_topology
 
     topology = read_topology(args.accelerate_config, args.deepspeed_config)
-    # A recipe that can count its model's parameters (LoRA: the adapters are the trainable ones) says so.
-    parameters = module.plan_parameters(cfg) if hasattr(module, "plan_parameters") else {}
+    parameters = recipe.planned_parameters(cfg, tokenizer)
     plan = plan_for_config(
         cfg,
         num_samples=num_samples,
@@ -131,9 +140,9 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
         tokens_per_sample=tokens_per_sample,
         **parameters,
     )
-    estimate = _estimate(args, cfg, module, plan.to_dict(), topology, overrides)
-    # A pipeline recipe adds its stage layout and bubble (module.plan_pipeline).
-    pipeline = module.plan_pipeline(cfg, plan) if hasattr(module, "plan_pipeline") else None
+    estimate = _estimate(args, cfg, recipe, plan.to_dict(), topology, overrides)
+    # A pipeline recipe adds its stage layout and bubble.
+    pipeline = recipe.pipeline_view(cfg, plan) if recipe.pipeline_view else None
     if args.json:
         extras = {"data": data, "pipeline": pipeline, "estimate": estimate}
         print(json.dumps({**plan.to_dict(), **{key: value for key, value in extras.items() if value}}))
@@ -152,7 +161,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _estimate(args, cfg, module, plan: dict, topology, overrides: list[str]) -> dict | None:
+def _estimate(args, cfg, recipe: Recipe, plan: dict, topology, overrides: list[str]) -> dict | None:
     """Compute, time and memory estimate; skipped with a note when the model config cannot be read."""
     from recipes.core.launch.calibrate import calibrate
     from recipes.core.model.shape import model_shape
@@ -161,7 +170,6 @@ def _estimate(args, cfg, module, plan: dict, topology, overrides: list[str]) -> 
     from recipes.core.plan.hardware import get_device
     from recipes.core.plan.model_states import FSDP2Layout
     from recipes.core.plan.wall_clock import DEFAULT_UTILIZATION
-    from recipes.core.plan.workload import Workload
 
     asked = args.gpu or args.accelerate_config or args.deepspeed_config or args.calibrate
     try:
@@ -174,7 +182,7 @@ def _estimate(args, cfg, module, plan: dict, topology, overrides: list[str]) -> 
             file=sys.stderr,
         )
         return None
-    seq_len = args.seq_len or getattr(cfg, "max_seq_length", None) or getattr(cfg, "max_length", None)
+    seq_len = args.seq_len or getattr(cfg, recipe.length_field)
     if not seq_len:
         raise ConfigError("pass --seq-len (mean tokens per sequence) for the compute estimate")
     estimate = estimate_run(
@@ -196,17 +204,16 @@ def _estimate(args, cfg, module, plan: dict, topology, overrides: list[str]) -> 
         else FSDP2Layout(
             topology.fsdp_shard_size, topology.fsdp_offload, topology.fsdp_reshard_after_forward
         ),
-        # Preference tuning trains two sequences per pair and runs a reference model (module.plan_workload).
-        workload=module.plan_workload(cfg) if hasattr(module, "plan_workload") else Workload(),
+        # Preference tuning trains two sequences per pair and runs a reference model.
+        workload=recipe.workload(cfg),
     )
-    length_field = "max_seq_length" if hasattr(cfg, "max_seq_length") else "max_length"
     estimate["seq_len_source"] = (
-        "--seq-len" if args.seq_len else f"{length_field}, an upper bound (--seq-len for the mean)"
+        "--seq-len" if args.seq_len else f"{recipe.length_field}, an upper bound (--seq-len for the mean)"
     )
     if args.calibrate:
         estimate.update(
             calibrate(
-                module.__file__,
+                recipe.script,
                 args.config,
                 overrides,
                 args.calibrate,
@@ -224,8 +231,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
     fields = defaults = None
     if args.config:
-        module_name, class_name = RECIPES[args.recipe or _recipe_from_filename(args.config)]
-        config_class = getattr(importlib.import_module(module_name), class_name)
+        config_class = recipe_of_config(args.config, args.recipe).config_class
         fields = {f.name for f in dataclasses.fields(config_class)}
         defaults = dataclasses.asdict(config_class())
     findings = diagnose(

@@ -15,11 +15,13 @@ give exactly the gradient of one big batch.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
 from recipes.core.config import ConfigError, TrainingConfig, field, parse_config
 from recipes.core.data.loading import make_train_loader
@@ -38,6 +40,7 @@ from recipes.core.model.source import load_tokenizer
 from recipes.core.output.checkpoint_io import accelerate_io
 from recipes.core.output.final_model import save_final_model
 from recipes.core.plan.workload import Workload
+from recipes.core.train.recipe import Recipe
 from recipes.core.train.run import Run
 
 
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- compute
     accelerator, ga = setup_accelerator(cfg)  # the doctor's checks first: a bad combination fails in seconds
-    run = Run.of_accelerator("dpo", cfg, accelerator)  # seeds; checks output_dir (writes nothing yet)
+    run = Run.of_accelerator(RECIPE, cfg, accelerator)  # seeds; checks output_dir (writes nothing yet)
     log, ranks = run.log, run.ranks
 
     # ---------------------------------------------------------------- data
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     collate = PairCollator(tokenizer.pad_token_id, cfg.pad_to_multiple_of)
 
     # ---------------------------------------------------------------- policy, reference and optimizer
-    model = load_pretrained(AutoModelForCausalLM, cfg)  # attention kernel, activation checkpointing
+    # Attention kernel, activation checkpointing; the memory census counts what loading left.
+    model = load_pretrained(AutoModelForCausalLM, cfg, on_loaded=run.model_loaded)
     model = lora.apply_lora(model, cfg, lora.CAUSAL_LM)  # unchanged without use_peft
     loss_of = CausalLMLoss(model, cfg.loss_chunk_tokens, accelerator.autocast)
     parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     # ---------------------------------------------------------------- plan and schedule
-    plan = run.plan(train_set, len(train_loader), "num_targets", gradient_accumulation_steps=ga, **parameters)
+    plan = run.plan(train_set, len(train_loader), gradient_accumulation_steps=ga, **parameters)
     # Kept out of accelerator.prepare: a prepared scheduler steps once per process per optimizer step.
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_optimizer_steps)
 
@@ -152,7 +156,6 @@ def main(argv: list[str] | None = None) -> None:
         io=accelerate_io(accelerator, model, optimizer),  # resumes model, optimizer, RNG, data position
         scheduler=scheduler,
         evaluate=evaluate,
-        unit="pairs",
     )
     with loop:
         for window in loop.windows(train_loader, model):
@@ -202,13 +205,12 @@ def evaluate_pairs(accelerator, model, loader, losses_and_metrics) -> dict[str, 
     return dict(zip(("eval_loss", *(f"eval_{name}" for name in METRICS)), means, strict=True))
 
 
-def plan_inputs(cfg: DPOConfig) -> tuple[int, float, dict]:
-    """Training pairs, mean target tokens per pair (chosen and rejected) and the data record, exactly as
-    the run will count them."""
+def plan_data(cfg: DPOConfig, tokenizer: Callable[[], Any]) -> tuple[Any, dict]:
+    """The train pairs (their target tokens: chosen and rejected) and their data record, exactly as the run
+    loads them (for `recipes plan`)."""
     check_config(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    train_set, _, data = load_preference_data(cfg, tokenizer)
-    return len(train_set), sum(train_set["num_targets"]) / len(train_set), data.to_dict()
+    train_set, _, data = load_preference_data(cfg, tokenizer())
+    return train_set, data.to_dict()
 
 
 def plan_workload(cfg: DPOConfig) -> Workload:
@@ -220,10 +222,16 @@ def plan_workload(cfg: DPOConfig) -> Workload:
     return Workload(sequences_per_sample=2, reference="adapter" if adapter else "copy")
 
 
-def plan_parameters(cfg: DPOConfig) -> dict[str, int]:
-    """Trainable and total parameters the run will report, from the model config alone."""
-    return lora.planned_parameter_fields(cfg, lora.CAUSAL_LM)
-
+RECIPE = Recipe(
+    name="dpo",
+    config_class=DPOConfig,
+    script=__file__,
+    plan_data=plan_data,
+    unit="pairs",
+    length_field="max_length",
+    lora_task=lora.CAUSAL_LM,
+    workload=plan_workload,
+)
 
 if __name__ == "__main__":
     run_recipe(main)

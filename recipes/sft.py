@@ -13,12 +13,13 @@ parallelism give exactly the gradient of one big batch.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
 from recipes.core.config import TrainingConfig, field, parse_config
 from recipes.core.data.chat import PadCollator, causal_lm_inputs, make_collator
@@ -35,6 +36,7 @@ from recipes.core.model.pretrained import load_pretrained
 from recipes.core.model.source import load_tokenizer
 from recipes.core.output.checkpoint_io import accelerate_io
 from recipes.core.output.final_model import save_final_model
+from recipes.core.train.recipe import Recipe
 from recipes.core.train.run import Run
 
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- compute
     accelerator, ga = setup_accelerator(cfg)  # the doctor's checks first: a bad combination fails in seconds
-    run = Run.of_accelerator("sft", cfg, accelerator)  # seeds; checks output_dir (writes nothing yet)
+    run = Run.of_accelerator(RECIPE, cfg, accelerator)  # seeds; checks output_dir (writes nothing yet)
     log, ranks = run.log, run.ranks
 
     # ---------------------------------------------------------------- data
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         eval_loader = DataLoader(eval_set, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
 
     # ---------------------------------------------------------------- model and optimizer
-    model = load_pretrained(AutoModelForCausalLM, cfg)  # attention kernel, activation checkpointing
+    # Attention kernel, activation checkpointing; the memory census counts what loading left.
+    model = load_pretrained(AutoModelForCausalLM, cfg, on_loaded=run.model_loaded)
     model = lora.apply_lora(model, cfg, lora.CAUSAL_LM)  # unchanged without use_peft
     # The loss from the last hidden states, through the LM head a chunk of tokens at a time.
     loss_of = CausalLMLoss(model, cfg.loss_chunk_tokens, accelerator.autocast)
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_loader = accelerator.prepare(eval_loader)
 
     # ---------------------------------------------------------------- plan and schedule
-    plan = run.plan(train_set, len(train_loader), "num_targets", gradient_accumulation_steps=ga, **parameters)
+    plan = run.plan(train_set, len(train_loader), gradient_accumulation_steps=ga, **parameters)
     # Kept out of accelerator.prepare: a prepared scheduler steps once per process per optimizer step.
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_optimizer_steps)
 
@@ -164,17 +167,10 @@ def load_data(cfg: SFTConfig, tokenizer) -> tuple:
     return load_sft_data(cfg, tokenizer)
 
 
-def plan_inputs(cfg: SFTConfig) -> tuple[int, float, dict]:
-    """Training samples, mean target tokens per sample and the data record, exactly as the run will
-    count them."""
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
-    train_set, _, data = load_data(cfg, tokenizer)
-    return len(train_set), sum(train_set["num_targets"]) / len(train_set), data.to_dict()
-
-
-def plan_parameters(cfg: SFTConfig) -> dict[str, int]:
-    """Trainable and total parameters the run will report, from the model config alone."""
-    return lora.planned_parameter_fields(cfg, lora.CAUSAL_LM)
+def plan_data(cfg: SFTConfig, tokenizer: Callable[[], Any]) -> tuple[Any, dict]:
+    """The train set and its data record, exactly as the run loads them (for `recipes plan`)."""
+    train_set, _, data = load_data(cfg, tokenizer())
+    return train_set, data.to_dict()
 
 
 @torch.no_grad()
@@ -191,6 +187,15 @@ def evaluate_loss(accelerator, model, loss_of: CausalLMLoss, loader) -> float:
     model.train()
     return total_loss / total_tokens
 
+
+RECIPE = Recipe(
+    name="sft",
+    config_class=SFTConfig,
+    script=__file__,
+    plan_data=plan_data,
+    unit="tokens",  # target tokens
+    lora_task=lora.CAUSAL_LM,
+)
 
 if __name__ == "__main__":
     run_recipe(main)

@@ -47,8 +47,9 @@ from recipes.core.model.source import load_tokenizer
 from recipes.core.output.checkpoint_io import DeepSpeedEngineIO
 from recipes.core.plan.pipeline_layout import module_boundaries, pipeline_view
 from recipes.core.plan.steps import data_parallel_size
+from recipes.core.train.recipe import Recipe
 from recipes.core.train.run import Run
-from recipes.sft import SFTConfig, load_data, plan_inputs  # noqa: F401 - plan_inputs serves `recipes plan`
+from recipes.sft import SFTConfig, load_data, plan_data
 
 
 @dataclass
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     ranks = Ranks(
         num_processes=state.num_processes, process_index=state.process_index, device=state.device, end=end
     )
-    run = Run.begin("sft_pipeline", cfg, ranks, log=log)  # seeds; checks output_dir, picks the checkpoint
+    run = Run.begin(RECIPE, cfg, ranks, log=log)  # seeds; checks output_dir, picks the checkpoint
 
     # ---------------------------------------------------------------- data
     tokenizer = load_tokenizer(cfg)  # checks first that model_name_or_path names a model
@@ -115,11 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- plan and schedule
     plan = run.plan(
-        train_set,
-        len(train_loader),
-        "num_targets",
-        pipeline_stages=cfg.pipeline_stages,
-        gradient_accumulation_steps=ga,
+        train_set, len(train_loader), pipeline_stages=cfg.pipeline_stages, gradient_accumulation_steps=ga
     )
     view = pipeline_view(num_layers, cfg.pipeline_stages, dp, ga)
     scheduler = get_linear_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_optimizer_steps)
@@ -157,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         final_dir = f"{cfg.output_dir}/final"
         export_pretrained(engine.module, dp_rank, model_config, tokenizer, final_dir)
         torch.distributed.barrier()
-    log(f"fine-tuned model saved to {final_dir}")
+    log(f"fine-tuned model saved to {final_dir}; curves in {cfg.output_dir}/curves.png")
     torch.distributed.destroy_process_group()
 
 
@@ -222,6 +219,15 @@ def evaluate_loss(engine, loader, dp_ranks: Ranks) -> float:
     mean = engine.eval_batch(iter(pipe_batches(batches, scale=1.0)), num_micro_batches=int(count))
     return float(mean) * int(count) * engine.dp_world_size / tokens
 
+
+RECIPE = Recipe(
+    name="sft_pipeline",
+    config_class=SFTPipelineConfig,
+    script=__file__,
+    plan_data=plan_data,  # recipes/sft.py's data
+    unit="tokens",  # target tokens
+    pipeline_view=plan_pipeline,
+)
 
 if __name__ == "__main__":
     run_recipe(main)

@@ -46,7 +46,7 @@ REFERENCES = {
     "zero2_offload": ("accelerate_configs/ds_zero2_offload.yaml", "sft", ["--save_steps", "0"]),
     "zero3_offload": ("accelerate_configs/ds_zero3_offload.yaml", "sft", ["--save_steps", "0"]),
     "fsdp2": ("accelerate_configs/fsdp2.yaml", "sft", []),
-    "pipeline": (PIPELINE, "sft_pipeline", []),
+    "pipeline": (PIPELINE, "sft_pipeline", ["--report_to", "tensorboard"]),
     # Qwen2 ties its input and output embeddings: one tensor on the first and the last pipeline stage.
     "1proc_qwen2": (None, "sft", []),
     "pipeline_zero1_qwen2": (PIPELINE, "sft_pipeline", ["--deepspeed_config", "ds_configs/zero1.json"]),

@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -202,6 +203,22 @@ def trained_steps(output_dir: Path) -> int:
 
 def load_plan(output_dir: Path) -> dict:
     return json.loads((Path(output_dir) / "plan.json").read_text())
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_curves_and_tensorboard_losses(output_dir: Path, run_name: str, steps: int) -> None:
+    """The run drew curves.png, and its one TensorBoard event file (under output_dir/<run name>/) holds the
+    loss metrics.jsonl records for each of its `steps` steps, at that step, as the float32 TensorBoard keeps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert (Path(output_dir) / "curves.png").read_bytes()[:8] == PNG
+    records = train_records(output_dir)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    [events] = (Path(output_dir) / run_name).glob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload().Scalars("loss")
+    assert [(e.step, e.value) for e in scalars] == [(r["step"], np.float32(r["loss"])) for r in records]
 
 
 def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from helpers import REPO
 
-from recipes.cli import RECIPES, _recipe_from_filename
+from recipes.cli import RECIPES, recipe_of_config
 from recipes.core.config import ConfigError, TrainingConfig, parse_config
 from recipes.sft import SFTConfig
 
@@ -20,12 +19,18 @@ ACCELERATE_YAMLS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
 
 
 def recipe_config_class(path: Path) -> type:
-    module_name, class_name = RECIPES[_recipe_from_filename(str(path))]
-    return getattr(importlib.import_module(module_name), class_name)
+    return recipe_of_config(str(path)).config_class
 
 
 def test_shipped_config_folders_are_not_empty():
     assert RECIPE_YAMLS and ACCELERATE_YAMLS
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_module_describes_itself_under_its_own_name(name):
+    recipe = recipe_of_config("any.yaml", name)
+    assert recipe.name == name and Path(recipe.script) == REPO / "recipes" / f"{name}.py"
+    assert issubclass(recipe.config_class, TrainingConfig)
 
 
 @pytest.mark.parametrize("path", RECIPE_YAMLS, ids=lambda p: p.name)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from helpers import REPO, in_process
 
-from recipes.cli import RECIPES, _recipe_from_filename, main
+from recipes.cli import main, recipe_of_config
 from recipes.core import doctor
 from recipes.core.config import ConfigError
 from recipes.core.doctor import (
@@ -383,13 +383,10 @@ def test_every_shipped_config_passes_doctor_with_no_finding(acc, recipe, monkeyp
     monkeypatch.chdir(REPO)  # configs name their DeepSpeed JSON and hostfile relative to the repo root
     fields = defaults = None
     try:
-        module_name, class_name = RECIPES[_recipe_from_filename(str(recipe))]
+        config_class = recipe_of_config(str(recipe)).config_class
     except Exception:  # a recipe the plan command does not know: checked without its field list
-        module_name = None
-    if module_name:
-        import importlib
-
-        config_class = getattr(importlib.import_module(module_name), class_name)
+        config_class = None
+    if config_class is not None:
         fields = {f.name for f in dataclasses.fields(config_class)}
         defaults = dataclasses.asdict(config_class())
     findings = diagnose(

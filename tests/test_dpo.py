@@ -26,6 +26,7 @@ from helpers import (
     ONE_PROCESS,
     REPO,
     TWO_PROCESSES,
+    assert_curves_and_tensorboard_losses,
     assert_same_run,
     eval_records,
     finish,
@@ -181,6 +182,10 @@ def test_every_step_records_the_loss_rewards_and_logps_also_in_tensorboard(runs)
     for key in ("loss", "rewards/chosen", "rewards/accuracies", "logps/rejected"):
         assert [e.value for e in board.Scalars(key)] == [np.float32(r[key]) for r in records]
     assert [e.step for e in board.Scalars("eval_rewards/accuracies")] == [0, STEPS]
+
+
+def test_run_draws_curves_and_logs_every_step_loss_to_tensorboard(runs):
+    assert_curves_and_tensorboard_losses(runs["1proc"], "dpo", STEPS)
 
 
 def test_recipes_plan_prints_what_the_run_then_did(runs, capsys):

@@ -1,5 +1,6 @@
-"""The memory census (core/train/memory_census.py) counts every storage once, under what holds it, and the
-ZeRO-3 values the recipe fills from the model (core/distributed/deepspeed_config.py apply_model_values)."""
+"""The memory census (core/train/memory_census.py) counts every storage once, under what holds it; its probe
+(core/train/probes.py) takes each census at its point of the loop; and the ZeRO-3 values the recipe fills
+from the model (core/distributed/deepspeed_config.py apply_model_values)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from recipes.core.distributed.deepspeed_config import apply_model_values, largest_layer_parameters
-from recipes.core.train.memory_census import (
-    CATEGORIES,
-    MODEL_STATES,
-    censuses_before_loop,
-    take_census,
-    take_census_before_loop,
-    tensors_with_grad,
-)
+from recipes.core.train.memory_census import CATEGORIES, MODEL_STATES, take_census, tensors_with_grad
+from recipes.core.train.probes import MemoryCensus
 
 
 def grown(before, after) -> dict[str, int]:
@@ -86,12 +81,29 @@ def test_ddp_buckets_are_counted_once_with_the_gradients_that_are_views_into_the
     assert [grown(before, accumulating)[c] for c in both] == [4 * n, 4 * n]
 
 
-def test_a_census_taken_before_the_loop_goes_to_the_next_loop_only():
-    take_census_before_loop("loaded")
-    take_census_before_loop("loaded")  # a second model loaded (a DPO reference copy): one census per point
-    first = censuses_before_loop()
-    assert list(first) == ["loaded"]
-    assert censuses_before_loop() == {}  # a later run in this process starts afresh
+def test_the_census_probe_counts_at_loading_the_loop_start_and_around_the_second_step():
+    """Loaded model, loop start, the end of step 2's forward and of its backward, and after step 2: at
+    each point the census holds exactly the model's parameters, plus its gradients once backward ran."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16)  # 272 parameters
+    params = 4 * 272
+    probe = MemoryCensus()
+    probe.model_loaded()
+    probe.loop_started(start_step=0, last_step=3)
+    seen = {}
+    for step in (1, 2, 3):
+        probe.step_starting(step, model)
+        model(torch.ones(2, 16)).sum().backward()
+        seen[step] = sorted(probe.censuses)
+        probe.step_done(step)
+        model.zero_grad(set_to_none=True)
+    assert seen[1] == ["loaded", "start"]  # step 1 is not counted
+    assert seen[2] == ["backward", "forward", "loaded", "start"]
+    assert sorted(probe.censuses) == ["after_step", "backward", "forward", "loaded", "start"]
+    grown_by = {point: grown(probe.censuses["loaded"], census) for point, census in probe.censuses.items()}
+    assert grown_by["forward"]["gradients"] == 0 and grown_by["backward"]["gradients"] == params
+    assert probe.censuses["backward"].bytes["parameters"] == probe.censuses["loaded"].bytes["parameters"]
+    assert probe.censuses["loaded"].bytes["parameters"] >= params
 
 
 def test_the_backward_census_hooks_onto_every_output_tensor_with_a_gradient():

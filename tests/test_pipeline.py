@@ -17,6 +17,7 @@ from helpers import (
     JOB_STEPS,
     PIPELINE,
     PIPELINE_CONFIG,
+    assert_curves_and_tensorboard_losses,
     assert_same_training,
     in_process,
     job_args,
@@ -98,6 +99,12 @@ def test_two_stage_pipeline_trains_exactly_like_single_process_sft(reference):
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
     ]
+
+
+@pytest.mark.slow
+def test_pipeline_run_draws_curves_and_logs_every_step_loss_to_tensorboard(reference):
+    """No Accelerator runs the pipeline, yet its trackers and curves are those of every other recipe."""
+    assert_curves_and_tensorboard_losses(reference("pipeline"), "sft_pipeline", JOB_STEPS)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Tracking and plots: TensorBoard through Accelerate's trackers, curves.png, `recipes plan --plot`."""
+"""Tracking and plots: TensorBoard through Accelerate's trackers (with or without an Accelerator), curves.png,
+`recipes plan --plot`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from recipes.cli import main as cli
 from recipes.core.output.plots import curve_series, schedule_series
-from recipes.core.output.tracking import hparams, tracker_kwargs, tracker_names
+from recipes.core.output.tracking import Trackers, hparams, tracker_kwargs, tracker_names
 from recipes.core.plan.steps import make_plan
 from recipes.sft import SFTConfig
 
@@ -110,6 +111,21 @@ def test_report_to_names_trackers_and_refuses_uninstalled_ones(tmp_path):
     with pytest.raises(ValueError, match="report_to asks for no_such_tracker, which is not installed") as err:
         tracker_names("tensorboard,no_such_tracker")
     assert "set report_to: tensorboard" in str(err.value)
+
+
+def test_trackers_without_an_accelerator_log_each_record_at_its_step(tmp_path):
+    """As the pipeline recipe tracks: Accelerate's TensorBoard tracker built directly, no Accelerator."""
+    trackers = Trackers("tensorboard", str(tmp_path), "run")
+    trackers.start(SFTConfig(model_name_or_path="m"))
+    trackers.log({"step": 1, "loss": 2.5, "grad_norm": None, "skipped": True, "lr": 1e-3})
+    trackers.log({"step": 2, "loss": 1.25, "lr": 5e-4, "epoch": 0.5})
+    trackers.finish()
+    [events] = (tmp_path / "run").glob("events.out.tfevents.*")
+    board = EventAccumulator(str(events)).Reload()
+    assert sorted(board.Tags()["scalars"]) == ["epoch", "loss", "lr"]  # numbers only: no None, no flags
+    assert [(e.step, e.value) for e in board.Scalars("loss")] == [(1, 2.5), (2, 1.25)]
+    assert [(e.step, e.value) for e in board.Scalars("lr")] == [(1, np.float32(1e-3)), (2, np.float32(5e-4))]
+    assert [e.step for e in board.Scalars("epoch")] == [2]
 
 
 def test_hparams_are_scalars_every_tracker_accepts():

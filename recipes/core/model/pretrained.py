@@ -8,12 +8,12 @@ Weights load in fp32 whatever the checkpoint's dtype: they are the master weight
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from recipes.core.config import ConfigError
-from recipes.core.train.memory_census import take_census_before_loop
 
 # attn_implementation -> (the package its kernel needs, or None; whether it can train on a CPU)
 ATTENTION = {
@@ -42,10 +42,14 @@ def check_attention(name: str, on_gpu: bool) -> None:
         )
 
 
-def load_pretrained(auto_class: Any, cfg: Any, **kwargs: Any) -> torch.nn.Module:
+def load_pretrained(
+    auto_class: Any, cfg: Any, *, on_loaded: Callable[[], None] | None = None, **kwargs: Any
+) -> torch.nn.Module:
     """`auto_class.from_pretrained` of the run's model in fp32 with its attention kernel and, with
     gradient_checkpointing, non-reentrant activation checkpointing of every layer (its dropout masks
-    are replayed in the recomputation, so the result does not change)."""
+    are replayed in the recomputation, so the result does not change). `on_loaded()` runs right after
+    from_pretrained, before anything else is done to the model (the memory census counts what loading
+    left there)."""
     check_attention(cfg.attn_implementation, torch.cuda.is_available())
     model = auto_class.from_pretrained(
         cfg.model_name_or_path,
@@ -54,8 +58,8 @@ def load_pretrained(auto_class: Any, cfg: Any, **kwargs: Any) -> torch.nn.Module
         trust_remote_code=cfg.trust_remote_code,
         **kwargs,
     )
-    if cfg.memory_census:  # what loading left (ZeRO-3: partitions only) and its peak
-        take_census_before_loop("loaded")
+    if on_loaded is not None:
+        on_loaded()
     if cfg.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise ConfigError(
@@ -96,11 +100,3 @@ def compile_model(model: torch.nn.Module, checkpointed: bool) -> None:
         )
     for layer in layers:
         layer.compile(backend="inductor")
-
-
-def compiled_graphs() -> int:
-    """Graphs torch.compile built in this process so far: the first compilation plus every recompilation
-    (a batch shape it had not seen, for example)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])

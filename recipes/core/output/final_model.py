@@ -6,12 +6,11 @@ from typing import Any
 
 from recipes.core.distributed.fsdp import full_state_dict, is_sharded
 from recipes.core.model import lora
-from recipes.core.output.plots import write_curves
 
 
 def save_final_model(accelerator: Any, model: Any, tokenizer: Any, cfg: Any, task: str) -> str:
     """Write output_dir/final (the weights gathered from every rank, or the LoRA adapter, as safetensors,
-    with the tokenizer), curves.png, and with merge_adapter output_dir/merged. Every rank calls it."""
+    with the tokenizer), and with merge_adapter output_dir/merged. Every rank calls it."""
     final_dir = f"{cfg.output_dir}/final"
     accelerator.wait_for_everyone()
     state_dict = full_state_dict(accelerator, model)  # gathers ZeRO-3 partitions and FSDP2 shards
@@ -25,7 +24,6 @@ def save_final_model(accelerator: Any, model: Any, tokenizer: Any, cfg: Any, tas
         )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(final_dir)
-        write_curves(cfg.output_dir)
     lora.merge_in_fresh_process(accelerator, model, cfg, final_dir, task)  # merge_adapter: merged/
     accelerator.wait_for_everyone()
     return final_dir

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipes.core.output.records import read_metrics
 from recipes.core.plan.steps import linear_warmup_decay_lr
 
 Series = tuple[list[int], list[float]]
@@ -27,9 +26,9 @@ def curve_series(records: list[dict]) -> dict[str, Series]:
     return series
 
 
-def write_curves(output_dir: str | Path, filename: str = "curves.png") -> Path:
-    """Draw train/eval loss, eval metrics and LR against optimizer step from output_dir/metrics.jsonl."""
-    series = curve_series(read_metrics(output_dir))
+def write_curves(records: list[dict], path: str | Path) -> Path:
+    """Draw train/eval loss, eval metrics and LR of a run's metrics.jsonl `records` against optimizer step."""
+    series = curve_series(records)
     metric_keys = sorted(k for k in series if k.startswith("eval_") and k != "eval_loss")
     panels = [["loss", "eval_loss"], metric_keys, ["lr"]]
     panels = [[k for k in keys if k in series] for keys in panels]
@@ -43,7 +42,7 @@ def write_curves(output_dir: str | Path, filename: str = "curves.png") -> Path:
         ax.grid(alpha=0.3)
         if keys:
             ax.legend()
-    path = Path(output_dir) / filename
+    path = Path(path)
     fig.savefig(path, dpi=100)
     return path
 

@@ -3,7 +3,7 @@
 A recipe keeps the lines its training is about (accumulate, forward, loss, backward, clipping, the
 optimizer and scheduler steps) and hands the rest to a TrainingLoop:
 
-    with TrainingLoop(...) as loop:
+    with run.training_loop(...) as loop:
         for window in loop.windows(train_loader, model):
             ...  # one optimizer step over the window's micro-batches
             loop.step_done(window, count=...)
@@ -13,14 +13,16 @@ The loop runs the epochs from where a resumed run stands, groups micro-batches i
 (read ahead, so that a step's target tokens can be counted on every rank before its first backward),
 shows progress, writes each step's record, evaluates every eval_steps, checks each step for non-finite
 values, checkpoints every save_steps, stops cleanly on SIGTERM/SIGINT (core/train/stop_signal.py) and stops at
-the plan's last step, where it writes the run's cost (core/train/usage.py) and evaluates the final model.
+the plan's last step, where it writes the run's cost (core/train/usage.py) and what its probes found
+(core/train/probes.py), and evaluates the final model. When the recipe leaves the `with` block normally
+(the final model saved), the records are closed: curves.png is drawn and the trackers finish.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -31,19 +33,12 @@ from recipes.core.distributed.fsdp import plain_norm, set_gradient_sync
 from recipes.core.distributed.ranks import Ranks
 from recipes.core.exit_status import EXIT_INTERRUPTED
 from recipes.core.losses.accumulation import accumulation_windows
-from recipes.core.model.pretrained import compiled_graphs
 from recipes.core.output.checkpoint import Checkpointer
 from recipes.core.output.records import RunRecords
 from recipes.core.output.run_dir import Position
 from recipes.core.plan.steps import Plan
-from recipes.core.train.memory_census import (
-    Census,
-    census_record,
-    censuses_before_loop,
-    take_census,
-    tensors_with_grad,
-)
 from recipes.core.train.nonfinite import NonFiniteSteps
+from recipes.core.train.probes import Probe
 from recipes.core.train.stop_signal import StopSignals
 from recipes.core.train.usage import LoopUsage
 
@@ -110,45 +105,65 @@ class Window(Generic[B]):
                 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Course:
+    """The optimizer steps a loop runs: the plan's, from `start` (where a resumed run stands), at the LRs of
+    `scheduler` (which the recipe steps); `unit` names what a step counts (target tokens, pairs, samples)
+    in records, progress and throughput."""
+
+    plan: Plan
+    start: Position
+    scheduler: Any
+    unit: str = "tokens"
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """`evaluate(step)` evaluates (and records) the model at an optimizer step: before the first step, every
+    `every` steps (eval_steps; 0: none in between) and after the last."""
+
+    evaluate: Callable[[int], None]
+    every: int = 0
+
+    def due_after(self, step: int, last_step: int) -> bool:
+        """Whether to evaluate after `step` on the way to `last_step` (the last one is evaluated anyway)."""
+        return bool(self.every) and step % self.every == 0 and step != last_step
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOutputs:
+    """What the loop leaves of the run: each step's record (metrics.jsonl and the trackers; curves.png when
+    the records close), the checkpoints, and lines on the console."""
+
+    records: RunRecords
+    checkpoints: Checkpointer
+    log: Callable[[str], None] = print
+
+
 class TrainingLoop:
     """Everything around a recipe's optimizer step; see the module docstring for how a recipe uses it."""
 
     def __init__(
         self,
-        *,
-        plan: Plan,
-        start: Position,
+        course: Course,
         ranks: Ranks,
-        records: RunRecords,
-        checkpoints: Checkpointer,
+        outputs: LoopOutputs,
         nonfinite: NonFiniteSteps,
-        scheduler: Any,
-        evaluate: Callable[[int], None],
-        logging_steps: int,
-        eval_steps: int,
-        unit: str = "tokens",
-        count_compilations: bool = False,
-        memory_census: bool = False,
-        log: Callable[[str], None] = print,
+        evaluation: Evaluation,
+        probes: Sequence[Probe] = (),
     ):
-        """`evaluate(step)` evaluates (and records) the model at an optimizer step; `unit` names what a
-        step's count is (target tokens, or samples) in records, progress and throughput;
-        `count_compilations`: the run's record says how many graphs torch.compile built; `memory_census`:
-        it says what each process's tensors hold (core/train/memory_census.py) after loading the model, at the
-        loop's start, at the end of the model's first forward of step 2 (step 1 in a one-step run) and of
-        its backward, and after that step."""
-        self.plan, self.start, self.ranks, self.records = plan, start, ranks, records
-        self.checkpoints, self.nonfinite, self.scheduler = checkpoints, nonfinite, scheduler
-        self.evaluate, self.logging_steps, self.eval_steps = evaluate, logging_steps, eval_steps
-        self.unit, self.log = unit, log
-        self.step = start.step
+        """`ranks`: where step counts and losses are summed; `nonfinite`: what a step with a non-finite
+        loss or gradient norm does; `probes`: diagnostics that add fields to the run's last record."""
+        self.plan, self.start, self.scheduler = course.plan, course.start, course.scheduler
+        self.unit = course.unit
+        self.ranks, self.nonfinite, self.evaluation, self.probes = ranks, nonfinite, evaluation, probes
+        self.records, self.checkpoints, self.log = outputs.records, outputs.checkpoints, outputs.log
+        self.step = self.start.step
         self.trained = 0  # target tokens (or samples) trained on since the loop started
         self.signals = StopSignals()
         self.usage: LoopUsage | None = None
         self.progress: Any = None
         self.batches_per_epoch = 0
-        self.graphs_before = compiled_graphs() if count_compilations else None
-        self.censuses: dict[str, Census] | None = censuses_before_loop() if memory_census else None
 
     def __enter__(self) -> TrainingLoop:
         self.signals.__enter__()
@@ -158,6 +173,7 @@ class TrainingLoop:
         if self.progress is not None:
             self.progress.close()
         self.signals.__exit__(*exc_info)
+        self.records.close(completed=exc_info[0] is None)
 
     def windows(self, loader: Any, model: Any = None) -> Iterator[Window]:
         """The accumulation windows of the rest of the run; the last one is the plan's last step, after
@@ -165,7 +181,7 @@ class TrainingLoop:
         final model evaluated. `loader` is the prepared (sharded) train loader; `model`, if given, is put
         in train mode once the step-0 evaluation ran (from_pretrained returns it in eval mode)."""
         if self.step == 0:
-            self.evaluate(0)
+            self.evaluation.evaluate(0)
         if model is not None:
             model.train()
         ga, total = self.plan.gradient_accumulation_steps, self.plan.total_optimizer_steps
@@ -174,15 +190,15 @@ class TrainingLoop:
             total=total, initial=self.step, disable=not self.ranks.is_main_process, desc="train"
         )
         self.usage = LoopUsage(self.ranks)
-        if self.censuses is not None:
-            self.censuses["start"] = take_census()
+        for probe in self.probes:
+            probe.loop_started(self.start.step, total)
         for epoch in range(self.start.epoch, self.plan.num_epochs):
             loader.set_epoch(epoch)
             skip = self.start.batches_in_epoch if epoch == self.start.epoch else 0  # trained before a resume
             batches = skip_first_batches(loader, skip) if skip else loader
             for index, batches_of_step in enumerate(accumulation_windows(batches, ga), start=skip // ga):
-                if self.censuses is not None and self.step + 1 == self._census_step() and model is not None:
-                    self._census_after_forward(model)
+                for probe in self.probes:
+                    probe.step_starting(self.step + 1, model)
                 yield Window(batches_of_step, epoch, index, lr=self.scheduler.get_last_lr()[0])
                 if self.step == total:
                     self._finish()
@@ -218,8 +234,8 @@ class TrainingLoop:
         self.step += 1
         step, plan, grad_norm = self.step, self.plan, window.grad_norm
         skip_fields = self.nonfinite.step_done(step, loss, grad_norm, window.skipped)  # or stops the run
-        if self.censuses is not None and step == self._census_step():
-            self.censuses["after_step"] = take_census()
+        for probe in self.probes:
+            probe.step_done(step)
         self.trained += count
         step_time = time.perf_counter() - window.started
         self.progress.update(1)
@@ -234,7 +250,6 @@ class TrainingLoop:
             plan,
             epoch=window.epoch,
             window_index=window.index,
-            logging_steps=self.logging_steps,
             step=step,
             lr=window.lr,
             loss=loss,
@@ -244,8 +259,8 @@ class TrainingLoop:
             **(metrics or {}),
             step_time=step_time,
         )
-        if self.eval_steps and step % self.eval_steps == 0 and step != plan.total_optimizer_steps:
-            self.evaluate(step)
+        if self.evaluation.due_after(step, plan.total_optimizer_steps):
+            self.evaluation.evaluate(step)
         # Every rank takes part in the agreement every step; a signal during the last step ends the run as usual.
         stopping = self.ranks.any(self.signals.requested) and step < plan.total_optimizer_steps
         batches_done = min((window.index + 1) * plan.gradient_accumulation_steps, self.batches_per_epoch)
@@ -260,32 +275,6 @@ class TrainingLoop:
             self.ranks.end()
             raise SystemExit(EXIT_INTERRUPTED)
 
-    def _census_step(self) -> int:
-        # Step 2: ZeRO-3 prefetches from the module order it traced in step 1; torch's Adam has its states.
-        return min(self.start.step + 2, self.plan.total_optimizer_steps)
-
-    def _census_after_forward(self, model: Any) -> None:
-        """Take the "forward" census when the model's next forward returns (before the loss's backward),
-        and the "backward" one when that backward is complete (gradients reduced, before the optimizer
-        steps: a DeepSpeed engine steps inside accelerator.backward)."""
-
-        def backward_done() -> None:
-            self.censuses["backward"] = take_census()
-
-        def reached(_grad: torch.Tensor) -> None:  # queues the census for the end of the whole backward
-            if not queued:
-                queued.append(True)
-                torch.autograd.Variable._execution_engine.queue_callback(backward_done)
-
-        def hook(_module: Any, _inputs: Any, output: Any) -> None:
-            handle.remove()
-            self.censuses["forward"] = take_census()
-            for tensor in tensors_with_grad(output):  # the loss is computed from some of them
-                tensor.register_hook(reached)
-
-        queued: list[bool] = []
-        handle = model.register_forward_hook(hook)
-
     def _finish(self) -> None:
         self.progress.close()
         record = {
@@ -293,10 +282,7 @@ class TrainingLoop:
             "lr_after_training": self.scheduler.get_last_lr()[0],
             **self.usage.summary(self.trained, self.unit),
         }
-        if self.censuses is not None:
-            record["memory_census"] = census_record(self.censuses, self.ranks)
-        if self.graphs_before is not None:  # recompilations show as graphs beyond the first few
-            record["compiled_graphs"] = compiled_graphs() - self.graphs_before
-            self.log(f"torch.compile built {record['compiled_graphs']} graphs in this run")
+        for probe in self.probes:
+            record.update(probe.record(self.ranks))
         self.records.log(record)
-        self.evaluate(self.step)
+        self.evaluation.evaluate(self.step)

@@ -21,8 +21,9 @@ allocation) and files it under the first of these that claims it:
 - other: everything else (batches, activations a caller still references, metrics); `largest_other` names
   the biggest by the attribute that holds them.
 
-The recipes take a census after loading the model and at four points of one step (core/train/loop.py) when
-memory_census is on; each also notes the resident set and its peak so far, for comparison.
+The recipes take a census after loading the model and at four points of one step (the MemoryCensus
+probe, core/train/probes.py) when memory_census is on; each also notes the resident set and its peak so
+far, for comparison.
 
 Tensors that only C++ holds are not seen, except DDP's all-reduce buckets (communication_buckets), which
 are counted from the parameters they hold a gradient of; autograd's saved activations are not model
@@ -208,21 +209,6 @@ def _named_tensors(owners: list[Any]):
 
 
 POINTS = ("loaded", "start", "forward", "backward", "after_step")
-_BEFORE_LOOP: dict[str, Census] = {}
-
-
-def take_census_before_loop(point: str) -> None:
-    """A census before the training loop exists (e.g. "loaded": right after the model is loaded, when the
-    peak resident set is the loading peak); the next loop's record includes the first one of each point."""
-    if point not in _BEFORE_LOOP:
-        _BEFORE_LOOP[point] = take_census()
-
-
-def censuses_before_loop() -> dict[str, Census]:
-    """The censuses taken since the last call (a later run in the same process starts afresh)."""
-    taken = dict(_BEFORE_LOOP)
-    _BEFORE_LOOP.clear()
-    return taken
 
 
 def census_record(censuses: dict[str, Census], ranks: Any) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 checkpoint a run starts from (before anything is loaded; nothing is written), the check that the data
 make at least one optimizer step (before any DataLoader exists), then, once the model is prepared and the
 plan is known, output_dir itself (an old run there replaced as a whole), the checkpointer, the resumed
-state, the recorded config and plan, and the loop itself."""
+state, the recorded config and plan, the trackers, and the loop itself with the probes the config asks
+for (core/train/probes.py)."""
 
 from __future__ import annotations
 
@@ -19,50 +20,63 @@ from recipes.core.output.checkpoint import Checkpointer
 from recipes.core.output.checkpoint_io import CheckpointIO
 from recipes.core.output.records import RunRecords
 from recipes.core.output.run_dir import Start, claim, find_start
-from recipes.core.output.tracking import start_tracking
+from recipes.core.output.tracking import Trackers
 from recipes.core.plan.steps import Plan, plan_for_config
-from recipes.core.train.loop import TrainingLoop
+from recipes.core.train.loop import Course, Evaluation, LoopOutputs, TrainingLoop
 from recipes.core.train.nonfinite import NonFiniteSteps
+from recipes.core.train.probes import CompileCounter, MemoryCensus, Probe
+from recipes.core.train.recipe import Recipe
 
 T = TypeVar("T")
 
 
 @dataclasses.dataclass
 class Run:
-    name: str  # the run's name in experiment trackers
+    recipe: Recipe
     cfg: Any
     ranks: Ranks
     start: Start
     records: RunRecords
     log: Callable[[str], None]
     accelerator: Any = None
+    census: MemoryCensus | None = None  # with memory_census, from the model's loading on
     data: dict | None = None  # what the data are made of, for plan.json (check_data)
 
     @classmethod
     def begin(
         cls,
-        name: str,
+        recipe: Recipe,
         cfg: Any,
         ranks: Ranks,
         *,
         accelerator: Any = None,
         log: Callable[[str], None] = print,
     ) -> Run:
-        """Seed every RNG, check output_dir and choose the checkpoint to resume, writing nothing; the
-        run's records are written once training starts. Given an Accelerator, records also go to its
-        trackers."""
+        """Seed every RNG, check the trackers report_to names and output_dir, and choose the checkpoint to
+        resume, writing nothing; the run's records are written once training starts."""
         set_seed(cfg.seed)
+        trackers = Trackers(cfg.report_to, cfg.output_dir, recipe.name)
         start = find_start(cfg, ranks, log)
         records = RunRecords(
-            cfg.output_dir, ranks.is_main_process, accelerator, resume_step=start.resume_step
+            cfg.output_dir,
+            ranks.is_main_process,
+            trackers,
+            logging_steps=cfg.logging_steps,
+            resume_step=start.resume_step,
         )
-        return cls(name, cfg, ranks, start, records, log, accelerator)
+        census = MemoryCensus() if cfg.memory_census else None
+        return cls(recipe, cfg, ranks, start, records, log, accelerator, census)
 
     @classmethod
-    def of_accelerator(cls, name: str, cfg: Any, accelerator: Any) -> Run:
+    def of_accelerator(cls, recipe: Recipe, cfg: Any, accelerator: Any) -> Run:
         """`begin` on the processes of an Accelerator, printing on the main process only."""
         ranks = Ranks.of_accelerator(accelerator)
-        return cls.begin(name, cfg, ranks, accelerator=accelerator, log=accelerator.print)
+        return cls.begin(recipe, cfg, ranks, accelerator=accelerator, log=accelerator.print)
+
+    def model_loaded(self) -> None:
+        """load_pretrained's on_loaded: with memory_census, what loading the model left in memory."""
+        if self.census is not None:
+            self.census.model_loaded()
 
     def main_process_first(self, load: Callable[[], T]) -> T:
         """`load()` on the main process, then on the others: the main process tokenises and caches, the
@@ -99,18 +113,17 @@ class Run:
             raise DataError(f"{self.cfg.dataset_name or 'dataset_mixture'}: {err}") from None
         self.data = record
 
-    def plan(self, train_set: Any, loader_length: int, tokens_column: str, **fields: Any) -> Plan:
-        """The run's plan (core/plan/steps.py plan_for_config) for the tokenised `train_set`, whose
-        `tokens_column` counts each sample's tokens, on all processes; `fields` as plan_for_config takes
+    def plan(self, train_set: Any, loader_length: int, **fields: Any) -> Plan:
+        """The run's plan (core/plan/steps.py plan_for_config) for the tokenised `train_set` on all
+        processes, with its tokens per sample as the recipe counts them; `fields` as plan_for_config takes
         them. Checked against the length of the prepared train loader; too little data for one optimizer
         step is a data error."""
-        tokens_per_sample = sum(train_set[tokens_column]) / max(1, len(train_set))
         try:
             plan = plan_for_config(
                 self.cfg,
                 num_samples=len(train_set),
                 world_size=self.ranks.num_processes,
-                tokens_per_sample=tokens_per_sample,
+                tokens_per_sample=self.recipe.tokens_per_sample(train_set),
                 **fields,
             )
         except ValueError as err:  # e.g. too few samples for one optimizer step on this world size
@@ -128,13 +141,13 @@ class Run:
         ranks: Ranks | None = None,
         tracked: dict[str, Any] | None = None,
         plan_record: dict | None = None,
-        unit: str = "tokens",
     ) -> TrainingLoop:
         """Claim output_dir (an old run there is replaced as a whole now, not before: the inputs are
         checked), load the chosen checkpoint into the prepared objects (through `io`), the scheduler and
         the `tracked` objects; write config.yaml and plan.json (`plan_record`, default the plan, with the
         data record of check_data), and under Accelerate the resolved DeepSpeed config, and start the
-        trackers; return the loop. `ranks`: where the loop sums counts and losses, default all processes."""
+        trackers; return the loop, which evaluates with `evaluate(step)` every eval_steps. `ranks`: where
+        the loop sums counts and losses, default all processes."""
         cfg, log, ranks = self.cfg, self.log, ranks or self.ranks
         claim(cfg.output_dir, self.start, self.ranks)
         self.records.open()
@@ -157,21 +170,16 @@ class Run:
         self.records.write_plan({**record, "data": self.data} if self.data is not None else record)
         if self.accelerator is not None:
             save_resolved_deepspeed_config(self.accelerator, cfg.output_dir)
-            start_tracking(self.accelerator, self.name, cfg)
+        self.records.start_tracking(cfg)
         log(plan.summary())
+        probes: list[Probe] = [self.census] if self.census is not None else []
+        if cfg.torch_compile:  # counts from here on: not the graphs of a reference precomputed before
+            probes.append(CompileCounter(log))
         return TrainingLoop(
-            plan=plan,
-            start=position,
-            ranks=ranks,
-            records=self.records,
-            checkpoints=checkpoints,
-            nonfinite=nonfinite,
-            scheduler=scheduler,
-            evaluate=evaluate,
-            logging_steps=cfg.logging_steps,
-            eval_steps=cfg.eval_steps,
-            unit=unit,
-            count_compilations=cfg.torch_compile,
-            memory_census=cfg.memory_census,
-            log=log,
+            Course(plan, position, scheduler, self.recipe.unit),
+            ranks,
+            LoopOutputs(self.records, checkpoints, log),
+            nonfinite,
+            Evaluation(evaluate, every=cfg.eval_steps),
+            probes,
         )
