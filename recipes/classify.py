@@ -24,7 +24,7 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from recipes.core.config import ConfigError, TrainingConfig, field, parse_config
+from recipes.core.config import TrainingConfig, field, parse_config
 from recipes.core.data.classification import (
     check_metric_config,
     classifier_inputs,
@@ -32,11 +32,12 @@ from recipes.core.data.classification import (
     load_classification_data,
 )
 from recipes.core.data.loading import make_train_loader
-from recipes.core.distributed.accelerator import setup_accelerator
-from recipes.core.distributed.fsdp import full_state_dict, load_full_state_dict, prepare
+from recipes.core.distributed.fsdp import full_state_dict, load_full_state_dict
+from recipes.core.distributed.prepare import prepare
 from recipes.core.errors import run_recipe
 from recipes.core.evaluation.classification import BestModel, predict_and_score, write_test_results
 from recipes.core.evaluation.metrics import load_metrics
+from recipes.core.launch.startup import setup_accelerator
 from recipes.core.losses.accumulation import backward_scale
 from recipes.core.model import lora
 from recipes.core.model.optimizer import make_optimizer
@@ -89,12 +90,6 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- compute
     accelerator, ga = setup_accelerator(cfg)  # the doctor's checks first: a bad combination fails in seconds
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3 and cfg.metric_for_best_model:
-        raise ConfigError(
-            "keeping the best model needs whole weights on every rank, which ZeRO-3 partitions; set "
-            "metric_for_best_model: null (the last model is then tested and saved) or use ZeRO stage 1 or 2"
-        )
     run = Run.of_accelerator(RECIPE, cfg, accelerator)  # seeds; checks output_dir, picks the checkpoint
     log, ranks = run.log, run.ranks
 
@@ -127,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     model = lora.apply_lora(model, cfg, lora.SEQUENCE_CLASSIFICATION)  # the head trains in full
     parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned
     optimizer = make_optimizer(model, cfg)
-    # accelerator.prepare; under an FSDP launch the model comes back sharded by FSDP2 (core/distributed/fsdp.py)
+    # accelerator.prepare for the launch's engine: under FSDP sharded by FSDP2 (core/distributed/prepare.py)
     model, optimizer, train_loader = prepare(accelerator, model, optimizer, train_loader)
     eval_loaders = {name: accelerator.prepare(loader) for name, loader in eval_loaders.items()}
 

@@ -227,7 +227,8 @@ def _estimate(args, cfg, recipe: Recipe, plan: dict, topology, overrides: list[s
 def _doctor(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from recipes.core.doctor import diagnose, report
+    from recipes.core.doctor.diagnose import diagnose
+    from recipes.core.doctor.findings import report
 
     fields = defaults = None
     if args.config:

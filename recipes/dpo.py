@@ -26,9 +26,10 @@ from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 from recipes.core.config import ConfigError, TrainingConfig, field, parse_config
 from recipes.core.data.loading import make_train_loader
 from recipes.core.data.preferences import PairCollator, load_preference_data
-from recipes.core.distributed.accelerator import setup_accelerator
-from recipes.core.distributed.fsdp import prepare, reshard
+from recipes.core.distributed.fsdp import reshard
+from recipes.core.distributed.prepare import prepare
 from recipes.core.errors import run_recipe
+from recipes.core.launch.startup import setup_accelerator
 from recipes.core.losses.accumulation import backward_scale
 from recipes.core.losses.causal_lm import CausalLMLoss
 from recipes.core.losses.dpo import METRICS, check_loss_config, chosen_and_rejected, pair_losses, pair_metrics
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     loss_of = CausalLMLoss(model, cfg.loss_chunk_tokens, accelerator.autocast)
     parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned
     optimizer = make_optimizer(model, cfg)
-    # accelerator.prepare; under an FSDP launch the model comes back sharded by FSDP2 (core/distributed/fsdp.py)
+    # accelerator.prepare for the launch's engine: under FSDP sharded by FSDP2 (core/distributed/prepare.py)
     model, optimizer = prepare(accelerator, model, optimizer)
     reference = build_reference(cfg, accelerator, model, loss_of)
     log(f"reference model: {reference.description}")

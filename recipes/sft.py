@@ -25,9 +25,9 @@ from recipes.core.config import TrainingConfig, field, parse_config
 from recipes.core.data.chat import PadCollator, causal_lm_inputs, make_collator
 from recipes.core.data.loading import make_train_loader
 from recipes.core.data.sft import load_sft_data
-from recipes.core.distributed.accelerator import setup_accelerator
-from recipes.core.distributed.fsdp import prepare
+from recipes.core.distributed.prepare import prepare
 from recipes.core.errors import run_recipe
+from recipes.core.launch.startup import setup_accelerator
 from recipes.core.losses.accumulation import backward_scale, eval_loss_results, target_tokens
 from recipes.core.losses.causal_lm import CausalLMLoss
 from recipes.core.model import lora
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     loss_of = CausalLMLoss(model, cfg.loss_chunk_tokens, accelerator.autocast)
     parameters = lora.parameter_fields(model, log)  # trainable and total, printed and planned
     optimizer = make_optimizer(model, cfg)
-    # accelerator.prepare; under an FSDP launch the model comes back sharded by FSDP2 (core/distributed/fsdp.py)
+    # accelerator.prepare for the launch's engine: under FSDP sharded by FSDP2 (core/distributed/prepare.py)
     model, optimizer, train_loader = prepare(accelerator, model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)

@@ -13,6 +13,7 @@ over the whole optimizer step on all ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from recipes.core.config import ConfigError, field, parse_config, read_mapping
 from recipes.core.data.chat import IGNORE_INDEX, PadCollator
 from recipes.core.data.loading import make_train_loader
 from recipes.core.distributed.accelerator import init_distributed, resolve_gradient_accumulation
+from recipes.core.distributed.deepspeed_contract import DeepSpeedRun
 from recipes.core.distributed.pipeline import (
     ModelSource,
     PipelineClipper,
@@ -38,7 +40,7 @@ from recipes.core.distributed.pipeline import (
     resolve_ds_config,
 )
 from recipes.core.distributed.ranks import Ranks
-from recipes.core.doctor import preflight
+from recipes.core.doctor.diagnose import preflight
 from recipes.core.errors import run_recipe
 from recipes.core.losses.accumulation import backward_scale, eval_loss_results, target_tokens
 from recipes.core.model.optimizer import make_optimizer
@@ -74,10 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     ga = resolve_gradient_accumulation(
         cfg.gradient_accumulation_steps, cfg.global_batch_size, cfg.per_device_train_batch_size, dp
     )
-    ds_file, micro = cfg.deepspeed_config, cfg.per_device_train_batch_size
-    ds_config = resolve_ds_config(
-        read_mapping(ds_file), micro, ga, dp, cfg.max_grad_norm, ds_file, cfg.mixed_precision
-    )
+    ds_file = cfg.deepspeed_config
+    ds_config = read_mapping(ds_file)
+    ds_run = DeepSpeedRun.of(dataclasses.asdict(cfg), state.num_processes, ds_config)
+    ds_config = resolve_ds_config(ds_config, ds_run, ds_file)  # filled with the recipe's values
     log, end = state.print, torch.distributed.destroy_process_group
     ranks = Ranks(
         num_processes=state.num_processes, process_index=state.process_index, device=state.device, end=end

@@ -331,7 +331,8 @@ def test_skip_is_refused_under_deepspeed_before_training(deepspeed_env, tiny_lla
 
 
 def test_skip_is_refused_with_fp16_and_with_a_limit_below_one_before_training():
-    from recipes.core.doctor import DoctorError, preflight
+    from recipes.core.doctor.diagnose import preflight
+    from recipes.core.doctor.findings import DoctorError
     from recipes.sft import SFTConfig
 
     cfg = SFTConfig(learning_rate=1e-3, on_nonfinite="skip", mixed_precision="fp16", max_consecutive_skips=0)
@@ -346,7 +347,7 @@ def test_skip_is_refused_with_fp16_and_with_a_limit_below_one_before_training():
 
 
 def test_recipes_doctor_reports_skip_with_a_deepspeed_launch_config(tmp_path, monkeypatch):
-    from recipes.core.doctor import diagnose
+    from recipes.core.doctor.diagnose import diagnose
 
     monkeypatch.chdir(REPO)  # the accelerate configs name their DeepSpeed JSON relative to the repo root
     recipe = tmp_path / "sft_skip.yaml"

@@ -9,8 +9,10 @@ every gradient norm of these runs, so DeepSpeed's silent default of 1.0 would cl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,7 +32,16 @@ from helpers import (
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from recipes.core.distributed.deepspeed_config import DeepSpeedConfigError, apply_recipe_values
+from recipes.core.distributed.accelerator import settle_deepspeed_config
+from recipes.core.distributed.deepspeed_contract import (
+    RECIPE_OWNED,
+    DeepSpeedConfigError,
+    DeepSpeedRun,
+    check,
+    fill,
+)
+from recipes.core.doctor.deepspeed import check_deepspeed, check_deepspeed_with_run
+from recipes.core.doctor.findings import DoctorError
 from recipes.core.model.shape import model_shape
 from recipes.core.plan.model_states import zero3_gathered_bytes
 
@@ -130,18 +141,18 @@ def test_zero2_accumulation_equals_one_big_batch(reference, tiny_llama):
 # -------------------------------------------------------------------- conflicts fail before training
 @pytest.mark.slow  # DeepSpeed's process group loads (and on a fresh machine builds) its C++ op
 def test_a_ds_config_number_that_contradicts_the_recipe_stops_the_run(deepspeed_env, tiny_llama, tmp_path):
-    """Clipping in the JSON against the recipe's max_grad_norm: caught when the Accelerator is made, in a
-    one-process DeepSpeed run in this process (the environment `accelerate launch` would set)."""
+    """Clipping in the JSON against the recipe's max_grad_norm: caught at start-up, before the Accelerator
+    is made, in a one-process DeepSpeed run in this process (the environment `accelerate launch` would set)."""
     ds_config = json.loads((REPO / "ds_configs/zero2.json").read_text())
     ds_config["gradient_clipping"] = 1.0
-    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
+    (tmp_path / "ds.json").write_text(json.dumps(ds_config, indent=2))
     deepspeed_env(tmp_path / "ds.json")
-    with pytest.raises(DeepSpeedConfigError) as err:
+    with pytest.raises(DoctorError) as err:
         in_process("sft", job_args(tiny_llama, tmp_path / "out"))
     assert str(err.value) == (
-        f"DeepSpeed config {tmp_path / 'ds.json'} disagrees with the recipe:\n"
-        "- gradient_clipping is 1.0 but the recipe's max_grad_norm gives 0.5; "
-        'set it to "auto" so that the recipe decides'
+        "1 config problem(s) found before training:\n"
+        f"{tmp_path / 'ds.json'}:5: gradient_clipping: 1.0 differs from the recipe's max_grad_norm 0.5\n"
+        '    fix: set it to "auto" (the recipe\'s value is used)'
     )
     assert not (tmp_path / "out" / "plan.json").exists()  # stopped before training
 
@@ -151,12 +162,14 @@ def shipped(name: str) -> dict:
 
 
 def resolve(config: dict, **overrides) -> dict:
+    """`config` checked and filled as a run under Accelerate does it (settle_deepspeed_config)."""
     values = dict(
-        config_file="ds.json", gradient_accumulation_steps=4, max_grad_norm=0.5, micro_batch_size=2,
-        world_size=2, mixed_precision="no",
+        micro_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.5, mixed_precision="no",
+        data_parallel_size=2,
     )  # fmt: skip
-    values.update(overrides)
-    apply_recipe_values(config, **values)
+    run = DeepSpeedRun(**{**values, **overrides})
+    check(config, run, "ds.json")
+    fill(config, run)
     return config
 
 
@@ -166,38 +179,128 @@ def test_auto_entries_take_the_recipe_values():
     assert config["gradient_clipping"] == 0.0  # 0 disables clipping in the recipe and in DeepSpeed
     assert config["train_micro_batch_size_per_gpu"] == 2
     assert config["train_batch_size"] == 2 * 3 * 2
+    assert config["bf16"]["enabled"] is config["fp16"]["enabled"] is False
+    run = DeepSpeedRun(micro_batch_size=2, gradient_accumulation_steps=3, max_grad_norm=0.0, mixed_precision="no",
+                       data_parallel_size=2)  # fmt: skip
+    assert list(run.owned_values()) == list(RECIPE_OWNED)  # the table is what fill fills
 
 
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("gradient_accumulation_steps", 8, "gradient_accumulation_steps is 8 but the recipe's "
-         "gradient_accumulation_steps gives 4"),
-        ("gradient_clipping", 1.0, "gradient_clipping is 1.0 but the recipe's max_grad_norm gives 0.5"),
-        ("train_micro_batch_size_per_gpu", 4, "train_micro_batch_size_per_gpu is 4 but the recipe's "
-         "per_device_train_batch_size gives 2"),
-        ("train_batch_size", 32, "train_batch_size is 32 but the recipe's per_device_train_batch_size x "
-         "gradient_accumulation_steps x processes gives 16"),
-        ("bf16", {"enabled": True}, "bf16.enabled is True but the recipe's mixed_precision is 'no'"),
-        ("scheduler", {"type": "WarmupLR"}, 'remove the "scheduler" block'),
-        ("optimizer", {"type": "AdamW"}, 'remove the "optimizer" block'),
+        ("gradient_accumulation_steps", 8, "gradient_accumulation_steps: 8 differs from the recipe's "
+         "gradient accumulation 4; DeepSpeed's wins"),
+        ("gradient_clipping", 1.0, "gradient_clipping: 1.0 differs from the recipe's max_grad_norm 0.5"),
+        ("train_micro_batch_size_per_gpu", 4, "train_micro_batch_size_per_gpu: 4 differs from the recipe's "
+         "per_device_train_batch_size 2"),
+        ("train_batch_size", 32, "train_batch_size: 32 is not micro x GA x data-parallel size = 2 x 4 x 2 = 16"),
+        ("bf16", {"enabled": True}, "bf16.enabled: enabled here, but the recipe's mixed_precision is 'no'"),
+        ("fp16", {"enabled": False}, None),  # agrees with mixed_precision no
+        ("scheduler", {"type": "WarmupLR"}, "scheduler: a DeepSpeed scheduler block next to the recipe's own"),
+        ("optimizer", {"type": "AdamW"}, "optimizer: a DeepSpeed optimizer block next to the recipe's own"),
     ],
 )  # fmt: skip
 def test_a_value_set_in_the_ds_config_and_the_recipe_must_agree(key, value, message):
     config = shipped("zero2")
     config[key] = value
-    with pytest.raises(
-        DeepSpeedConfigError, match=r"DeepSpeed config ds\.json disagrees with the recipe"
-    ) as err:
+    if message is None:
+        assert resolve(config)[key] == value
+        return
+    with pytest.raises(DeepSpeedConfigError) as err:
         resolve(config)
+    assert str(err.value).startswith(f"1 config problem(s) found before training:\nds.json: {message}")
+
+
+def test_a_bf16_run_fills_precision_and_refuses_a_config_that_disables_it():
+    assert resolve(shipped("zero2"), mixed_precision="bf16")["bf16"]["enabled"] is True
+    config = shipped("zero2")
+    config["bf16"]["enabled"] = False
+    with pytest.raises(DeepSpeedConfigError) as err:
+        resolve(config, mixed_precision="bf16")
+    message = "ds.json: bf16.enabled: disabled here, but the recipe's mixed_precision is 'bf16'"
     assert message in str(err.value)
 
 
 def test_zero3_without_gathering_on_save_is_refused_before_training():
     config = shipped("zero3")
     config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = "auto"
-    with pytest.raises(DeepSpeedConfigError, match="stage3_gather_16bit_weights_on_model_save must be true"):
+    with pytest.raises(
+        DeepSpeedConfigError,
+        match=r"ds\.json: zero_optimization\.stage3_gather_16bit_weights_on_model_save: ZeRO-3 without it",
+    ):
         resolve(config)
+
+
+def test_keeping_the_best_model_is_refused_under_zero3_only():
+    """The classification recipe keeps the weights of its best evaluation, which ZeRO-3 partitions."""
+    with pytest.raises(DeepSpeedConfigError) as err:
+        resolve(shipped("zero3"), keeps_best_model=True)
+    assert str(err.value) == (
+        "1 config problem(s) found before training:\n"
+        "recipe config: metric_for_best_model: keeping the best model needs whole weights on every rank, which "
+        "ZeRO-3 partitions\n    fix: set metric_for_best_model: null (the last model is then tested and saved) "
+        "or use ZeRO stage 1 or 2"
+    )
+    resolve(shipped("zero2"), keeps_best_model=True)
+    resolve(shipped("zero3"))
+
+
+# ---------------------------------------------------------------- one contract, three callers
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        (
+            {"scheduler": {"type": "WarmupLR"}},
+            ("scheduler", "a DeepSpeed scheduler block next to the recipe's own scheduler: DeepSpeed raises, or "
+             "the run uses a scheduler the recipe's plan does not describe", "remove the scheduler block; the "
+             "recipe YAML sets the learning rate, warmup and AdamW settings"),
+        ),
+        (
+            {"gradient_accumulation_steps": 8},
+            ("gradient_accumulation_steps", "8 differs from the recipe's gradient accumulation 4; DeepSpeed's "
+             "wins and the run no longer matches its plan", 'set it to "auto"'),
+        ),
+        (
+            {"gradient_clipping": 1.0},
+            ("gradient_clipping", "1.0 differs from the recipe's max_grad_norm 0.5",
+             'set it to "auto" (the recipe\'s value is used)'),
+        ),
+    ],
+    ids=["scheduler", "accumulation", "clipping"],
+)  # fmt: skip
+def test_doctor_runtime_and_pipeline_report_a_bad_ds_config_in_the_same_words(
+    change, said, tmp_path, monkeypatch
+):
+    """One bad key in a ZeRO-1 config: `recipes doctor`, a recipe's start-up under Accelerate (on the config
+    Accelerate built from the file) and the pipeline recipe (the config it gives deepspeed.initialize) name
+    the same key, problem and fix. Both recipes run micro batch 2 x GA 4 on 2 data-parallel ranks."""
+    from recipes.core.distributed.pipeline import resolve_ds_config
+    from recipes.sft import SFTConfig
+    from recipes.sft_pipeline import SFTPipelineConfig
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**shipped("zero1"), **change}, indent=2))
+    ds, file = json.loads(path.read_text()), str(path)
+    values = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.5)
+    sft = SFTConfig(**values, mixed_precision="no")
+    pipeline = SFTPipelineConfig(**values, mixed_precision="no", deepspeed_config=file)  # 2 stages
+
+    def doctor(recipe, world_size: int) -> list[tuple]:
+        recipe = dataclasses.asdict(recipe)
+        found = check_deepspeed(ds, file) + check_deepspeed_with_run(ds, recipe, world_size, file)
+        assert {f.file for f in found} == {file}
+        return [(f.key, f.problem, f.fix) for f in found]
+
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", file)
+    plugin = SimpleNamespace(deepspeed_config=json.loads(path.read_text()))  # as Accelerate read the file
+    accelerator = SimpleNamespace(num_processes=2, state=SimpleNamespace(deepspeed_plugin=plugin))
+    with pytest.raises(DeepSpeedConfigError) as runtime:
+        settle_deepspeed_config(accelerator, sft)
+    with pytest.raises(DeepSpeedConfigError) as engine:
+        resolve_ds_config(ds, DeepSpeedRun.of(dataclasses.asdict(pipeline), 4, ds), file)
+    for err in (runtime.value, engine.value):
+        assert err.found == [(file, *said)]
+    assert doctor(sft, 2) == doctor(pipeline, 4) == [said]
 
 
 def test_every_shipped_ds_config_leaves_recipe_values_auto_and_has_no_schedule():

@@ -41,7 +41,8 @@ from safetensors.torch import load_file
 
 from recipes.cli import main as cli_main
 from recipes.core.distributed.fsdp import FSDPNotApplied
-from recipes.core.doctor import DoctorError, diagnose, preflight
+from recipes.core.doctor.diagnose import diagnose, preflight
+from recipes.core.doctor.findings import DoctorError
 from recipes.core.doctor.topology import read_topology
 from recipes.core.launch.command import free_port
 from recipes.core.model.shape import model_shape

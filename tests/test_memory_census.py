@@ -1,6 +1,6 @@
 """The memory census (core/train/memory_census.py) counts every storage once, under what holds it; its probe
 (core/train/probes.py) takes each census at its point of the loop; and the ZeRO-3 values the recipe fills
-from the model (core/distributed/deepspeed_config.py apply_model_values)."""
+from the model (core/distributed/deepspeed_contract.py fill_model_values)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from recipes.core.distributed.deepspeed_config import apply_model_values, largest_layer_parameters
+from recipes.core.distributed.deepspeed_contract import fill_model_values, largest_layer_parameters
 from recipes.core.train.memory_census import CATEGORIES, MODEL_STATES, take_census, tensors_with_grad
 from recipes.core.train.probes import MemoryCensus
 
@@ -138,19 +138,19 @@ def test_zero3_auto_values_come_from_the_largest_layer():
             "stage3_max_reuse_distance": "auto",
         }
     }
-    apply_model_values(config, model)
+    fill_model_values(config, model)
     assert config["zero_optimization"]["stage3_max_live_parameters"] == 2 * layer
     assert config["zero_optimization"]["stage3_max_reuse_distance"] == layer
     # Numbers a user wrote stay; other stages have nothing to fill.
     mine = {
         "zero_optimization": {"stage": 3, "stage3_max_live_parameters": 7, "stage3_max_reuse_distance": 5}
     }
-    apply_model_values(mine, model)
+    fill_model_values(mine, model)
     assert mine["zero_optimization"] == {
         "stage": 3,
         "stage3_max_live_parameters": 7,
         "stage3_max_reuse_distance": 5,
     }
     zero2 = {"zero_optimization": {"stage": 2, "stage3_max_reuse_distance": "auto"}}
-    apply_model_values(zero2, model)
+    fill_model_values(zero2, model)
     assert zero2["zero_optimization"]["stage3_max_reuse_distance"] == "auto"

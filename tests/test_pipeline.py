@@ -31,6 +31,7 @@ from helpers import (
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from recipes.cli import main as recipes_cli
+from recipes.core.distributed.deepspeed_contract import DeepSpeedConfigError, DeepSpeedRun
 from recipes.core.distributed.pipeline import (
     ModelSource,
     PipelineConfigError,
@@ -39,7 +40,7 @@ from recipes.core.distributed.pipeline import (
     layer_specs,
     resolve_ds_config,
 )
-from recipes.core.doctor import DoctorError
+from recipes.core.doctor.findings import DoctorError
 from recipes.core.plan.pipeline_layout import (
     bubble_fraction,
     decoder_layer_ranges,
@@ -279,12 +280,20 @@ def test_recipes_plan_shows_the_pipeline_view(llama4, capsys):
 # ---------------------------------------------------------------- clear errors
 
 
+def pipeline_run(mixed_precision: str = "no", **values) -> DeepSpeedRun:
+    """2 stages on 2 x dp processes: micro batch 2, GA 4, max_grad_norm 0.5 unless given."""
+    run = dict(micro_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.5, data_parallel_size=1)
+    run.update(values)
+    return DeepSpeedRun(**run, mixed_precision=mixed_precision, pipeline_stages=2, pipeline_engine=True)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_2_and_3_are_refused(stage):
     with pytest.raises(
-        PipelineConfigError, match=f"sets ZeRO stage {stage}, but pipeline parallelism works with ZeRO"
+        DeepSpeedConfigError,
+        match=f"ds.json: zero_optimization.stage: ZeRO-{stage} with 2 pipeline stages: DeepSpeed supports only",
     ):
-        resolve_ds_config({"zero_optimization": {"stage": stage}}, 2, 4, 1, 1.0, "ds.json")
+        resolve_ds_config({"zero_optimization": {"stage": stage}}, pipeline_run(), "ds.json")
 
 
 def test_zero_2_is_refused_by_the_recipe_before_deepspeed_starts(tmp_path, llama4):
@@ -330,27 +339,33 @@ def test_unknown_architecture_is_refused(tmp_path):
 
 def test_ds_config_values_the_recipe_owns_must_be_auto():
     resolved = resolve_ds_config(
-        {"gradient_clipping": "auto", "zero_optimization": {"stage": 1}}, 2, 4, 2, 0.5, "d"
+        {"gradient_clipping": "auto", "zero_optimization": {"stage": 1}},
+        pipeline_run(data_parallel_size=2),
+        "d",
     )
     assert resolved["train_batch_size"] == 16 and resolved["gradient_clipping"] == 0.5
     with pytest.raises(
-        PipelineConfigError, match="sets train_micro_batch_size_per_gpu = 4 but the recipe resolves it to 2"
+        DeepSpeedConfigError,
+        match="d: train_micro_batch_size_per_gpu: 4 differs from the recipe's per_device_train_batch_size 2",
     ):
-        resolve_ds_config({"train_micro_batch_size_per_gpu": 4}, 2, 4, 1, 1.0, "d")
+        resolve_ds_config({"train_micro_batch_size_per_gpu": 4}, pipeline_run(), "d")
 
 
 def test_bf16_is_the_recipes_field_and_needs_zero1_in_a_pipeline():
     zero1 = {"gradient_clipping": "auto", "zero_optimization": {"stage": 1}, "bf16": {"enabled": "auto"}}
-    assert resolve_ds_config(zero1, 2, 4, 1, 0.5, "d", "bf16")["bf16"] == {"enabled": True}
-    assert "bf16" not in resolve_ds_config(zero1, 2, 4, 1, 0.5, "d", "no")
-    with pytest.raises(PipelineConfigError, match=re.escape('d sets bf16.enabled; set it to "auto"')):
-        resolve_ds_config({**zero1, "bf16": {"enabled": True}}, 2, 4, 1, 0.5, "d", "no")
+    assert resolve_ds_config(zero1, pipeline_run("bf16"), "d")["bf16"] == {"enabled": True}
+    assert "bf16" not in resolve_ds_config(zero1, pipeline_run("no"), "d")
+    with pytest.raises(DeepSpeedConfigError) as err:
+        resolve_ds_config({**zero1, "bf16": {"enabled": True}}, pipeline_run("no"), "d")
+    assert "d: bf16.enabled: enabled here, but the recipe's mixed_precision is 'no'\n" in str(err.value)
+    assert 'fix: set it to "auto" and mixed_precision: bf16 in recipe config' in str(err.value)
     # DeepSpeed's stage-0 bf16 optimizer measured one stage's gradient norm: 0.645 where the whole
     # model's was 0.895 on the first step of the shared job, and clipped by it.
     with pytest.raises(
-        PipelineConfigError, match="d is ZeRO stage 0, but a bf16 pipeline needs ZeRO stage 1"
+        DeepSpeedConfigError,
+        match=r"d: zero_optimization.stage: ZeRO stage 0, but a bf16 pipeline needs ZeRO stage 1 \(DeepSpeed's",
     ):
-        resolve_ds_config({"gradient_clipping": "auto"}, 2, 4, 1, 0.5, "d", "bf16")
+        resolve_ds_config({"gradient_clipping": "auto"}, pipeline_run("bf16"), "d")
 
 
 def test_the_deepspeed_launchers_local_rank_argument_is_ignored():

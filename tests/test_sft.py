@@ -22,7 +22,7 @@ from helpers import (
 )
 
 from recipes.cli import main as recipes_cli
-from recipes.core.doctor import DoctorError
+from recipes.core.doctor.findings import DoctorError
 
 # reference name: (processes, gradient accumulation) the shared job resolves to there
 TOPOLOGIES = {"1proc": (1, 4), "big_batch": (1, 1), "ddp": (2, 2)}

@@ -1,11 +1,11 @@
 """The library the recipes share. Its subpackages are layers, each importing only the ones below it
 (tests/test_layers.py checks it):
 
-    launch        the command line that runs a recipe; calibration on real steps
+    launch        the command line that runs a recipe; a launched recipe's start-up; calibration
     doctor        consistency checks of accelerate, DeepSpeed and recipe configs
     train         a run around its loop; the loop; non-finite steps, signals, usage, probes
     output        run directory, checkpoints, records, trackers, plots, final model
-    distributed   Accelerator, FSDP2, DeepSpeed config contract, pipeline engine, ranks
+    distributed   Accelerator, prepare, the DeepSpeed and FSDP contracts, FSDP2, pipeline engine, ranks
     evaluation    evaluate metrics
     losses        causal-LM and DPO losses, reference log-probabilities, accumulation
     model         from_pretrained, LoRA, optimizer, default models

@@ -307,6 +307,25 @@ class ConfigFileError(ConfigError):
         self.problem, self.fix, self.line = problem, fix, line
 
 
+# What a rule over configs yields: (key, problem, fix). Whoever reports it says where the key is: its file,
+# and for `recipes doctor` its line.
+Problem = tuple[str, str, str]
+
+
+def describe_problem(where: str, key: str, problem: str, fix: str) -> str:
+    """One problem as `recipes doctor` prints it and a run stops with it."""
+    return f"{where}: {key}: {problem}\n    fix: {fix}"
+
+
+class ConfigProblems(ConfigError):
+    """Configs that disagree, found before training: each (where, key, problem, fix), all in one message."""
+
+    def __init__(self, found: list[tuple[str, str, str, str]]) -> None:
+        self.found = found
+        listed = "\n".join(describe_problem(*one) for one in found)
+        super().__init__(f"{len(found)} config problem(s) found before training:\n{listed}")
+
+
 def read_mapping(path: str | Path) -> dict[str, Any]:
     """The mapping a YAML file (JSON when named *.json) holds; an empty file holds {}."""
     path = Path(path)

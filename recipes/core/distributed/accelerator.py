@@ -6,6 +6,7 @@ processes (gloo), which is how the test suite exercises the distributed paths.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -13,11 +14,9 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
 
-from recipes.core.config import ConfigError
-from recipes.core.distributed.deepspeed_config import apply_recipe_values
-from recipes.core.distributed.fsdp import check_applies
-from recipes.core.doctor import preflight
-from recipes.core.output.tracking import tracker_kwargs
+from recipes.core.config import ConfigError, read_mapping
+from recipes.core.distributed import deepspeed_contract
+from recipes.core.distributed.deepspeed_contract import DeepSpeedRun
 from recipes.core.plan import steps
 
 
@@ -50,14 +49,7 @@ def resolve_gradient_accumulation(
         raise ConfigError(str(err)) from None
 
 
-def make_accelerator(
-    gradient_accumulation_steps: int,
-    mixed_precision: str,
-    *,
-    max_grad_norm: float | None = None,
-    micro_batch_size: int | None = None,
-    **kwargs,
-) -> Accelerator:
+def make_accelerator(gradient_accumulation_steps: int, mixed_precision: str, **kwargs) -> Accelerator:
     """An Accelerator whose accumulation the recipe drives window by window.
 
     sync_with_dataloader is off because the recipe reads each accumulation window ahead (to count its
@@ -68,16 +60,13 @@ def make_accelerator(
     from the global RNG, so the order would change with batch size, process count and anything else
     that consumed random numbers first.
 
-    Under DeepSpeed the recipe's accumulation, clipping (max_grad_norm), micro batch and precision are
-    written into the DeepSpeed config, whose "auto" entries Accelerate would otherwise fill on its own.
-
     Under DDP each gradient is a view into the all-reduce bucket it is reduced in: otherwise DDP keeps its
     buckets next to the gradients, a second copy of every gradient (4 bytes per parameter in fp32). The
     recipes zero gradients in place (set_to_none=False) so that they stay those views: gradients set to
     None come back from the next backward as tensors of their own, and under accumulation (no_sync)
     they stay so until the window's last micro-batch, next to the buckets (counted by memory_census).
     """
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=not has_gpu() and not using_deepspeed(),
         mixed_precision=mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -89,40 +78,21 @@ def make_accelerator(
         kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
         **kwargs,
     )
+
+
+def settle_deepspeed_config(accelerator: Accelerator, cfg: Any) -> None:
+    """Under DeepSpeed: the config Accelerate built, checked against the recipe config `cfg` and filled
+    with its accumulation, clipping (max_grad_norm), micro batch and precision (the DeepSpeed contract),
+    whose "auto" entries Accelerate would otherwise fill on its own. Call after the Accelerator exists and
+    before `prepare` hands the config to DeepSpeed. Raises DeepSpeedConfigError."""
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        apply_recipe_values(
-            plugin.deepspeed_config,
-            config_file=os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "(from the accelerate config)"),
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            max_grad_norm=max_grad_norm,
-            micro_batch_size=micro_batch_size,
-            world_size=accelerator.num_processes,
-            mixed_precision=mixed_precision,
-        )
-    return accelerator
-
-
-def setup_accelerator(cfg: Any) -> tuple[Accelerator, int]:
-    """The Accelerator of a recipe run and its resolved gradient accumulation.
-
-    The process group comes first (the world size decides accumulation under global_batch_size), then the
-    doctor's checks of the recipe against the launcher's DeepSpeed config, before anything is loaded.
-    """
-    state = init_distributed()
-    preflight(cfg, state.num_processes)
-    check_applies(state.num_processes, state.device.type)  # FSDP on one CPU process would not shard
-    ga = resolve_gradient_accumulation(
-        cfg.gradient_accumulation_steps,
-        cfg.global_batch_size,
-        cfg.per_device_train_batch_size,
-        state.num_processes,
-    )
-    accelerator = make_accelerator(
-        ga,
-        cfg.mixed_precision,
-        max_grad_norm=cfg.max_grad_norm,
-        micro_batch_size=cfg.per_device_train_batch_size,
-        **tracker_kwargs(cfg.report_to, cfg.output_dir),
-    )
-    return accelerator, ga
+    if plugin is None:
+        return
+    ds_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if ds_file == "none":  # set in the accelerate config: Accelerate wrote every key of it
+        written, ds_file = plugin.deepspeed_config, "(from the accelerate config)"
+    else:  # judged as the file says it: Accelerate gives a file without gradient_accumulation_steps a 1
+        written = read_mapping(ds_file)
+    run = DeepSpeedRun.of(dataclasses.asdict(cfg), accelerator.num_processes, written)
+    deepspeed_contract.check(written, run, ds_file)
+    deepspeed_contract.fill(plugin.deepspeed_config, run, written)

@@ -4,7 +4,7 @@
 their environment (ACCELERATE_USE_FSDP, FSDP_*). On GPUs Accelerate switches itself to FSDP and
 `accelerator.prepare` shards the model with its `fsdp2_prepare_model`. On CPU processes Accelerate 1.15
 does not (it switches to FSDP only for GPU-type process groups) and would train an unsharded model
-without a word; there `prepare` below applies the same preparation itself: the plugin Accelerate builds
+without a word; there `prepare_sharded` below applies the same preparation itself: the plugin Accelerate builds
 from the same environment, with the recipe's precision as Accelerate sets it, handed to Accelerate's own
 `fsdp2_prepare_model`, which calls `fully_shard` on each decoder layer, the embeddings and head, and the
 model, exactly as on a GPU. What differs is only the few lines that call it (Accelerate's
@@ -28,9 +28,8 @@ from typing import Any
 
 import torch
 
-from recipes.core.config import ConfigError
-from recipes.core.distributed.deepspeed_config import apply_model_values
-from recipes.core.doctor.fsdp import layout_of, requested, wrap_problems
+from recipes.core.config import ConfigError, ConfigProblems
+from recipes.core.distributed.fsdp_contract import layout_of, requested, wrap_problems
 
 
 class FSDPNotApplied(ConfigError):
@@ -73,16 +72,10 @@ def plugin_from_env(mixed_precision: str) -> Any:
     return plugin
 
 
-def prepare(accelerator: Any, model: torch.nn.Module, optimizer: Any, *others: Any) -> tuple:
-    """`accelerator.prepare(model, optimizer, *others)`; under an FSDP launch the model comes back sharded
+def prepare_sharded(accelerator: Any, model: torch.nn.Module, optimizer: Any, *others: Any) -> tuple:
+    """`accelerator.prepare(model, optimizer, *others)` under an FSDP launch: the model comes back sharded
     by FSDP2 (on GPUs by Accelerate, on CPU processes here) and the optimizer over its sharded parameters.
-    Raises FSDPNotApplied when it would not be, ConfigError for a wrap class the model does not have.
-    Under DeepSpeed the config's values that depend on the model are filled first (apply_model_values)."""
-    if not requested(os.environ):
-        plugin = accelerator.state.deepspeed_plugin
-        if plugin is not None:  # ZeRO-3's reuse distance "auto" from the model's layers
-            apply_model_values(plugin.deepspeed_config, model)
-        return accelerator.prepare(model, optimizer, *others)
+    Raises FSDPNotApplied when it would not be, ConfigProblems for a wrap class the model does not have."""
     if accelerator.is_fsdp2:
         check_wrap_classes(accelerator.state.fsdp_plugin, model)
         prepared = accelerator.prepare(model, optimizer, *others)
@@ -138,10 +131,8 @@ def check_wrap_classes(plugin: Any, model: torch.nn.Module) -> None:
     model's own layer classes (`_no_split_modules`), which for encoders such as BERT include the module
     that holds the input embeddings (BertEmbeddings); its preparation also shards those embeddings as a
     unit of their own and fails on them. The recipes wrap the other layer classes then (BertLayer).
-    Then the doctor's wrap-class rules, before Accelerate's preparation would stop on a bad class with a
-    message that names neither the config key nor the fix."""
-    from recipes.core.doctor import DoctorError, findings, report
-
+    Then the FSDP contract's wrap-class rules, before Accelerate's preparation would stop on a bad class
+    with a message that names neither the config key nor the fix."""
     layout = layout_of(model)
     names = plugin.transformer_cls_names_to_wrap
     if not names and layout.embedding_holders & set(layout.layers):
@@ -150,9 +141,9 @@ def check_wrap_classes(plugin: Any, model: torch.nn.Module) -> None:
     fsdp = {"fsdp_auto_wrap_policy": os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")}
     if names:
         fsdp["fsdp_transformer_layer_cls_to_wrap"] = ",".join(names)
-    found = findings("accelerate config", wrap_problems(fsdp, type(model).__name__, layout))
+    found = [("accelerate config", *p) for p in wrap_problems(fsdp, type(model).__name__, layout)]
     if found:
-        raise DoctorError(f"{len(found)} config problem(s) found before training:\n{report(found)}")
+        raise ConfigProblems(found)
 
 
 def _shard_on_cpu(accelerator: Any, plugin: Any, model: torch.nn.Module, optimizer: Any) -> torch.nn.Module:

@@ -8,6 +8,7 @@ become one TiedLayerSpec on the first and last stage, whose gradients DeepSpeed 
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -29,6 +30,8 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from recipes.core.config import ConfigError
+from recipes.core.distributed import deepspeed_contract
+from recipes.core.distributed.deepspeed_contract import DeepSpeedRun
 from recipes.core.distributed.weights_reader import WeightsReader
 from recipes.core.losses.accumulation import summed_token_loss
 from recipes.core.losses.causal_lm import chunked_token_loss
@@ -294,60 +297,20 @@ def initialize_engine(module: PipelineModule, optimizer: torch.optim.Optimizer, 
     return engine
 
 
-def resolve_ds_config(
-    raw: dict,
-    micro_batch_size: int,
-    gradient_accumulation_steps: int,
-    dp_size: int,
-    max_grad_norm: float,
-    where: str,
-    mixed_precision: str = "no",
-) -> dict:
-    """Fill the values the recipe owns (raw deepspeed.initialize does not resolve "auto") and reject what a
-    pipeline cannot run."""
-    config = dict(raw)
-    stage = int(config.get("zero_optimization", {}).get("stage", 0))
-    if stage >= 2:
-        raise PipelineConfigError(
-            f"{where} sets ZeRO stage {stage}, but pipeline parallelism works with ZeRO stage 0 or 1 only (stage 2/3 "
-            f"shard gradients/parameters across the data-parallel ranks that the pipeline schedule reduces itself); "
-            f"set zero_optimization.stage to 0 or 1"
-        )
-    owned = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps,
-        "train_batch_size": micro_batch_size * gradient_accumulation_steps * dp_size,
-    }
-    for key, value in owned.items():
-        if config.get(key, "auto") not in ("auto", value):
-            raise PipelineConfigError(
-                f"{where} sets {key} = {config[key]!r} but the recipe resolves it to {value} from "
-                f'per_device_train_batch_size / global_batch_size; set it to "auto"'
-            )
-        config[key] = value
-    if config.get("gradient_clipping", "auto") != "auto":
-        raise PipelineConfigError(
-            f'{where} sets gradient_clipping; set it to "auto" and use the recipe\'s max_grad_norm'
-        )
-    # DeepSpeed's own clipping under a ZeRO-0 pipeline counts only the first stage's gradients, so there the
-    # recipe clips (PipelineClipper); ZeRO-1 computes the norm over every stage and clips correctly itself.
-    config["gradient_clipping"] = max_grad_norm if stage == 1 else 0.0
-    if mixed_precision == "bf16" and stage == 0:
-        # bf16 without ZeRO is DeepSpeed's bf16 optimizer: it clips by one stage's norm too, and keeps the
-        # gradients where the recipe's clipper cannot reach them.
-        raise PipelineConfigError(
-            f"{where} is ZeRO stage 0, but a bf16 pipeline needs ZeRO stage 1 (DeepSpeed's stage-0 bf16 "
-            "optimizer clips by the gradient norm of one stage only); use --deepspeed_config "
-            "ds_configs/zero1.json, or mixed_precision: no"
-        )
-    for key in ("fp16", "bf16"):
-        if config.get(key, {}).get("enabled") not in (None, False, "auto", mixed_precision == key):
-            raise PipelineConfigError(
-                f'{where} sets {key}.enabled; set it to "auto": precision is the recipe\'s mixed_precision field'
-            )
-        config.pop(key, None)
-    if mixed_precision == "bf16":
-        config["bf16"] = {"enabled": True}  # fp32 master weights and optimizer states, bf16 compute
+def resolve_ds_config(raw: dict, run: DeepSpeedRun, where: str) -> dict:
+    """The config `deepspeed.initialize` gets: `raw` (read from `where`) checked against the recipe and
+    filled with its values (the DeepSpeed contract; raw deepspeed.initialize does not resolve "auto").
+    Raises DeepSpeedConfigError."""
+    deepspeed_contract.check(raw, run, where)
+    config = copy.deepcopy(raw)
+    deepspeed_contract.fill(config, run)
+    if deepspeed_contract.zero_stage(config) == 0:
+        # DeepSpeed's own clipping under a ZeRO-0 pipeline counts only the first stage's gradients, so there
+        # the recipe clips (PipelineClipper); ZeRO-1 computes the norm over every stage and clips correctly.
+        config["gradient_clipping"] = 0.0
+    for precision in ("bf16", "fp16"):  # the engine gets the block of the precision it trains in only
+        if config[precision]["enabled"] is False:
+            del config[precision]
     return _drop_auto(config)
 
 

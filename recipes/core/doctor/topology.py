@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from recipes.core.config import read_mapping
-from recipes.core.doctor import pipeline_stages
-from recipes.core.doctor.fsdp import normalized, shard_size
+from recipes.core.distributed.deepspeed_contract import pipeline_stages
+from recipes.core.distributed.fsdp_contract import normalized, shard_size
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,2 @@
-"""Launching recipes: the command line, and calibrating a plan on real steps."""
+"""Launching recipes: the command line, how a launched recipe process starts, and calibrating a plan on real
+steps."""
