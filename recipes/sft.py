@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                     if accelerator.sync_gradients:  # the window's last micro-batch: gradients are complete
                         loop.clip_gradients(window, accelerator, model)  # max_grad_norm; skip if non-finite
                     optimizer.step()
-                    optimizer.zero_grad(set_to_none=False)  # in place: DDP bucket views (distributed/accelerator.py)
+                    optimizer.zero_grad(set_to_none=False)  # in place: DDP bucket views, see make_accelerator
             scheduler.step()
             loop.step_done(window, count=window_tokens)
 
