@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +12,18 @@ import torch
 from helpers import (
     CLASSIFY_CONFIG,
     TWO_PROCESSES,
+    adam_tolerance,
     classify_args,
     in_process,
     launch,
     load_plan,
     load_weights,
     make_tiny_encoder,
-    max_weight_diff,
     read_jsonl,
+    run_sums,
+    step_loss_tolerance,
     train_records,
+    weight_distance,
     write_uneven_splits,
 )
 from sklearn.metrics import accuracy_score, f1_score
@@ -140,7 +144,7 @@ def test_run_leaves_tensorboard_loss_scalars_and_curves_of_every_step(two_proc_r
 
 @pytest.mark.slow
 def test_accumulation_on_two_processes_equals_one_big_batch(tmp_path):
-    """GA 2 x micro 2 x 2 processes and one process with batch 8 take the same 3 steps, to ~1e-6."""
+    """GA 2 x micro 2 x 2 processes and one process with batch 8 take the same 3 steps, to rounding."""
     # BERT's usual init: with large weights Adam amplifies float rounding in near-zero gradients.
     encoder = make_tiny_encoder(tmp_path / "encoder")
     data = write_uneven_splits(tmp_path / "data")
@@ -151,7 +155,7 @@ def test_accumulation_on_two_processes_equals_one_big_batch(tmp_path):
         test_split="null",
         metric_for_best_model="null",
         report_to="none",
-        max_grad_norm=0.0,
+        max_grad_norm=math.inf,  # nothing clipped, but the records hold the gradient's norm
     )
     ddp = classify_args(encoder, data, tmp_path / "ddp", per_device_train_batch_size=2, **common)
     launch(TWO_PROCESSES, "classify", ddp)
@@ -166,9 +170,12 @@ def test_accumulation_on_two_processes_equals_one_big_batch(tmp_path):
     in_process("classify", one)
     ddp, one = train_records(tmp_path / "ddp"), train_records(tmp_path / "one")
     assert [r["samples"] for r in ddp] == [r["samples"] for r in one] == [8, 8, 8]
-    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-5)
-    diff = max_weight_diff(load_weights(tmp_path / "ddp" / "final"), load_weights(tmp_path / "one" / "final"))
-    assert diff < 1e-6
+    theirs, sums = load_weights(tmp_path / "one" / "final"), run_sums(tmp_path / "one")
+    n_weights = sum(t.numel() for t in theirs.values())
+    for a, b in zip(ddp, one, strict=True):  # the same sums, added in another order
+        assert abs(a["loss"] - b["loss"]) <= step_loss_tolerance(b, one, sums, n_weights, count="samples")
+    tolerance = adam_tolerance(sums.gradient, [r["lr"] for r in one], n_weights)
+    assert weight_distance(load_weights(tmp_path / "ddp" / "final"), theirs) <= tolerance
     assert not (tmp_path / "one" / "classify").exists()  # report_to none: no event files
 
 

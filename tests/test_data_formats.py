@@ -14,6 +14,8 @@ from helpers import (
     CHATML,
     EXAMPLES,
     SFT_DATA,
+    float32_tolerance,
+    forward_terms,
     in_process,
     job_args,
     load_plan,
@@ -467,9 +469,12 @@ def test_packed_text_blocks_attend_within_each_document(tiny_llama, tokenizer):
     with torch.no_grad():
         packed = model(**causal_lm_inputs(batch)).logits
         alone = [model(input_ids=torch.tensor([d])).logits[0] for d in docs]
-    assert torch.allclose(packed[0, : len(docs[0])], alone[0], atol=1e-5)
-    assert torch.allclose(packed[0, len(docs[0]) :], alone[1], atol=1e-5)
-    assert torch.allclose(packed[1, : len(docs[1])], alone[1], atol=1e-5)
+    # Another row length adds the attention's sums in another order: rounding, relative to the logits.
+    terms = forward_terms(model.config, len(block["input_ids"]))
+    tolerance = float32_tolerance(terms, packed.abs().max().item())
+    assert (packed[0, : len(docs[0])] - alone[0]).abs().max() <= tolerance
+    assert (packed[0, len(docs[0]) :] - alone[1]).abs().max() <= tolerance
+    assert (packed[1, : len(docs[1])] - alone[1]).abs().max() <= tolerance
 
 
 def test_the_readme_mixture_yaml_mixes_as_the_readme_says(tokenizer, tmp_path, monkeypatch):

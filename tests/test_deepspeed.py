@@ -17,17 +17,22 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import (
+    FLOAT64_UNIT_ROUNDOFF,
     JOB_STEPS,
     JOB_WARMUP,
     REPO,
-    eval_records,
+    adam_tolerance,
+    assert_same_training,
     in_process,
     job_args,
     load_plan,
     load_weights,
     max_weight_diff,
     read_jsonl,
+    run_sums,
+    step_loss_tolerance,
     train_records,
+    weight_distance,
 )
 from safetensors import safe_open
 from transformers import AutoConfig
@@ -69,8 +74,9 @@ def test_zero_stage_runs_the_planned_steps_with_the_exact_schedule(reference, na
     records = train_records(out)
     assert [r["step"] for r in records] == list(range(1, JOB_STEPS + 1))
     for r in records:
+        # the schedule's factor times the peak, and this formula, each round a quotient and a product
         assert r["lr"] == pytest.approx(
-            expected_lr(r["step"], 1e-3, JOB_WARMUP, JOB_STEPS), rel=1e-12, abs=1e-15
+            expected_lr(r["step"], 1e-3, JOB_WARMUP, JOB_STEPS), rel=4 * FLOAT64_UNIT_ROUNDOFF, abs=0
         )
     assert records[0]["lr"] == 0.0  # warmup starts at 0: the first step must not move the weights
 
@@ -79,19 +85,15 @@ def test_zero_stage_runs_the_planned_steps_with_the_exact_schedule(reference, na
 def test_zero_stage_matches_ddp_losses_grad_norms_and_final_weights(reference, tiny_llama, name):
     """The LR the records show is the LR the engine's optimizer used: a scheduler that changed only a copy
     of the param groups would leave DeepSpeed at the peak LR from step 1 (where DDP uses 0), and the
-    weights would differ by about the LR (1e-3), ten times the tolerance."""
+    weights would differ by about the LR, far more than rounding."""
     zero, ddp = reference(name), reference("ddp")
     ours, theirs = train_records(zero), train_records(ddp)
     assert [r["tokens"] for r in ours] == [r["tokens"] for r in theirs]  # same data in every step
     for a, b in zip(ours, theirs, strict=True):
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-4)
         assert a["grad_norm"] is not None  # logged from the engine, which clipped inside backward
-        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-4)
         assert b["grad_norm"] > 0.5  # clipping was active on every step
-    for a, b in zip(eval_records(zero), eval_records(ddp), strict=True):
-        assert math.isclose(a["eval_loss"], b["eval_loss"], rel_tol=1e-4)
+    assert_same_training(zero, ddp)  # the partitions reduce in another order: rounding
     final = load_weights(zero / "final")
-    assert max_weight_diff(final, load_weights(ddp / "final")) <= 1e-4
     assert max_weight_diff(final, load_weights(tiny_llama)) > 1e-3  # training moved well past the tolerance
 
 
@@ -131,10 +133,12 @@ def test_zero2_accumulation_equals_one_big_batch(reference, tiny_llama):
     small, big = reference("zero2"), reference("big_batch")
     small_records, big_records = train_records(small), train_records(big)
     assert [r["tokens"] for r in small_records] == [r["tokens"] for r in big_records]
-    for a, b in zip(small_records, big_records, strict=True):
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5)
-    big_weights = load_weights(big / "final")
-    assert max_weight_diff(load_weights(small / "final"), big_weights) <= 1e-5
+    big_weights, sums = load_weights(big / "final"), run_sums(big)
+    n_weights = sum(t.numel() for t in big_weights.values())
+    for a, b in zip(small_records, big_records, strict=True):  # the same sums, added in another order
+        assert abs(a["loss"] - b["loss"]) <= step_loss_tolerance(b, big_records, sums, n_weights), (a, b)
+    tolerance = adam_tolerance(sums.gradient, [r["lr"] for r in big_records], n_weights)
+    assert weight_distance(load_weights(small / "final"), big_weights) <= tolerance
     assert max_weight_diff(big_weights, load_weights(tiny_llama)) > 1e-3
 
 

@@ -84,4 +84,4 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resume_continu
     uninterrupted = [r for r in read_jsonl(roomy / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(resumed, uninterrupted, strict=True):
-        assert abs(a["loss"] - b["loss"]) <= 1e-6 and a["lr"] == b["lr"], (a, b)
+        assert a["loss"] == b["loss"] and a["lr"] == b["lr"], (a, b)  # the same operations in the same order

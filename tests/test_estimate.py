@@ -5,6 +5,7 @@ import json
 import time
 
 import pytest
+from helpers import FLOAT64_UNIT_ROUNDOFF
 from transformers import AutoConfig
 
 from recipes.cli import main
@@ -181,8 +182,9 @@ def test_activation_estimate_counts_checkpointing_and_the_chunked_loss(small_lla
 def test_wall_clock_divides_flops_by_devices_peak_and_utilisation():
     h100 = get_device("h100-sxm")
     assert h100.peak_flops["bf16"] == 989.5e12
+    # one rounded product and one rounded quotient (the other factors are exact): within 2 u of 3600
     assert wall_clock_seconds(989.5e12 * 3600, 2, h100.peak_flops["bf16"], 0.5) == pytest.approx(
-        3600, rel=1e-12
+        3600, rel=2 * FLOAT64_UNIT_ROUNDOFF, abs=0
     )
     with pytest.raises(ValueError, match="utilization must be in"):
         wall_clock_seconds(1.0, 1, 1.0, 1.5)
@@ -255,8 +257,9 @@ def test_plan_cli_reads_topology_and_prints_hand_computed_estimate(small_llama, 
     # processed tokens: 16 samples x 7 steps x 64 tokens = 7,168
     assert est["processed_tokens"] == 7168
     assert est["training_flops"] == 799_604_736 + 352_321_536
+    # each side one rounded quotient of exact numbers: within u of the exact value, 2 u of each other
     assert est["wall_clock_seconds"] == pytest.approx(
-        (799_604_736 + 352_321_536) / (2 * 989.5e12 * 0.5), rel=1e-12
+        (799_604_736 + 352_321_536) / (2 * 989.5e12 * 0.5), rel=2 * FLOAT64_UNIT_ROUNDOFF, abs=0
     )
     # ZeRO-2 on 2 ranks, bf16: params 2 x 82,592; grads 2 x 82,592 / 2 and the 1,000 x 32 embedding's
     # whole bf16 gradient outside the reduce bucket; optimizer 12 x 82,592 / 2

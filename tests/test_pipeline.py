@@ -17,16 +17,20 @@ from helpers import (
     JOB_STEPS,
     PIPELINE,
     PIPELINE_CONFIG,
+    adam_tolerance,
     assert_curves_and_tensorboard_losses,
     assert_same_training,
+    bf16_loss_tolerance,
     in_process,
     job_args,
     launch,
     load_plan,
     load_weights,
     make_tiny_decoder,
-    max_weight_diff,
+    run_sums,
+    step_loss_tolerance,
     train_records,
+    weight_distance,
 )
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -51,8 +55,6 @@ from recipes.core.plan.pipeline_layout import (
 from recipes.core.plan.steps import data_parallel_size, linear_warmup_decay_lr
 
 MAX_GRAD_NORM = 0.5  # the shared job's
-# Pipeline and data parallelism reduce in another order than one process: float rounding, far below this.
-REL = 1e-4
 
 
 def stage_weight_elements(model_dir, stages: int) -> list[int]:
@@ -83,7 +85,7 @@ def test_two_stage_pipeline_trains_exactly_like_single_process_sft(reference):
     assert len(records) == JOB_STEPS
     # Clipping is exercised: the steps' norms exceed max_grad_norm and the weights still agree.
     assert all(r["grad_norm"] > MAX_GRAD_NORM for r in records)
-    assert_same_training(reference("pipeline"), reference("1proc"), REL)
+    assert_same_training(reference("pipeline"), reference("1proc"))
     plan = load_plan(reference("pipeline"))
     assert (plan["pipeline_stages"], plan["data_parallel_size"], plan["gradient_accumulation_steps"]) == (
         2,
@@ -126,7 +128,7 @@ def test_two_stages_by_two_data_parallel_follow_plan_and_match_sft(reference, ti
     ]
     first, last = stage_weight_elements(tiny_llama, 2)
     assert plan["pipeline"]["weight_elements_read"] == [first, first, last, last]  # ranks stage-major
-    assert_same_training(out, reference("1proc"), REL)
+    assert_same_training(out, reference("1proc"))
 
 
 @pytest.mark.slow
@@ -149,7 +151,7 @@ def test_tied_qwen2_trains_through_a_zero1_pipeline_like_sft(reference):
     # embedding lives on both stages and its gradients are summed.
     out = reference("pipeline_zero1_qwen2")
     assert len(train_records(out)) == JOB_STEPS
-    assert_same_training(out, reference("1proc_qwen2"), REL)
+    assert_same_training(out, reference("1proc_qwen2"))
     exported = load_weights(out / "final")
     assert "lm_head.weight" not in exported and "model.embed_tokens.weight" in exported
     embedding = exported["model.embed_tokens.weight"].numel()
@@ -177,9 +179,12 @@ def test_exact_levers_change_neither_a_loss_nor_a_weight_of_the_pipeline(referen
     launch(PIPELINE, "sft_pipeline", [*reference.args("pipeline"), "--output_dir", str(out), *lever])
     a, b = train_records(out), train_records(reference("pipeline"))
     assert [(r["step"], r["lr"]) for r in a] == [(r["step"], r["lr"]) for r in b]
-    for x, y in zip(a, b, strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
-    assert max_weight_diff(load_weights(out / "final"), load_weights(reference("pipeline") / "final")) <= 1e-6
+    theirs, sums = load_weights(reference("pipeline") / "final"), run_sums(reference("pipeline"))
+    n_weights = sum(t.numel() for t in theirs.values())
+    for x, y in zip(a, b, strict=True):  # the head's sums, or the recomputed stages', in another order
+        assert abs(x["loss"] - y["loss"]) <= step_loss_tolerance(y, b, sums, n_weights), (x, y)
+    tolerance = adam_tolerance(sums.gradient, [r["lr"] for r in b], n_weights)
+    assert weight_distance(load_weights(out / "final"), theirs) <= tolerance
 
 
 @pytest.mark.slow
@@ -189,7 +194,7 @@ def test_qwen3_trains_through_the_pipeline_like_sft(tmp_path):
     in_process("sft", job_args(model, tmp_path / "sft"))
     launch(PIPELINE, "sft_pipeline", job_args(model, tmp_path / "pipe", config=PIPELINE_CONFIG))
     assert len(train_records(tmp_path / "pipe")) == JOB_STEPS
-    assert_same_training(tmp_path / "pipe", tmp_path / "sft", REL)
+    assert_same_training(tmp_path / "pipe", tmp_path / "sft")
     first, last = stage_weight_elements(model, 2)
     assert load_plan(tmp_path / "pipe")["pipeline"]["weight_elements_read"] == [first, last]
 
@@ -197,8 +202,8 @@ def test_qwen3_trains_through_the_pipeline_like_sft(tmp_path):
 @pytest.mark.slow
 def test_bf16_pipeline_follows_the_fp32_plan_with_fp32_master_states(reference, tmp_path):
     """A 2-stage ZeRO-1 pipeline of tied Qwen2 in bf16: the plan, steps and LRs of the fp32 run exactly,
-    losses within 1% (bf16 keeps 8 significant bits, 2^-9 relative rounding per operation), and every
-    stage keeps its fp32 master weights and Adam states."""
+    losses to bf16's rounding (bf16_loss_tolerance), and every stage keeps its fp32 master weights and
+    Adam states."""
     out = tmp_path / "bf16"
     args = [*reference.args("pipeline_zero1_qwen2"), "--output_dir", str(out), "--mixed_precision", "bf16"]
     launch(PIPELINE, "sft_pipeline", args)
@@ -206,8 +211,10 @@ def test_bf16_pipeline_follows_the_fp32_plan_with_fp32_master_states(reference, 
     assert load_plan(out) == load_plan(fp32)
     a, b = train_records(out), train_records(fp32)
     assert [(r["step"], r["tokens"], r["lr"]) for r in a] == [(r["step"], r["tokens"], r["lr"]) for r in b]
+    n_weights = sum(t.numel() for t in load_weights(fp32 / "final").values())
     for x, y in zip(a, b, strict=True):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-2)
+        tolerance = bf16_loss_tolerance(y["loss"], b, y["step"] - 1, n_weights)
+        assert abs(x["loss"] - y["loss"]) <= tolerance, (x, y)
     for optimizer_file in sorted((out / "checkpoint-4" / "pytorch_model").glob("*optim_states.pt")):
         saved = torch.load(optimizer_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         assert {t.dtype for t in saved["single_partition_of_fp32_groups"]} == {torch.float32}
@@ -251,8 +258,8 @@ def test_plan_layout_is_deepspeeds_type_partition():
 
 
 def test_bubble_fraction_and_advice():
-    assert bubble_fraction(2, 4) == pytest.approx(1 / 5)
-    assert bubble_fraction(4, 8) == pytest.approx(3 / 11)
+    assert bubble_fraction(2, 4) == 1 / 5  # one division of the same integers: the same float
+    assert bubble_fraction(4, 8) == 3 / 11
     assert micro_batches_for_bubble(4) == 12  # 3 / (m + 3) <= 0.2
     assert pipeline_view(30, 2, 4, 4)["bubble_advice"] is None
     view = pipeline_view(30, 4, 1, 4)
@@ -273,7 +280,7 @@ def test_recipes_plan_shows_the_pipeline_view(llama4, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert (shown["data_parallel_size"], shown["gradient_accumulation_steps"]) == (2, 2)  # 16 / (4 x 2)
     assert shown["pipeline"]["micro_batches_per_step"] == 2
-    assert shown["pipeline"]["bubble_fraction"] == pytest.approx(1 / 3)
+    assert shown["pipeline"]["bubble_fraction"] == 1 / 3  # one division of the same integers
     assert "use at least 4 micro-batches per step" in shown["pipeline"]["bubble_advice"]
 
 
