@@ -25,7 +25,7 @@ from transformers import AutoConfig, get_linear_schedule_with_warmup
 from recipes.core.config import ConfigError, field, parse_config, read_mapping
 from recipes.core.data.chat import IGNORE_INDEX, PadCollator
 from recipes.core.data.loading import make_train_loader
-from recipes.core.distributed.accelerator import init_distributed, resolve_gradient_accumulation
+from recipes.core.distributed.accelerator import init_distributed
 from recipes.core.distributed.deepspeed_contract import DeepSpeedRun
 from recipes.core.distributed.pipeline import (
     ModelSource,
@@ -48,7 +48,7 @@ from recipes.core.model.pretrained import check_attention
 from recipes.core.model.source import load_tokenizer
 from recipes.core.output.checkpoint_io import DeepSpeedEngineIO
 from recipes.core.plan.pipeline_layout import module_boundaries, pipeline_view
-from recipes.core.plan.steps import data_parallel_size
+from recipes.core.plan.steps import data_parallel_size, resolve_gradient_accumulation
 from recipes.core.train.recipe import Recipe
 from recipes.core.train.run import Run
 from recipes.sft import SFTConfig, load_data, plan_data

@@ -200,7 +200,7 @@ def test_zero2_or_3_with_pipeline_stages():
 
 
 def test_recipe_doctor_and_deepspeed_check_share_one_accumulation_rule():
-    from recipes.core.distributed.accelerator import resolve_gradient_accumulation
+    from recipes.core.plan.steps import resolve_gradient_accumulation
 
     recipe = {**RECIPE, "global_batch_size": 32}  # 32 samples / (micro 4 x 2 ranks) = GA 4, not the 2 set
     assert resolve_gradient_accumulation(2, 32, 4, 2) == 4

@@ -14,10 +14,9 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
 
-from recipes.core.config import ConfigError, read_mapping
+from recipes.core.config import read_mapping
 from recipes.core.distributed import deepspeed_contract
 from recipes.core.distributed.deepspeed_contract import DeepSpeedRun
-from recipes.core.plan import steps
 
 
 def using_deepspeed() -> bool:
@@ -35,18 +34,6 @@ def init_distributed() -> PartialState:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         return PartialState(backend="gloo")
     return PartialState(cpu=not has_gpu())
-
-
-def resolve_gradient_accumulation(
-    gradient_accumulation_steps: int, global_batch_size: int | None, micro_batch_size: int, dp_size: int
-) -> int:
-    """steps.resolve_gradient_accumulation, failing with the ConfigError a recipe stops on."""
-    try:
-        return steps.resolve_gradient_accumulation(
-            gradient_accumulation_steps, global_batch_size, micro_batch_size, dp_size
-        )
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 def make_accelerator(gradient_accumulation_steps: int, mixed_precision: str, **kwargs) -> Accelerator:

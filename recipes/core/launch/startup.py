@@ -8,15 +8,11 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from recipes.core.distributed.accelerator import (
-    init_distributed,
-    make_accelerator,
-    resolve_gradient_accumulation,
-    settle_deepspeed_config,
-)
+from recipes.core.distributed.accelerator import init_distributed, make_accelerator, settle_deepspeed_config
 from recipes.core.distributed.fsdp import check_applies
 from recipes.core.doctor.diagnose import preflight
 from recipes.core.output.tracking import tracker_kwargs
+from recipes.core.plan.steps import resolve_gradient_accumulation
 
 
 def setup_accelerator(cfg: Any) -> tuple[Accelerator, int]:

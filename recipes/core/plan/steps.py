@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from recipes.core.config import ConfigError
+
 
 def batches_before_sharding(num_samples: int, batch_size: int, drop_last: bool = False) -> int:
     """Batches a plain DataLoader yields for one epoch over `num_samples` samples."""
@@ -127,11 +129,15 @@ def resolve_gradient_accumulation(
 ) -> int:
     """A config's accumulation: derived from global_batch_size when that is set, else taken as given.
 
-    Raises ValueError (gradient_accumulation_for's message) when global_batch_size does not divide.
+    Raises ConfigError (gradient_accumulation_for's message, the one a recipe stops with) when
+    global_batch_size does not divide.
     """
-    if global_batch_size:
+    if not global_batch_size:
+        return gradient_accumulation_steps
+    try:
         return gradient_accumulation_for(global_batch_size, micro_batch_size, dp_size)
-    return gradient_accumulation_steps
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 @dataclass(frozen=True)
