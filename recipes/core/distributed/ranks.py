@@ -24,7 +24,7 @@ class Ranks:
         end: Callable[[], None],
         data_parallel_group: Any = None,
     ):
-        """`end` releases the processes' resources before an early exit (trackers, process group)."""
+        """`end` releases the processes' resources before an early exit (the process group)."""
         self.num_processes, self.process_index, self.device = num_processes, process_index, device
         self.is_main_process = process_index == 0
         self.data_parallel_group = data_parallel_group

@@ -1,6 +1,6 @@
 """How a launched recipe process starts, before it loads anything: its process group, the doctor's checks
-of its configs against the launch, and its Accelerator with the DeepSpeed config settled and the trackers
-the recipe asks for."""
+of its configs against the launch, and its Accelerator with the DeepSpeed config settled (the
+trackers start with the run's records: core/output/tracking.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from accelerate import Accelerator
 from recipes.core.distributed.accelerator import init_distributed, make_accelerator, settle_deepspeed_config
 from recipes.core.distributed.fsdp import check_applies
 from recipes.core.doctor.diagnose import preflight
-from recipes.core.output.tracking import tracker_kwargs
 from recipes.core.plan.steps import resolve_gradient_accumulation
 
 
@@ -30,6 +29,6 @@ def setup_accelerator(cfg: Any) -> tuple[Accelerator, int]:
         cfg.per_device_train_batch_size,
         state.num_processes,
     )
-    accelerator = make_accelerator(ga, cfg.mixed_precision, **tracker_kwargs(cfg.report_to, cfg.output_dir))
+    accelerator = make_accelerator(ga, cfg.mixed_precision)
     settle_deepspeed_config(accelerator, cfg)  # the recipe's values into Accelerate's DeepSpeed config
     return accelerator, ga

@@ -36,12 +36,6 @@ def tracker_names(report_to: str) -> list[str]:
     return names
 
 
-def tracker_kwargs(report_to: str, output_dir: str) -> dict[str, Any]:
-    """Keyword arguments for Accelerator(...) that switch the requested trackers on."""
-    names = tracker_names(report_to)
-    return {"log_with": names, "project_dir": output_dir} if names else {}
-
-
 class Trackers:
     """The trackers `report_to` names for one run (checked when built, before anything is loaded); they
     run from `start` to `finish`, on the process that writes the records."""
