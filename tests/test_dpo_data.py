@@ -22,7 +22,7 @@ from recipes.core.losses.causal_lm import CausalLMLoss
 from recipes.core.losses.dpo import chosen_and_rejected
 from recipes.core.losses.reference import sequence_logps
 from recipes.data.generators.preferences import PREFERENCE_DIR, write_preference_dataset
-from recipes.dpo import DPOConfig
+from recipes.dpo import DPOConfig, plan_data
 
 DPO_CONFIG = "recipes/configs/dpo_smollm2.yaml"
 
@@ -150,11 +150,46 @@ def test_ties_and_empty_replies_are_dropped_and_counted(tokenizer, tmp_path):
     rows[1]["rejected"] = rows[1]["chosen"]  # a tie
     rows[4]["chosen"] = "  "  # an empty reply
     train_set, part = pairs(write_jsonl(tmp_path / "data.jsonl", rows), tokenizer)
-    assert (part.rows, part.pairs, part.dropped) == (len(rows), len(rows) - 2, {"tie": 1, "empty": 1})
+    dropped = {"tie": 1, "empty": 1, "truncated_tie": 0}
+    assert (part.rows, part.pairs, part.dropped) == (len(rows), len(rows) - 2, dropped)
     assert len(train_set) == len(rows) - 2
     line = part.line("train", 512, 1024)
     assert f"{len(rows)} rows: {len(rows) - 2} kept, 0 truncated" in line
     assert "1 dropped (chosen identical to rejected), 1 dropped (empty chosen or rejected reply)" in line
+
+
+def test_pairs_that_truncation_makes_identical_are_dropped_counted_and_recorded_in_the_plan(
+    tokenizer, tmp_path
+):
+    """With 3 completion tokens left, replies that share their first words become the same tokens; replies
+    that differ from their first word stay pairs."""
+    prompt = "Question: " + "Please answer the question below in one short sentence. " * 3 + "\nAnswer:"
+    same_start = {"chosen": " The capital of France is Paris.", "rejected": " The capital of France is Lyon."}
+    different = {"chosen": " Yes, it is.", "rejected": " No, it is not."}
+    rows = [{"prompt": prompt, **(same_start if i % 3 == 0 else different)} for i in range(8)]  # 3 same
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    lengths = ("--max_prompt_length", "15", "--max_length", "18")
+    train_set, part = pairs(data, tokenizer, *lengths)
+    assert (part.rows, part.pairs, part.truncated) == (8, 5, 8)
+    assert part.dropped == {"tie": 0, "empty": 0, "truncated_tie": 3}
+    assert all(pair["chosen_input_ids"] != pair["rejected_input_ids"] for pair in train_set)
+    assert part.line("train", 15, 18).endswith(
+        "8 rows: 5 kept, 8 truncated (prompt to 15, each sequence to 18 tokens), 0 dropped (chosen identical "
+        "to rejected), 0 dropped (empty chosen or rejected reply), 3 dropped (chosen identical to rejected "
+        "after truncation)"
+    )
+    _, record = plan_data(config(data, *lengths), lambda: tokenizer)  # what plan.json's data holds
+    assert (record["train_pairs"], record["train"]["dropped"]["truncated_tie"]) == (5, 3)
+
+    only_same = write_jsonl(tmp_path / "same.jsonl", [{"prompt": prompt, **same_start}] * 4)
+    with pytest.raises(DataError) as err:
+        pairs(only_same, tokenizer, *lengths)
+    assert str(err.value) == (
+        f"none of the 4 rows of split 'train' of {only_same} is a usable preference pair (0 chosen identical to "
+        "rejected, 0 empty chosen or rejected reply, 4 chosen identical to rejected after truncation); "
+        "truncation to max_prompt_length 15 and max_length 18 cut every completion before chosen and rejected "
+        "differ: raise max_length, or lower max_prompt_length, so that the completions keep more tokens"
+    )
 
 
 @pytest.mark.parametrize(
@@ -179,7 +214,8 @@ def test_ties_and_empty_replies_are_dropped_and_counted(tokenizer, tmp_path):
         (
             lambda rows: [{**r, "rejected": r["chosen"]} for r in rows],
             r"none of the 8 rows of split 'train' of .*data.jsonl is a usable preference pair \(8 chosen identical "
-            r"to rejected, 0 empty chosen or rejected reply\)",
+            r"to rejected, 0 empty chosen or rejected reply, 0 chosen identical to rejected after truncation\); "
+            r"check the chosen and rejected columns$",
         ),
     ],
     ids=["missing column", "wrong type", "strings without prompt", "all ties"],

@@ -19,8 +19,9 @@ completion keeps a token to train on.
 
 A missing column or a value of the wrong shape is an error naming the file, row and column. Pairs that
 state no preference are dropped and counted, as datasets hold some: chosen identical to rejected (a tie;
-its loss is a constant with no gradient) and an empty chosen or rejected reply (usually a failed
-generation).
+its loss is a constant with no gradient), an empty chosen or rejected reply (usually a failed
+generation), and chosen and rejected that truncation left the same tokens (they differed only after the
+cut: a tie too).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # added when reference
 DROPPED = {  # why a pair is dropped -> how the report says it
     "tie": "chosen identical to rejected",
     "empty": "empty chosen or rejected reply",
+    "truncated_tie": "chosen identical to rejected after truncation",
 }
 
 
@@ -170,9 +172,15 @@ def tokenize_pairs(
     report.dropped = {why: reasons.count(why) for why in DROPPED}
     if len(kept) == 0:
         counts = ", ".join(f"{report.dropped[why]} {text}" for why, text in DROPPED.items())
+        fix = "check the chosen and rejected columns"
+        if report.dropped["truncated_tie"]:
+            fix = (
+                f"truncation to max_prompt_length {cfg.max_prompt_length} and max_length {cfg.max_length} "
+                "cut every completion before chosen and rejected differ: raise max_length, or lower "
+                "max_prompt_length, so that the completions keep more tokens"
+            )
         raise DataError(
-            f"none of the {len(split)} rows of {split.name} is a usable preference pair ({counts}); check "
-            "the chosen and rejected columns"
+            f"none of the {len(split)} rows of {split.name} is a usable preference pair ({counts}); {fix}"
         )
     return kept.remove_columns(["dropped", "truncated"]), report
 
@@ -197,6 +205,8 @@ def tokenize_pair_batch(
         if not fields["dropped"]:
             try:
                 fields.update(pair_tokens(tokenizer, prompt, chosen, rejected, max_prompt_length, max_length))
+                if fields["chosen_input_ids"] == fields["rejected_input_ids"]:
+                    fields = {**_NO_PAIR, "dropped": "truncated_tie", "truncated": True}
             except TemplateError as err:
                 raise RowError(
                     row,
