@@ -4,6 +4,7 @@ and readers and comparisons of what a run leaves behind."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import importlib
 import json
@@ -542,6 +543,17 @@ EXAMPLES = REPO / "recipes" / "data" / "examples"
 def write_jsonl(path: Path, rows: list) -> Path:
     """A JSON Lines file of `rows`, one JSON value per line."""
     Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return Path(path)
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """A CSV file of `rows`, as a spreadsheet exports them: a value that is not a string (a message list)
+    becomes its JSON text in the cell."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: v if isinstance(v, str) else json.dumps(v) for k, v in row.items()})
     return Path(path)
 
 

@@ -23,6 +23,7 @@ from helpers import (
     read_jsonl,
     record_train_sets,
     train_records,
+    write_csv,
     write_jsonl,
 )
 from transformers import AutoTokenizer
@@ -268,6 +269,22 @@ def test_sharegpt_turns_in_a_messages_column_and_role_aliases_are_read(tokenizer
     train_set, _, report = load_sft_data(SFTConfig(dataset_name=str(data), eval_split=None), tokenizer)
     assert report.train[0].format == "messages"
     assert train_set[0]["input_ids"] == chatml_sample(tokenizer, {"conversations": row["messages"]})[0]
+
+
+@pytest.mark.parametrize(
+    "example, column",
+    [("messages", "messages"), ("sharegpt", "conversations"), ("prompt_completion_chat", "prompt")],
+)
+def test_message_lists_written_as_json_strings_in_a_csv_are_refused(tokenizer, tmp_path, example, column):
+    """Not trained on as text: the rule DPO applies to its columns too (test_dpo_data.py)."""
+    data = write_csv(tmp_path / "chat.csv", read_jsonl(EXAMPLES / f"{example}.jsonl"))
+    with pytest.raises(DataError) as err:
+        load_sft_data(SFTConfig(dataset_name=str(data), eval_split=None), tokenizer)
+    assert str(err.value) == (
+        f"{data} (split 'train'), row 0, column '{column}': holds a message list written as a JSON string "
+        "(as a CSV cell holds one), which would be read as text, not as messages; store message lists as "
+        "lists: write the data as JSON Lines or Parquet"
+    )
 
 
 # ---------------------------------------------------------------- mixtures

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import EXAMPLES, REPO, float32_tolerance, forward_terms, read_jsonl, write_jsonl
+from helpers import EXAMPLES, REPO, float32_tolerance, forward_terms, read_jsonl, write_csv, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recipes.core.config import parse_config
@@ -224,6 +224,27 @@ def test_bad_preference_data_is_an_error_naming_the_problem(tokenizer, tmp_path,
     data = write_jsonl(tmp_path / "data.jsonl", change(read_jsonl(EXAMPLES / "preference.jsonl")))
     with pytest.raises(DataError, match=message):
         pairs(data, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "example, column", [("preference_chat", "prompt"), ("preference_implicit", "chosen")]
+)
+def test_message_lists_written_as_json_strings_in_a_csv_are_refused_as_sft_refuses_them(
+    tokenizer, tmp_path, example, column
+):
+    data = write_csv(tmp_path / "pairs.csv", read_jsonl(EXAMPLES / f"{example}.jsonl"))
+    with pytest.raises(DataError) as err:
+        pairs(data, tokenizer)
+    assert str(err.value) == (
+        f"{data} (split 'train'), row 0, column '{column}': holds a message list written as a JSON string "
+        "(as a CSV cell holds one), which would be read as text, not as messages; store message lists as "
+        "lists: write the data as JSON Lines or Parquet"
+    )
+    # A later row too, where the first row is a plain string (standard form).
+    rows = read_jsonl(EXAMPLES / "preference.jsonl")
+    rows[5]["rejected"] = json.dumps([{"role": "assistant", "content": "No."}])
+    with pytest.raises(DataError, match=r"line 6 \(row 5\), column 'rejected': holds a message list written"):
+        pairs(write_jsonl(tmp_path / "standard.jsonl", rows), tokenizer)
 
 
 def test_a_reply_that_does_not_begin_with_the_assistant_is_an_error_naming_the_row(tokenizer, tmp_path):

@@ -13,12 +13,15 @@ A chat row is {"messages": [{"role", "content"}], "prompt_turns": n}: assistant 
 context, the others are trained. A turn's `content` may be a string or a list of text parts
 ({"type": "text", "text": ...}, joined as they are); turns may use ShareGPT's keys (from/value) in any
 chat column. Rows with nothing to train (a conversation without an assistant turn after its prompt, an
-empty text) are dropped and counted; a row of the wrong shape is an error naming it.
+empty text) are dropped and counted; a row of the wrong shape is an error naming it. A message list
+written as a JSON string (the only way a CSV cell holds one) is refused wherever messages may stand, in
+every recipe: read as text, its brackets and quotes would be trained on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from recipes.core.data.loading import Split, map_rows
@@ -200,6 +203,8 @@ def _alpaca_row(row: int, values: dict, names: dict, kind: str) -> dict:
 def _prompt_completion_row(row: int, values: dict, names: dict, kind: str) -> dict:
     prompt, completion = values["prompt"], values["completion"]
     if kind == COMPLETION:
+        refuse_json_turns(row, prompt, names["prompt"])
+        refuse_json_turns(row, completion, names["completion"])
         if not isinstance(completion, str):
             raise RowError(
                 row,
@@ -242,6 +247,7 @@ def _chat(messages: list[dict], prompt_turns: int) -> dict:
 def turns(row: int, value: Any, column: str, allow_empty: bool = False) -> list[dict[str, str]]:
     """A conversation as {role, content} string turns: roles mapped to user/assistant/system/tool (ShareGPT's
     from/value keys and role names accepted), text parts joined."""
+    refuse_json_turns(row, value, column)
     if not isinstance(value, list) or not (value or allow_empty):
         raise RowError(
             row,
@@ -269,6 +275,30 @@ def turns(row: int, value: Any, column: str, allow_empty: bool = False) -> list[
             )
         out.append({"role": ROLES[role.lower()], "content": _content(row, column, number, content)})
     return out
+
+
+def refuse_json_turns(row: int, value: Any, column: str) -> None:
+    """A RowError when `value` is a message list written as a JSON string: the same rule for every column
+    that may hold messages (SFT's messages, conversations, prompt and completion; DPO's prompt, chosen and
+    rejected), so that no recipe trains on one as text."""
+    if not (isinstance(value, str) and value.lstrip().startswith("[")):
+        return
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return
+    if (
+        isinstance(parsed, list)
+        and parsed
+        and all(isinstance(turn, dict) and ("role" in turn or "from" in turn) for turn in parsed)
+    ):
+        raise RowError(
+            row,
+            column,
+            "holds a message list written as a JSON string (as a CSV cell holds one), which would be read "
+            "as text, not as messages",
+            "store message lists as lists: write the data as JSON Lines or Parquet",
+        )
 
 
 _TURN_FIX = 'write each turn as {"role": "user" | "assistant" | "system", "content": "..."} (or ShareGPT\'s {"from", "value"})'

@@ -35,7 +35,7 @@ import torch
 from recipes.core.config import ConfigError
 from recipes.core.data import chat, plain_text
 from recipes.core.data.chat import IGNORE_INDEX, PadCollator
-from recipes.core.data.formats import turns
+from recipes.core.data.formats import refuse_json_turns, turns
 from recipes.core.data.loading import Split, load, map_rows, train_and_held_out
 from recipes.core.errors import DataError, RowError
 
@@ -128,6 +128,11 @@ def detect_form(split: Split, names: dict[str, str]) -> str:
             "them with dataset_columns, e.g. {chosen: preferred, rejected: other}"
         )
     first = split.data[0]
+    for column in (names[field] for field in FIELDS if names[field] in present):
+        try:  # the form is told from the first row's types: none of them may be a list in a string
+            refuse_json_turns(0, first[column], column)
+        except RowError as err:
+            raise split.row_error(err) from None
     if names["prompt"] in present:
         return CONVERSATIONAL if isinstance(first[names["prompt"]], list) else STANDARD
     if not isinstance(first[names["chosen"]], list):
@@ -260,6 +265,7 @@ def read_pair(row: int, values: dict[str, Any], form: str, names: dict[str, str]
 
 
 def _string(row: int, value: Any, column: str, form: str) -> str:
+    refuse_json_turns(row, value, column)
     if not isinstance(value, str):
         shown = "null" if value is None else f"{type(value).__name__} {repr(value)[:80]}"
         raise RowError(
