@@ -4,7 +4,8 @@ A checkpoint is `output_dir/checkpoint-<step>/`: model, optimizer and RNG states
 by a CheckpointIO, core/output/checkpoint_io.py: Accelerate's `save_state`, or a DeepSpeed engine's own
 checkpoint in the pipeline recipe), the tracked objects below, `trainer_state.json` (optimizer step,
 epoch, micro-batches of that epoch already consumed) and the resolved `config.yaml`. It is written as
-`checkpoint-<step>.partial/`, gets the completion marker last and only then is renamed, so a crash or a
+`checkpoint-<step>.partial/`, gets the completion marker last (with each file's size and checksum,
+core/output/integrity.py) and only then is renamed, so a crash or a
 full disk during the write leaves a `.partial` directory that resume skips (and says so) while the
 previous checkpoint stays intact. Rotation (save_total_limit) deletes old checkpoints only after the
 new one is complete. Which checkpoint a run starts from is core/output/run_dir.py's business.
@@ -34,6 +35,7 @@ from recipes.core.config import save_config
 from recipes.core.distributed.ranks import Ranks
 from recipes.core.errors import RunStopped
 from recipes.core.output.checkpoint_io import CheckpointIO
+from recipes.core.output.integrity import file_records
 from recipes.core.output.run_dir import (
     MARKER,
     PARTIAL_SUFFIX,
@@ -108,7 +110,9 @@ class Checkpointer:
                 state = {**dataclasses.asdict(position), "num_processes": ranks.num_processes}
                 (partial / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
                 save_config(self.cfg, partial / "config.yaml")
-                _write_synced(partial / MARKER, json.dumps({"step": position.step}) + "\n")
+                # Sizes and checksums of every file, so that a resume can tell a checkpoint damaged since.
+                marker = {"step": position.step, "files": file_records(partial, exclude=MARKER)}
+                _write_synced(partial / MARKER, json.dumps(marker, indent=1) + "\n")
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(partial, final)

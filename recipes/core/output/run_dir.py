@@ -3,10 +3,11 @@
 A checkpoint is `output_dir/checkpoint-<step>/`, complete once its completion marker exists (written
 last by core/output/checkpoint.py). `find_start` runs before anything is loaded and writes nothing: it checks
 that output_dir can be written, that a new run does not mix its files with another run's, and picks the
-checkpoint to resume (the newest complete one for `latest`), refusing one written with another config or
-process count. Only once the run's inputs are checked does `claim` create output_dir and, for a new run
-in the folder of an old one, remove the old run as a whole (its TensorBoard event files included), so a
-run that stops on bad input leaves the old run exactly as it was.
+checkpoint to resume: for `latest`, the newest complete one whose files are intact (a damaged one is passed
+over with a warning; core/output/integrity.py). It refuses a checkpoint written with another config or
+process count, and to train a finished run again. Only once the run's inputs are checked does `claim`
+create output_dir and, for a new run in the folder of an old one, remove the old run as a whole (its
+TensorBoard event files included), so a run that stops on bad input leaves the old run exactly as it was.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import yaml
 
 from recipes.core.config import ConfigError
+from recipes.core.errors import StoppedWithMainProcess
+from recipes.core.output.integrity import find_damage
 
 MARKER = "checkpoint_complete.json"
 STATE_FILE = "trainer_state.json"
@@ -121,9 +124,8 @@ def find_start(cfg: Any, ranks: Any, log=print) -> Start:
     if cfg.resume_from_checkpoint == "latest":
         complete = complete_checkpoints(output_dir)
         if not complete:
-            log(f"no complete checkpoint in {output_dir}: starting at step 0")
-            return Start(replaces=_check_fresh_start(cfg))
-        chosen = complete[-1]
+            return _start_over(cfg, output_dir, log)
+        chosen = _newest_intact(complete, ranks, log)
     else:
         chosen = Path(cfg.resume_from_checkpoint)
         if not (chosen / MARKER).is_file():
@@ -132,6 +134,7 @@ def find_start(cfg: Any, ranks: Any, log=print) -> Start:
                 f"resume_from_checkpoint {chosen} {what}; pass the path of a complete checkpoint-<step> "
                 f"directory or 'latest' for the newest complete one in output_dir"
             )
+        _newest_intact([chosen], ranks, log)
     saved = yaml.safe_load((chosen / "config.yaml").read_text())
     changed = config_differences(saved, dataclasses.asdict(cfg))
     if changed:
@@ -148,6 +151,54 @@ def find_start(cfg: Any, ranks: Any, log=print) -> Start:
             "launch with the same number"
         )
     return Start(chosen, read_position(chosen))
+
+
+def _start_over(cfg: Any, output_dir: Path, log) -> Start:
+    """`latest` without a complete checkpoint: a run preempted before its first checkpoint (or never
+    started) starts over, so that requeued jobs keep working; a finished run is never trained again."""
+    final = output_dir / "final"
+    if final.is_dir() and any(final.iterdir()):
+        raise ConfigError(
+            f"--resume_from_checkpoint latest: the run in {output_dir} finished (its model is in {final}) "
+            "and left no checkpoint to resume, so there is nothing to continue; pick another --output_dir "
+            "for a new run, or pass --overwrite_output_dir true (without resume_from_checkpoint) to train "
+            "this one again"
+        )
+    replaces = _check_fresh_start(cfg)
+    if replaces:
+        log(
+            f"no complete checkpoint in {output_dir}: the run there stopped before its first one, so it "
+            "starts over at step 0"
+        )
+    else:
+        log(f"no checkpoint in {output_dir} yet: starting at step 0")
+    return Start(replaces=replaces)
+
+
+def _newest_intact(checkpoints: list[Path], ranks: Any, log) -> Path:
+    """The newest of `checkpoints` (oldest first) whose files are intact (core/output/integrity.py): the
+    main process checks them, warning about each damaged one it passes over, and every process takes its
+    choice. None intact stops the run, naming what is wrong with each."""
+    chosen, damaged = -1, []
+    if ranks.is_main_process:
+        for index in reversed(range(len(checkpoints))):
+            damage = find_damage(checkpoints[index], MARKER, STATE_FILE)
+            if damage is None:
+                chosen = index
+                break
+            damaged.append(f"{checkpoints[index]}: {damage}")
+            older = "; trying the one before it" if index else ""
+            log(f"warning: checkpoint {checkpoints[index]} is damaged ({damage}){older}")
+    chosen = int(ranks.gather(chosen)[0])  # the main process's choice
+    if chosen >= 0:
+        return checkpoints[chosen]
+    if not ranks.is_main_process:
+        raise StoppedWithMainProcess("the main process found no intact checkpoint")
+    raise ConfigError(
+        f"no intact checkpoint to resume from ({'; '.join(damaged)}); restore the damaged files from a "
+        "copy, resume from an intact checkpoint-<step> by its path, or start over with "
+        "--overwrite_output_dir true"
+    )
 
 
 def claim(output_dir: str | Path, start: Start, ranks: Any) -> None:

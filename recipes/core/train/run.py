@@ -142,15 +142,13 @@ class Run:
         tracked: dict[str, Any] | None = None,
         plan_record: dict | None = None,
     ) -> TrainingLoop:
-        """Claim output_dir (an old run there is replaced as a whole now, not before: the inputs are
-        checked), load the chosen checkpoint into the prepared objects (through `io`), the scheduler and
-        the `tracked` objects; write config.yaml and plan.json (`plan_record`, default the plan, with the
+        """Load the chosen checkpoint into the prepared objects (through `io`), the scheduler and the
+        `tracked` objects; then claim output_dir (an old run there is replaced as a whole now, not before:
+        the inputs and the checkpoint are checked), write config.yaml and plan.json (`plan_record`, default the plan, with the
         data record of check_data), and under Accelerate the resolved DeepSpeed config, and start the
         trackers; return the loop, which evaluates with `evaluate(step)` every eval_steps. `ranks`: where
         the loop sums counts and losses, default all processes."""
         cfg, log, ranks = self.cfg, self.log, ranks or self.ranks
-        claim(cfg.output_dir, self.start, self.ranks)
-        self.records.open()
         # fp16's loss scaler owns the steps whose gradients overflow (core/train/nonfinite.py).
         loss_scaled = self.accelerator is not None and self.accelerator.mixed_precision == "fp16"
         nonfinite = NonFiniteSteps(cfg, ranks, loss_scaled=loss_scaled, log=log)
@@ -165,6 +163,9 @@ class Run:
                 f"resumed from {self.start.checkpoint}: step {position.step}, epoch {position.epoch}, "
                 f"{position.batches_in_epoch} micro-batches of that epoch done"
             )
+        # Only now that the checkpoint has loaded does output_dir change (records cut back to its step).
+        claim(cfg.output_dir, self.start, self.ranks)
+        self.records.open()
         self.records.write_config(cfg)
         record = plan_record or plan.to_dict()
         self.records.write_plan({**record, "data": self.data} if self.data is not None else record)
