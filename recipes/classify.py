@@ -28,7 +28,6 @@ from recipes.core.config import TrainingConfig, field, parse_config
 from recipes.core.data.classification import (
     check_metric_config,
     classifier_inputs,
-    data_record,
     load_classification_data,
 )
 from recipes.core.data.loading import make_train_loader
@@ -59,7 +58,8 @@ class ClassifyConfig(TrainingConfig):
     label_names: list[str] = dataclasses.field(
         default_factory=list,
         metadata={
-            "help": "Class names in id order. Empty: the ClassLabel names, else the train split's sorted labels."
+            "help": "Class names in id order. Empty: the ClassLabel names, else for integer labels the ids 0 "
+            "to the largest, else the train split's sorted labels."
         },
     )
     max_seq_length: int = field(128, "Tokens per sample; longer texts are truncated.")
@@ -96,16 +96,17 @@ def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------- data
     tokenizer = load_tokenizer(cfg)  # checks first that model_name_or_path names a model
     # Rank 0 tokenises and caches, the others read the cache; bad data stops every rank, as one.
-    label_names, splits = run.main_process_first(lambda: load_classification_data(cfg, tokenizer))
+    data = run.main_process_first(lambda: load_classification_data(cfg, tokenizer))
     metrics = run.main_process_first(lambda: load_metrics(cfg.metrics))
+    label_names, splits = data.label_names, data.splits
     train_set = splits["train"]
-    log(f"train samples: {len(train_set)}, classes: {label_names}")
-    run.check_data(train_set, data_record(label_names, splits))  # one optimizer step, before any DataLoader
+    log(data.summary())
+    run.check_data(train_set, data.to_dict())  # one optimizer step, before any DataLoader
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of)
     train_loader = make_train_loader(train_set, cfg, collate)
     eval_loaders = {
-        name: DataLoader(data, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
-        for name, data in splits.items()
+        name: DataLoader(split, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
+        for name, split in splits.items()
         if name != "train"
     }
 
@@ -200,14 +201,14 @@ def score_test_split(
 
 def plan_data(cfg: ClassifyConfig, tokenizer: Callable[[], Any]) -> tuple[Any, dict]:
     """The train set and the data record, exactly as the run loads them (for `recipes plan`)."""
-    label_names, splits = load_classification_data(cfg, tokenizer())
-    return splits["train"], data_record(label_names, splits)
+    data = load_classification_data(cfg, tokenizer())
+    return data.splits["train"], data.to_dict()
 
 
 def head_size(cfg: ClassifyConfig, tokenizer: Callable[[], Any]) -> dict[str, int]:
     """The new head's classes, for the parameter count `recipes plan` shows."""
-    label_names, _ = load_classification_data(dataclasses.replace(cfg, test_split=None), tokenizer())
-    return {"num_labels": len(label_names)}
+    data = load_classification_data(dataclasses.replace(cfg, test_split=None), tokenizer())
+    return {"num_labels": len(data.label_names)}
 
 
 RECIPE = Recipe(

@@ -603,6 +603,48 @@ def test_classification_rows_with_a_null_text_or_a_label_of_the_wrong_kind_are_n
     )
 
 
+def test_integer_labels_are_class_ids_and_one_that_skips_ids_is_named_with_or_without_label_names(
+    encoder, news_data, tmp_path
+):
+    def skipping(rows):  # ids 0-3, and 7 in line 6
+        for i, row in enumerate(rows):
+            row["label"] = i % 4
+        rows[5]["label"] = 7
+
+    every_split = {"splits": ("train", "validation", "test")}  # one type of label in every file
+    assert classify_error(encoder, news_data, tmp_path / "a", skipping, **every_split) == (
+        "<data>/train.jsonl (split 'train'), line 6 (row 5), column 'label': the label 7 skips the class ids 4, "
+        "5, 6, which no row has; integer labels are class ids 0 to N-1; renumber the labels 0 to N-1, or name "
+        "every class in label_names, in id order"
+    )
+    names = ["--label_names", "0,1,2,3"]
+    assert classify_error(encoder, news_data, tmp_path / "b", skipping, *names, **every_split) == (
+        "<data>/train.jsonl (split 'train'), line 6 (row 5), column 'label': the label 7 is not one of the "
+        "classes ['0', '1', '2', '3']; add it to label_names, or correct the label"
+    )
+
+    def negative(rows):
+        for i, row in enumerate(rows):
+            row["label"] = i % 4 if i != 2 else -1
+
+    assert classify_error(encoder, news_data, tmp_path / "c", negative, **every_split) == (
+        "<data>/train.jsonl (split 'train'), line 3 (row 2), column 'label': the label -1 is a negative "
+        "integer; integer labels are class ids 0 to N-1; renumber the labels 0 to N-1, or remove the rows "
+        "without a class (-1 often marks them)"
+    )
+
+
+def test_a_single_class_is_named_with_its_file_and_split(encoder, news_data, tmp_path):
+    def one_class(rows):
+        for row in rows:
+            row["label"] = "sports"
+
+    assert classify_error(encoder, news_data, tmp_path, one_class) == (
+        "classification needs at least 2 classes, found ['sports'] in column 'label' of split 'train' of "
+        "<data>; check that label_column names the labels and that the split holds examples of every class"
+    )
+
+
 def test_a_missing_test_split_suggests_test_split(encoder, news_data, tmp_path):
     message = classify_error(encoder, news_data, tmp_path, lambda rows: None, "--test_split", "holdout")
     assert message == (

@@ -24,12 +24,17 @@ from helpers import (
     step_loss_tolerance,
     train_records,
     weight_distance,
+    write_jsonl,
     write_uneven_splits,
 )
 from sklearn.metrics import accuracy_score, f1_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from recipes.classify import ClassifyConfig, plan_data
+from recipes.core.config import parse_config
+from recipes.core.data.classification import load_classification_data
+from recipes.core.errors import DataError
 from recipes.core.output.plots import curve_series
 from recipes.core.output.records import read_metrics
 from recipes.core.plan.steps import linear_warmup_decay_lr
@@ -180,6 +185,73 @@ def test_accumulation_on_two_processes_equals_one_big_batch(tmp_path):
 
 
 @pytest.mark.slow
+# ---------------------------------------------------------------- data: labels and texts
+def classification_config(encoder: Path, data: Path) -> ClassifyConfig:
+    return parse_config(ClassifyConfig, classify_args(encoder, data, data.parent / "out"))
+
+
+def classification_data(encoder: Path, data: Path):
+    return load_classification_data(
+        classification_config(encoder, data), AutoTokenizer.from_pretrained(encoder)
+    )
+
+
+def test_integer_labels_are_the_class_ids_in_every_split(encoder, news_data, tmp_path):
+    data = tmp_path / "news"
+    data.mkdir()
+    for split in ("train", "validation", "test"):
+        rows = read_jsonl(news_data / f"{split}.jsonl")
+        write_jsonl(data / f"{split}.jsonl", [{**row, "label": LABELS.index(row["label"])} for row in rows])
+    loaded = classification_data(encoder, data)
+    assert loaded.label_names == ["0", "1", "2", "3"]
+    for split in ("train", "validation", "test"):
+        rows = read_jsonl(data / f"{split}.jsonl")
+        assert loaded.splits[split]["labels"] == [row["label"] for row in rows]
+
+
+def test_rows_with_an_empty_text_are_dropped_counted_printed_and_recorded_in_every_split(
+    encoder, news_data, tmp_path
+):
+    data = tmp_path / "news"
+    data.mkdir()
+    emptied = {"train": (2, 4), "validation": (1,), "test": ()}
+    for split, rows_to_empty in emptied.items():
+        rows = read_jsonl(news_data / f"{split}.jsonl")
+        for row in rows_to_empty:
+            rows[row]["text"] = "" if row != 4 else " \n "
+        write_jsonl(data / f"{split}.jsonl", rows)
+    loaded = classification_data(encoder, data)
+    sizes = {"train": 50, "validation": 37, "test": 29}
+    for split, rows_to_empty in emptied.items():
+        assert loaded.splits[split]["idx"] == [i for i in range(sizes[split]) if i not in rows_to_empty]
+    assert loaded.summary().splitlines() == [
+        f"train data: split 'train' of {data}: 50 rows: 48 kept, 2 dropped (empty text)",
+        f"eval data: split 'validation' of {data}: 37 rows: 36 kept, 1 dropped (empty text)",
+        f"test data: split 'test' of {data}: 29 rows: 29 kept, 0 dropped (empty text)",
+        f"train samples: 48, classes: {LABELS}",
+    ]
+    record = loaded.to_dict()  # plan.json's data
+    assert record["samples"] == {"train": 48, "validation": 36, "test": 29}
+    assert record["splits"]["train"] == {
+        "role": "train",
+        "dataset": str(data),
+        "split": "train",
+        "rows": 50,
+        "samples": 48,
+        "dropped": 2,
+    }
+    tokenizer = AutoTokenizer.from_pretrained(encoder)
+    assert plan_data(classification_config(encoder, data), lambda: tokenizer)[1] == record
+
+    write_jsonl(data / "train.jsonl", [{**row, "text": ""} for row in read_jsonl(data / "train.jsonl")])
+    with pytest.raises(DataError) as err:
+        classification_data(encoder, data)
+    assert str(err.value) == (
+        f"none of the 50 rows of split 'train' of {data} has a text to classify (empty text in every row); "
+        "check text_column 'text'"
+    )
+
+
 def test_recipes_plan_for_classify_prints_what_the_run_did(classify_reference, capsys):
     from recipes.cli import main as cli
 
