@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    EXAMPLES,
     REPO,
     SFT_DATA,
     TWO_PROCESSES,
     in_process,
     launch,
     load_plan,
+    read_jsonl,
     record_train_sets,
     train_records,
     write_jsonl,
@@ -393,6 +395,21 @@ def test_a_malformed_json_line_is_named_by_file_and_line(tiny_llama, tmp_path):
     )
 
 
+def test_a_json_line_is_named_once_by_the_recipe_not_contradicted_by_the_reader(tiny_llama, tmp_path, capfd):
+    """The datasets reader logs its own "JSON parse error ... in row 4" (counted from 0) for this file."""
+    lines = [json.dumps(row) for row in read_jsonl(EXAMPLES / "prompt_completion.jsonl")]
+    lines[4] = '{"prompt": "Question: what is 2 + 2?", "completion": " 4'
+    data = lines_file(tmp_path / "train.jsonl", lines)
+    capfd.readouterr()
+    assert bad_data_error(tiny_llama, tmp_path, data) == (
+        f"{data}, line 5: not valid JSON (Unterminated string starting at column 54); fix that line (JSON "
+        "Lines: one JSON object per line) and run again"
+    )
+    printed = capfd.readouterr()
+    assert "JSON parse error" not in printed.out + printed.err
+    assert "row 4" not in printed.out + printed.err
+
+
 @pytest.mark.parametrize("content", [b"", b"  \n\n \t\n"], ids=["empty", "whitespace"])
 def test_an_empty_file_is_named(tiny_llama, tmp_path, content):
     data = tmp_path / "train.jsonl"
@@ -435,8 +452,12 @@ def test_a_missing_file_and_an_unreachable_hub_id_are_named(tiny_llama, tmp_path
         ({"messages": "hello"}, "column 'messages': must be a non-empty list of turns, got str 'hello'"),
         (
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]},
-            """column 'messages': turn 1 has content null; give every turn its text as a string (an empty """
-            """reply is "", not null)""",
+            """column 'messages': turn 1 has no content (a missing key or a null); give every turn its text as """
+            """a string (an empty reply is "", not null)""",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]},
+            "column 'messages': turn 1 has no content (a missing key or a null)",
         ),
         (
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "robot", "content": "Hello"}]},
@@ -445,7 +466,7 @@ def test_a_missing_file_and_an_unreachable_hub_id_are_named(tiny_llama, tmp_path
             "tool)",
         ),
     ],
-    ids=["messages_as_a_string", "content_null", "unknown_role"],
+    ids=["messages_as_a_string", "content_null", "content_missing", "unknown_role"],
 )
 def test_a_row_of_the_wrong_shape_is_named_by_file_line_and_column(tiny_llama, tmp_path, row, problem):
     rows = [*CHAT_ROWS[:4], row, CHAT_ROWS[4]]
@@ -463,7 +484,7 @@ def test_a_bad_validation_row_names_the_validation_file(tiny_llama, tmp_path):
     message = bad_data_error(tiny_llama, tmp_path, directory, "--eval_split", "validation")
     assert message.startswith(
         f"{directory / 'validation.jsonl'} (split 'validation'), line 2 (row 1), column 'messages': turn 0 has "
-        "content null"
+        "no content (a missing key or a null)"
     )
 
 
@@ -567,14 +588,14 @@ def classify_error(
     return str(err.value).replace(str(data), "<data>")
 
 
-def test_classification_rows_with_a_null_text_or_a_label_of_the_wrong_kind_are_named(
+def test_classification_rows_with_no_text_or_label_or_a_label_of_the_wrong_kind_are_named(
     encoder, news_data, tmp_path
 ):
     def null_text(rows):
         rows[3]["text"] = None
 
-    def null_label(rows):
-        rows[7]["label"] = None
+    def missing_label(rows):
+        del rows[7]["label"]
 
     def float_label(rows):
         for i, row in enumerate(rows):
@@ -584,12 +605,12 @@ def test_classification_rows_with_a_null_text_or_a_label_of_the_wrong_kind_are_n
         rows[2]["label"] = ["sports", "travel"]
 
     assert classify_error(encoder, news_data, tmp_path / "a", null_text) == (
-        "<data>/train.jsonl (split 'train'), line 4 (row 3), column 'text': the text is null; give every row "
-        "its text as a string"
+        "<data>/train.jsonl (split 'train'), line 4 (row 3), column 'text': the row has no text (a missing key, "
+        "a null or an empty cell); give every row its text as a string"
     )
-    assert classify_error(encoder, news_data, tmp_path / "b", null_label) == (
-        "<data>/train.jsonl (split 'train'), line 8 (row 7), column 'label': the label is null; give every row "
-        "a label, or remove the rows without one"
+    assert classify_error(encoder, news_data, tmp_path / "b", missing_label) == (
+        "<data>/train.jsonl (split 'train'), line 8 (row 7), column 'label': the row has no label (a missing "
+        "key, a null or an empty cell); give every row a label, or remove the rows without one"
     )
     names = ["--label_names", "[business,science,sports,travel]"]
     every_split = {"splits": ("train", "validation", "test")}  # a column of floats in every file

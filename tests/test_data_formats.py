@@ -398,6 +398,17 @@ def test_a_mixture_entry_with_an_unknown_key_or_two_shares_is_refused_before_rea
         load_sft_data(SFTConfig(dataset_name="x.jsonl", dataset_mixture=[{"dataset": "a.jsonl"}]), tokenizer)
 
 
+def test_a_mixture_entry_whose_dataset_is_missing_is_named_as_the_entry(tokenizer, tmp_path):
+    missing = tmp_path / "no_such.jsonl"
+    mixture = [{"dataset": str(EXAMPLES / "alpaca.jsonl")}, {"dataset": str(missing)}]
+    with pytest.raises(DataError) as err:
+        load_sft_data(SFTConfig(dataset_mixture=mixture, eval_split=None), tokenizer)
+    assert str(err.value) == (
+        f"dataset_mixture entry 1: dataset {missing}: no such file or directory; pass the path of a data file, "
+        "a directory of split files or a save_to_disk directory (relative paths start where the run starts)"
+    )
+
+
 # ---------------------------------------------------------------- splits and where datasets live
 @pytest.mark.parametrize("spec", ["train[:25%]", "train[10:20]", "train[-5:]", "train+validation[:3]"])
 def test_split_slices_select_the_rows_datasets_selects(spec):
@@ -413,7 +424,8 @@ def test_a_slice_row_error_names_the_line_in_the_file(tokenizer, tmp_path):
     with pytest.raises(DataError) as err:
         load_sft_data(SFTConfig(dataset_name=str(data), train_split="train[4:]", eval_split=None), tokenizer)
     assert str(err.value).startswith(
-        f"{data} (split 'train'), line 7 (row 6), column 'messages': turn 1 has content null"
+        f"{data} (split 'train'), line 7 (row 6), column 'messages': turn 1 has no content (a missing key or a "
+        "null)"
     )
 
 

@@ -203,7 +203,15 @@ def test_pairs_that_truncation_makes_identical_are_dropped_counted_and_recorded_
         (
             lambda rows: [{**r, "rejected": None} if i == 3 else r for i, r in enumerate(rows)],
             r"data.jsonl \(split 'train'\), line 4 \(row 3\), column 'rejected': must be a string like the first "
-            r"row's prompt \(standard form\), got null; write prompt, chosen and rejected as strings",
+            r"row's prompt \(standard form\), got no value \(a missing key, a null or an empty cell\); write "
+            r"prompt, chosen and rejected as strings",
+        ),
+        (
+            lambda rows: [
+                {k: v for k, v in r.items() if k != "rejected" or i != 3} for i, r in enumerate(rows)
+            ],
+            r"data.jsonl \(split 'train'\), line 4 \(row 3\), column 'rejected': must be a string like the first "
+            r"row's prompt \(standard form\), got no value \(a missing key, a null or an empty cell\)",
         ),
         (
             lambda rows: [
@@ -218,7 +226,7 @@ def test_pairs_that_truncation_makes_identical_are_dropped_counted_and_recorded_
             r"check the chosen and rejected columns$",
         ),
     ],
-    ids=["missing column", "wrong type", "strings without prompt", "all ties"],
+    ids=["missing column", "null", "missing key", "strings without prompt", "all ties"],
 )
 def test_bad_preference_data_is_an_error_naming_the_problem(tokenizer, tmp_path, change, message):
     data = write_jsonl(tmp_path / "data.jsonl", change(read_jsonl(EXAMPLES / "preference.jsonl")))

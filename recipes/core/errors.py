@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from recipes.core import exit_status
 from recipes.core.config import ConfigError
@@ -26,6 +27,19 @@ class RowError(DataError):
 
     def __str__(self) -> str:
         return f"row {self.row}, column {self.column!r}: {self.problem}; {self.fix}"
+
+
+# A value that is None was absent from its row or null: once loaded, `datasets` holds both (and an empty
+# CSV cell) as None, so a message names all of them rather than calling a missing key "null".
+MISSING = "a missing key, a null or an empty cell"
+
+
+def shown(value: Any) -> str:
+    """A row's value as a message shows it: its type and the start of its repr."""
+    if value is None:
+        return f"no value ({MISSING})"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:80]}{'...' if len(text) > 80 else ''}"
 
 
 class RunStopped(ConfigError):

@@ -16,7 +16,7 @@ import datasets
 
 from recipes.core.config import ConfigError
 from recipes.core.data.loading import Split, hold_out, load, map_rows, require_columns
-from recipes.core.errors import DataError, RowError
+from recipes.core.errors import MISSING, DataError, RowError, shown
 
 NON_MODEL_KEYS = ("labels", "idx", "num_tokens")
 DROPPED_WHY = "empty text"  # why a row is dropped: nothing to classify
@@ -91,7 +91,8 @@ def check_labels(split: Split, column: str) -> None:
         if isinstance(value, (str, int)):  # bool is an int: True/False are class names
             continue
         if value is None:
-            problem, fix = "the label is null", "give every row a label, or remove the rows without one"
+            problem = f"the row has no label ({MISSING})"
+            fix = "give every row a label, or remove the rows without one"
         elif isinstance(value, float):
             problem = f"the label is the float {value!r}; labels are class names or integer class ids"
             fix = "write ids as integers (1, not 1.0); a CSV column with an empty cell is read as floats"
@@ -188,8 +189,10 @@ def load_classification_data(cfg, tokenizer) -> ClassificationData:
         for column in texts:
             for row, text in zip(indices, batch[column], strict=True):
                 if not isinstance(text, str):
-                    shown = "null" if text is None else f"{type(text).__name__} {text!r:.60}"
-                    raise RowError(row, column, f"the text is {shown}", "give every row its text as a string")
+                    problem = (
+                        f"the row has no text ({MISSING})" if text is None else f"the text is {shown(text)}"
+                    )
+                    raise RowError(row, column, problem, "give every row its text as a string")
         pair = batch[cfg.text_pair_column] if cfg.text_pair_column else None
         out = tokenizer(batch[cfg.text_column], pair, truncation=True, max_length=cfg.max_seq_length)
         labels = []

@@ -25,7 +25,7 @@ import json
 from typing import Any
 
 from recipes.core.data.loading import Split, map_rows
-from recipes.core.errors import DataError, RowError
+from recipes.core.errors import DataError, RowError, shown
 
 CHAT, COMPLETION, TEXT = "chat", "completion", "text"  # the kinds of row the formats become
 
@@ -209,7 +209,7 @@ def _prompt_completion_row(row: int, values: dict, names: dict, kind: str) -> di
             raise RowError(
                 row,
                 names["completion"],
-                f"the prompt of the first row is a string but this completion is {_shown(completion)}",
+                f"the prompt of the first row is a string but this completion holds {shown(completion)}",
                 "write prompt and completion as strings in every row (or as message lists in every row)",
             )
         return {"prompt": _text(row, prompt, names["prompt"]), "completion": completion, "keep": True}
@@ -218,7 +218,7 @@ def _prompt_completion_row(row: int, values: dict, names: dict, kind: str) -> di
         raise RowError(
             row,
             column,
-            f"the first row holds message lists but this row holds {_shown(prompt if column == names['prompt'] else completion)}",
+            f"the first row holds message lists but this row holds {shown(prompt if column == names['prompt'] else completion)}",
             "write prompt and completion as message lists in every row (or as strings in every row)",
         )
     before = turns(row, prompt, names["prompt"], allow_empty=True)
@@ -252,7 +252,7 @@ def turns(row: int, value: Any, column: str, allow_empty: bool = False) -> list[
         raise RowError(
             row,
             column,
-            f"must be a non-empty list of turns, got {_shown(value)}",
+            f"must be a non-empty list of turns, got {shown(value)}",
             'write it as a JSON list such as [{"role": "user", "content": "..."}, {"role": "assistant", '
             '"content": "..."}]',
         )
@@ -260,12 +260,12 @@ def turns(row: int, value: Any, column: str, allow_empty: bool = False) -> list[
     for number, turn in enumerate(value):
         if not isinstance(turn, dict):
             raise RowError(
-                row, column, f"turn {number} is {_shown(turn)}, not a {{role, content}} object", _TURN_FIX
+                row, column, f"turn {number} is {shown(turn)}, not a {{role, content}} object", _TURN_FIX
             )
         role = turn.get("role") if turn.get("role") is not None else turn.get("from")
         content = turn.get("content") if turn.get("content") is not None else turn.get("value")
         if not isinstance(role, str):
-            raise RowError(row, column, f"turn {number} has no role (got {_shown(turn)})", _TURN_FIX)
+            raise RowError(row, column, f"turn {number} has no role (got {shown(turn)})", _TURN_FIX)
         if role.lower() not in ROLES:
             raise RowError(
                 row,
@@ -316,7 +316,7 @@ def _content(row: int, column: str, number: int, content: Any) -> str:
                 raise RowError(
                     row,
                     column,
-                    f"turn {number} has a content part {_shown(part)}; only text parts are read",
+                    f"turn {number} has a content part {shown(part)}; only text parts are read",
                     'write content as a string or as text parts [{"type": "text", "text": "..."}]',
                 )
             texts.append(part["text"])
@@ -324,7 +324,9 @@ def _content(row: int, column: str, number: int, content: Any) -> str:
     raise RowError(
         row,
         column,
-        f"turn {number} has content {_shown(content)}",
+        f"turn {number} has no content (a missing key or a null)"
+        if content is None
+        else f"turn {number} has content {shown(content)}",
         'give every turn its text as a string (an empty reply is "", not null)',
     )
 
@@ -332,17 +334,10 @@ def _content(row: int, column: str, number: int, content: Any) -> str:
 def _text(row: int, value: Any, column: str) -> str:
     if not isinstance(value, str):
         raise RowError(
-            row, column, f"must be a string, got {_shown(value)}", "write the text as a string in every row"
+            row, column, f"must be a string, got {shown(value)}", "write the text as a string in every row"
         )
     return value
 
 
 def _optional_text(row: int, value: Any, column: str) -> str:
     return "" if value is None else _text(row, value, column)
-
-
-def _shown(value: Any) -> str:
-    if value is None:
-        return "null"
-    text = repr(value)
-    return f"{type(value).__name__} {text[:80]}{'...' if len(text) > 80 else ''}"

@@ -12,10 +12,12 @@ slice, a sample or a mixture is reported where the user can find it: the file an
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import json
+import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,13 +176,17 @@ def load_split(
     return load(dataset_name, config_name, num_proc).split(split, field)
 
 
-def load(dataset_name: str, config_name: str | None = None, num_proc: int | None = None) -> Loaded:
-    """Every split of a dataset: a Hub id, a data file, a directory of split files or of save_to_disk."""
+def load(
+    dataset_name: str,
+    config_name: str | None = None,
+    num_proc: int | None = None,
+    field: str = "dataset_name",
+) -> Loaded:
+    """Every split of a dataset: a Hub id, a data file, a directory of split files or of save_to_disk.
+    `field` is how messages name the setting it comes from (e.g. a dataset_mixture entry's dataset)."""
     if not dataset_name:
-        raise DataError(
-            "dataset_name is empty; set it to a Hub id, a data file or a directory of split files"
-        )
-    splits, files = _read_splits(dataset_name, config_name, num_proc)
+        raise DataError(f"{field} is empty; set it to a Hub id, a data file or a directory of split files")
+    splits, files = _read_splits(dataset_name, config_name, num_proc, field)
     return Loaded(dataset_name, splits, files)
 
 
@@ -195,7 +201,7 @@ def _split_names(spec: str) -> list[str]:
 
 
 def _read_splits(
-    dataset_name: str, config_name: str | None = None, num_proc: int | None = None
+    dataset_name: str, config_name: str | None, num_proc: int | None, field: str
 ) -> tuple[dict[str, datasets.Dataset], dict[str, list[str]]]:
     """Every split of a dataset, and the local files each split was read from (none for Hub data and
     save_to_disk directories). Files are checked before `datasets` reads them; a failure to read names
@@ -214,7 +220,8 @@ def _read_splits(
             for file in split_files:
                 check_file(Path(file))
         try:
-            loaded = datasets.load_dataset(str(path), config_name, num_proc=num_proc)
+            with _quiet_reader():
+                loaded = datasets.load_dataset(str(path), config_name, num_proc=num_proc)
         except Exception as err:
             raise _unreadable(dataset_name, files, err) from None
         # A README.md may define configurations with data files of their own: then which file a row
@@ -222,14 +229,15 @@ def _read_splits(
         return dict(loaded), {} if (path / "README.md").is_file() else files
     if path.suffix.lower() in _BUILDERS or dataset_name.startswith((".", "/", "~")):
         raise DataError(
-            f"dataset_name {dataset_name}: no such file or directory; pass the path of a data file, a "
+            f"{field} {dataset_name}: no such file or directory; pass the path of a data file, a "
             "directory of split files or a save_to_disk directory (relative paths start where the run starts)"
         )
     try:
-        return dict(datasets.load_dataset(dataset_name, config_name, num_proc=num_proc)), {}
+        with _quiet_reader():
+            return dict(datasets.load_dataset(dataset_name, config_name, num_proc=num_proc)), {}
     except Exception as err:
         raise DataError(
-            f"dataset_name {dataset_name} is not a local file or directory and cannot be loaded from the Hub "
+            f"{field} {dataset_name} is not a local file or directory and cannot be loaded from the Hub "
             f"({_root_cause(err)}); pass the path of a data file or directory, or a Hub id (offline, only "
             "datasets already in the cache), with dataset_config_name when it has several configurations"
         ) from None
@@ -263,9 +271,24 @@ def _load_files(
         for file in split_files:
             check_file(Path(file))
     try:
-        return dict(datasets.load_dataset(builder, data_files=files, num_proc=num_proc))
+        with _quiet_reader():
+            return dict(datasets.load_dataset(builder, data_files=files, num_proc=num_proc))
     except Exception as err:
         raise _unreadable(next(iter(files.values()))[0], files, err) from None
+
+
+@contextlib.contextmanager
+def _quiet_reader() -> Iterator[None]:
+    """`datasets` logs a reader's failure before raising it ("JSON parse error ... in row 4", counting
+    rows from 0), and the DataError the recipe then raises names the file and line itself (_unreadable):
+    the log would only contradict it, so `datasets` logs nothing below CRITICAL while it reads."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_file(path: Path) -> None:
@@ -327,17 +350,23 @@ def _json_problem(path: Path) -> str | None:
         except json.JSONDecodeError as err:
             first = next((line for line in text.splitlines() if line.strip()), "")
             if not _parses(first):  # not JSON Lines either
-                return f"line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})"
+                return f"line {err.lineno}: {_invalid_json(err)}"
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
-            return f"line {number}: not valid JSON ({err.msg} at column {err.colno})"
+            return f"line {number}: {_invalid_json(err)}"
         if not isinstance(value, dict):
             return f"line {number}: a JSON {type(value).__name__}, not an object {{...}}"
     return None
+
+
+def _invalid_json(err: json.JSONDecodeError) -> str:
+    # Some of json's reasons end in "at" ("Unterminated string starting at"): the column completes them.
+    where = "column" if err.msg.endswith(" at") else "at column"
+    return f"not valid JSON ({err.msg} {where} {err.colno})"
 
 
 def _parses(text: str) -> bool:

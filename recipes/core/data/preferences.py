@@ -37,7 +37,7 @@ from recipes.core.data import chat, plain_text
 from recipes.core.data.chat import IGNORE_INDEX, PadCollator
 from recipes.core.data.formats import refuse_json_turns, turns
 from recipes.core.data.loading import Split, load, map_rows, train_and_held_out
-from recipes.core.errors import DataError, RowError
+from recipes.core.errors import DataError, RowError, shown
 
 FIELDS = ("prompt", "chosen", "rejected")
 SIDES = ("chosen", "rejected")
@@ -267,11 +267,10 @@ def read_pair(row: int, values: dict[str, Any], form: str, names: dict[str, str]
 def _string(row: int, value: Any, column: str, form: str) -> str:
     refuse_json_turns(row, value, column)
     if not isinstance(value, str):
-        shown = "null" if value is None else f"{type(value).__name__} {repr(value)[:80]}"
         raise RowError(
             row,
             column,
-            f"must be a string like the first row's prompt ({form} form), got {shown}",
+            f"must be a string like the first row's prompt ({form} form), got {shown(value)}",
             "write prompt, chosen and rejected as strings in every row (or as message lists in every row)",
         )
     return value

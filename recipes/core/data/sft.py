@@ -206,7 +206,13 @@ def load_sft_data(cfg: Any, tokenizer: Any) -> tuple[datasets.Dataset, datasets.
     a run that stops on bad data leaves nothing behind."""
     chosen = sources(cfg)
     mixture = bool(cfg.dataset_mixture)
-    loaded = [load(source.dataset, source.config, cfg.dataset_num_proc) for source in chosen]
+    fields = [
+        f"dataset_mixture entry {i}: dataset" if mixture else "dataset_name" for i in range(len(chosen))
+    ]
+    loaded = [
+        load(source.dataset, source.config, cfg.dataset_num_proc, field)
+        for source, field in zip(chosen, fields, strict=True)
+    ]
     train_splits, eval_splits = [], []
     for index, (source, data) in enumerate(zip(chosen, loaded, strict=True)):
         train, held_out = train_and_held_out(
