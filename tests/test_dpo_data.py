@@ -135,14 +135,18 @@ def test_long_prompts_keep_their_end_and_long_completions_are_cut_at_max_length(
         EXAMPLES / "preference.jsonl", tokenizer, "--max_prompt_length", "4", "--max_length", "9"
     )
     assert part.truncated == part.rows  # every prompt is longer than 4 tokens
-    for whole, pair in zip(full, cut, strict=True):
+    expected = []  # each pair cut by hand: the prompt's last 4 tokens, the completion's first 5
+    for whole in full:
         prompt_length = whole["chosen_labels"].count(IGNORE_INDEX)  # standard form: the prompt's labels only
+        pair = {}
         for side in ("chosen", "rejected"):
             ids, labels = whole[f"{side}_input_ids"], whole[f"{side}_labels"]
-            assert (
-                pair[f"{side}_input_ids"] == ids[prompt_length - 4 : prompt_length] + ids[prompt_length:][:5]
-            )
-            assert pair[f"{side}_labels"] == [IGNORE_INDEX] * 4 + labels[prompt_length:][:5]
+            pair[f"{side}_input_ids"] = ids[prompt_length - 4 : prompt_length] + ids[prompt_length:][:5]
+            pair[f"{side}_labels"] = [IGNORE_INDEX] * 4 + labels[prompt_length:][:5]
+        if pair["chosen_input_ids"] != pair["rejected_input_ids"]:  # else the cut made a tie: dropped
+            expected.append(pair)
+    assert part.dropped["truncated_tie"] == len(full) - len(expected)
+    assert [{key: pair[key] for key in expected[0]} for pair in cut] == expected
 
 
 def test_ties_and_empty_replies_are_dropped_and_counted(tokenizer, tmp_path):
