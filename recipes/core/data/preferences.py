@@ -210,8 +210,6 @@ def tokenize_pair_batch(
         if not fields["dropped"]:
             try:
                 fields.update(pair_tokens(tokenizer, prompt, chosen, rejected, max_prompt_length, max_length))
-                if fields["chosen_input_ids"] == fields["rejected_input_ids"]:
-                    fields = {**_NO_PAIR, "dropped": "truncated_tie", "truncated": True}
             except TemplateError as err:
                 raise RowError(
                     row,
@@ -219,6 +217,10 @@ def tokenize_pair_batch(
                     f"the tokenizer's chat template refused this conversation ({err})",
                     "give the conversation the turn order the template accepts, or use another template",
                 ) from None
+            # Identical tokens state no preference either; usually they differed after the cut.
+            if fields["chosen_input_ids"] == fields["rejected_input_ids"]:
+                why = "truncated_tie" if fields["truncated"] else "tie"
+                fields = {**_NO_PAIR, "dropped": why, "truncated": fields["truncated"]}
         for key, value in fields.items():
             out.setdefault(key, []).append(value)
     return out
