@@ -37,7 +37,7 @@ from recipes.core.losses.reference import build_reference, sequence_logps
 from recipes.core.model import lora
 from recipes.core.model.optimizer import make_optimizer
 from recipes.core.model.pretrained import load_pretrained
-from recipes.core.model.source import load_tokenizer
+from recipes.core.model.source import load_tokenizer, require_model
 from recipes.core.output.checkpoint_io import accelerate_io
 from recipes.core.output.final_model import save_final_model
 from recipes.core.plan.workload import Workload
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- data
     tokenizer = load_tokenizer(cfg)  # checks first that model_name_or_path names a model
+    if cfg.ref_model_name_or_path:
+        require_model(cfg.ref_model_name_or_path, cfg.trust_remote_code, field="ref_model_name_or_path")
     # Rank 0 tokenises and caches, the others read the cache; bad data stops every rank, as one.
     train_set, eval_set, data = run.main_process_first(lambda: load_preference_data(cfg, tokenizer))
     log(data.summary(cfg.max_prompt_length, cfg.max_length))

@@ -123,8 +123,10 @@ def test_bad_data_launched_on_two_processes_exits_2_with_one_message_and_no_trac
 def test_model_path_that_does_not_exist(tmp_path):
     missing, out = tmp_path / "no_such_model", tmp_path / "out"
     message = user_error(missing, out)
-    assert message.startswith(f"model_name_or_path {missing} does not exist as a local directory")
-    assert "pass the directory of a saved model or a Hub id" in message
+    assert message == (
+        f"model_name_or_path {missing}: no such directory (relative paths start where the run starts); "
+        "pass the directory save_pretrained wrote (e.g. the final/ of a run that has finished) or a Hub id"
+    )
     assert_no_partial_checkpoint(out)
 
 

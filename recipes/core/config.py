@@ -336,20 +336,21 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as err:
-        at = f"line {err.lineno}, column {err.colno}"
+        at, fix = f"line {err.lineno}, column {err.colno}", _json_fix(err)
         raise ConfigFileError(
-            f"{path} is not valid JSON at {at}: {err.msg}",
+            f"{path} is not valid JSON at {at}: {err.msg}; {fix}",
             f"invalid JSON: {err.msg} (column {err.colno})",
-            _json_fix(err),
+            fix,
             err.lineno,
         ) from None
     except yaml.YAMLError as err:
         mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None) or err
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        fix = "fix the syntax at that line"
         raise ConfigFileError(
-            f"{path} is not valid YAML{at}: {problem}",
+            f"{path} is not valid YAML{at}: {problem}; {fix}",
             f"invalid YAML: {problem}",
-            "fix the syntax at that line",
+            fix,
             mark.line + 1 if mark else None,
         ) from None
     if data is None:
@@ -357,7 +358,7 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         found = type(data).__name__
         raise ConfigFileError(
-            f"{path} must hold a mapping of field: value, found {found}",
+            f"{path} must hold a mapping of field: value, found {found}; write key: value pairs",
             f"holds a {found}, not a mapping",
             "write key: value pairs",
         )

@@ -190,6 +190,17 @@ def load(
     return Loaded(dataset_name, splits, files)
 
 
+def require_dataset_path(dataset_name: str, field: str = "dataset_name") -> None:
+    """A dataset_name only a local path can be (a data file's suffix, or starting with ., / or ~) exists."""
+    path = Path(dataset_name).expanduser()
+    local = path.suffix.lower() in _BUILDERS or dataset_name.startswith((".", "/", "~"))
+    if local and not path.exists():
+        raise DataError(
+            f"{field} {dataset_name}: no such file or directory; pass the path of a data file, a "
+            "directory of split files or a save_to_disk directory (relative paths start where the run starts)"
+        )
+
+
 _NO_SPLIT_FIX = {
     "eval_split": " (eval_split: null turns evaluation off; eval_split_size holds out training rows instead)",
     "test_split": " (test_split: null skips the test)",
@@ -227,11 +238,7 @@ def _read_splits(
         # A README.md may define configurations with data files of their own: then which file a row
         # came from is not known here, and rows are named by split and number only.
         return dict(loaded), {} if (path / "README.md").is_file() else files
-    if path.suffix.lower() in _BUILDERS or dataset_name.startswith((".", "/", "~")):
-        raise DataError(
-            f"{field} {dataset_name}: no such file or directory; pass the path of a data file, a "
-            "directory of split files or a save_to_disk directory (relative paths start where the run starts)"
-        )
+    require_dataset_path(dataset_name, field)
     try:
         with _quiet_reader():
             return dict(datasets.load_dataset(dataset_name, config_name, num_proc=num_proc)), {}

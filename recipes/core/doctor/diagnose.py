@@ -28,6 +28,7 @@ from recipes.core.doctor.deepspeed import check_deepspeed, check_deepspeed_with_
 from recipes.core.doctor.findings import DoctorError, Finding, findings, load_config_file, unknown_keys
 from recipes.core.doctor.fsdp import check_fsdp_with_recipe, from_env
 from recipes.core.doctor.recipe import check_nonfinite, check_precision_on_device, check_recipe
+from recipes.core.doctor.sources import check_sources
 
 
 def diagnose(
@@ -79,6 +80,7 @@ def diagnose(
         except (OSError, ValueError) as err:
             found += findings(hostfile, [("-", str(err), "write one 'hostname slots=N' per line")])
     if recipe is not None:
+        found += check_sources(recipe, recipe_config)
         stages = pipeline_stages(ds, recipe)
         found += check_recipe(recipe, world_size, recipe_config, set(raw), num_samples, stages)
         deepspeed = ds is not None or (acc or {}).get("distributed_type") == "DEEPSPEED"

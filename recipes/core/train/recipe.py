@@ -9,9 +9,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from recipes.core.model import lora
+from recipes.core.model.source import load_tokenizer
 from recipes.core.plan.steps import Plan
 from recipes.core.plan.workload import Workload
 
@@ -58,6 +57,6 @@ def planning_tokenizer(cfg: Any) -> Callable[[], Any]:
 
     @functools.cache
     def tokenizer() -> Any:
-        return AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        return load_tokenizer(cfg)  # the recipes' own check and message for a model that is not there
 
     return tokenizer
