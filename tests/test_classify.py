@@ -252,6 +252,7 @@ def test_rows_with_an_empty_text_are_dropped_counted_printed_and_recorded_in_eve
     )
 
 
+@pytest.mark.slow  # plans the DDP reference run, which is launched
 def test_recipes_plan_for_classify_prints_what_the_run_did(classify_reference, capsys):
     from recipes.cli import main as cli
 
