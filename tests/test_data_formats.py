@@ -538,3 +538,25 @@ def test_the_readme_mixture_yaml_mixes_as_the_readme_says(tokenizer, tmp_path, m
         ("train", 2),
         ("train", 2),
     ]
+
+
+def doubled(batch: dict, indices: list[int]) -> dict:
+    return {"y": [2 * x for x in batch["x"]]}
+
+
+def test_a_cached_map_result_is_reused_only_while_the_data_code_is_unchanged(tmp_path, monkeypatch):
+    """datasets hashes a map body, not the functions it calls: the data code's digest is in the fingerprint,
+    so a recipe update (another truncation or drop rule) never trains on results cached by older code."""
+    from recipes.core.data import loading
+
+    split = load_split(str(write_jsonl(tmp_path / "rows.jsonl", [{"x": i} for i in range(5)])), "train")
+
+    def cache_file(split) -> str:
+        mapped = loading.map_rows(split, doubled, batched=True)
+        assert mapped.data["y"] == [0, 2, 4, 6, 8]
+        return mapped.data.cache_files[0]["filename"]
+
+    first = cache_file(split)
+    assert cache_file(split) == first  # unchanged code: the cached result is read back
+    monkeypatch.setattr(loading, "DATA_CODE", "the digest of other data code")
+    assert cache_file(split) != first

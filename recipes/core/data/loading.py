@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -435,10 +436,32 @@ def train_and_held_out(
 def map_rows(split: Split, function: Callable, **kwargs: Any) -> Split:
     """`split.data.map(function, with_indices=True, **kwargs)`, a RowError raised for a row (in this
     process or a worker) turned into the DataError that says where that row is."""
+    kwargs["new_fingerprint"] = map_fingerprint(split.data, function, with_indices=True, **kwargs)
     try:
         return split.with_data(split.data.map(function, with_indices=True, **kwargs))
     except RowError as err:
         raise split.row_error(err) from None
+
+
+def _data_code() -> str:
+    """A digest of this package's source: every function a map body calls lives in it."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+DATA_CODE = _data_code()
+
+
+def map_fingerprint(data: datasets.Dataset, function: Callable, **kwargs: Any) -> str:
+    """The fingerprint `data.map(function, **kwargs)` caches its result under, which also changes with the
+    data code: `datasets` hashes the map body but not the functions it calls, so a cached result made by
+    older code (another truncation rule, another drop) would otherwise be reused after an update."""
+    from datasets.fingerprint import Hasher
+
+    used = {k: v for k, v in kwargs.items() if k not in ("desc", "num_proc", "new_fingerprint")}
+    return Hasher.hash([data._fingerprint, function, sorted(used.items()), DATA_CODE])
 
 
 def make_train_loader(data: datasets.Dataset, cfg: Any, collate_fn: Callable) -> DataLoader:

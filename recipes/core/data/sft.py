@@ -30,7 +30,7 @@ import numpy as np
 
 from recipes.core.config import ConfigError
 from recipes.core.data import chat, formats, plain_text
-from recipes.core.data.loading import Split, load, map_rows, train_and_held_out
+from recipes.core.data.loading import Split, load, map_fingerprint, map_rows, train_and_held_out
 from recipes.core.errors import DataError
 
 SOURCE_KEYS = (
@@ -315,13 +315,15 @@ def _tokenize_source(
         ).data
         report.tokens = sum(len(document) for document in documents["document"])
         # One process: where blocks start must not depend on how many processes tokenised.
+        packing = {
+            "batched": True,
+            "batch_size": plain_text.PACK_GROUP,
+            "remove_columns": ["document"],
+            "fn_kwargs": {"block": cfg.max_seq_length},
+        }
+        fingerprint = map_fingerprint(documents, plain_text.pack_batch, **packing)
         tokenized = documents.map(
-            plain_text.pack_batch,
-            batched=True,
-            batch_size=plain_text.PACK_GROUP,
-            remove_columns=["document"],
-            fn_kwargs={"block": cfg.max_seq_length},
-            desc="Packing",
+            plain_text.pack_batch, **packing, new_fingerprint=fingerprint, desc="Packing"
         )
     else:
         if rows.kind == formats.CHAT:
