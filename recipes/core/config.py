@@ -96,8 +96,11 @@ class TrainingConfig:
     adam_epsilon: float = field(1e-8, "AdamW epsilon.", minimum=0)
     optim: str = field(
         "adamw_torch_fused",
-        "adamw_torch_fused (one fused kernel per step, several times faster on CPU and GPU) or adamw_torch "
-        "(PyTorch's per-tensor AdamW); the same update either way.",
+        "AdamW as TrainingArguments names it: adamw_torch_fused (one fused kernel per step, several times faster "
+        "on CPU and GPU) or adamw_torch (per tensor), the same update; adamw_bnb_8bit (alias adamw_8bit) or "
+        "paged_adamw_8bit: bitsandbytes' AdamW with 8-bit momentum and variance (2 instead of 8 bytes per "
+        "trained parameter; tensors under 4,096 elements keep 32-bit states); paged_adamw_32bit. Not under "
+        "DeepSpeed.",
     )
     warmup_steps: int = field(0, "Linear warmup steps; > 0 takes precedence over warmup_ratio.", minimum=0)
     warmup_ratio: float = field(
@@ -202,6 +205,28 @@ class TrainingConfig:
     )
     merge_adapter: bool = field(
         False, "With use_peft, also write output_dir/merged/: the adapter folded into a plain model."
+    )
+    load_in_4bit: bool = field(
+        False,
+        "Load the pretrained linear layers quantised to 4 bits (bitsandbytes; QLoRA with use_peft: true, which "
+        "it needs). Embeddings, norms and the LM head stay fp32.",
+    )
+    load_in_8bit: bool = field(
+        False,
+        "Load the pretrained linear layers quantised to 8 bits (bitsandbytes LLM.int8); needs use_peft.",
+    )
+    bnb_4bit_quant_type: str = field("nf4", "4-bit data type: nf4 (NormalFloat) or fp4.")
+    bnb_4bit_use_double_quant: bool = field(
+        False, "Quantise the 4-bit blocks' scales too (about 0.37 fewer bits per parameter)."
+    )
+    bnb_4bit_compute_dtype: str = field(
+        "float32",
+        "float32 | bfloat16 | float16: the dtype 4-bit weights are dequantised to for each matrix product.",
+    )
+    bnb_4bit_quant_storage: str = field(
+        "uint8",
+        "uint8 | float32 | bfloat16 | float16: the dtype the packed 4-bit values are stored in (the same bits); "
+        "FSDP2 needs it equal to the dtype of the other parameters to shard them together.",
     )
 
 

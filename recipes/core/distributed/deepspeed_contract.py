@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from recipes.core.config import ConfigProblems, Problem
+from recipes.core.model.optimizer import BITSANDBYTES_OPTIMIZERS
 from recipes.core.plan.steps import resolve_gradient_accumulation
 
 # The keys the recipe owns, each with the recipe value it must equal as the messages name it. "auto", or no
@@ -59,6 +60,8 @@ class DeepSpeedRun:
     pipeline_stages: int = 1
     pipeline_engine: bool = False  # DeepSpeed's PipelineEngine runs the model, not Accelerate
     keeps_best_model: bool = False  # the recipe keeps the weights of its best evaluation (classify)
+    optim: str = "adamw_torch_fused"
+    quant_storage: str | None = None  # bnb_4bit_quant_storage of a 4-bit base; None: not 4-bit
     recipe_file: str = "recipe config"
 
     @classmethod
@@ -91,6 +94,10 @@ class DeepSpeedRun:
             # A recipe with a DeepSpeed config of its own drives the engine itself (sft_pipeline.py).
             pipeline_engine=stages > 1 or bool(recipe.get("deepspeed_config")),
             keeps_best_model=bool(recipe.get("metric_for_best_model")),
+            optim=recipe.get("optim", "adamw_torch_fused"),
+            quant_storage=recipe.get("bnb_4bit_quant_storage", "uint8")
+            if recipe.get("load_in_4bit")
+            else None,
             recipe_file=recipe_file,
         )
 
@@ -210,6 +217,20 @@ def recipe_problems(ds: Mapping[str, Any], run: DeepSpeedRun) -> Iterator[Proble
         problem = "keeping the best model needs whole weights on every rank, which ZeRO-3 partitions"
         fix = "set metric_for_best_model: null (the last model is then tested and saved) or use ZeRO stage 1 or 2"
         yield "metric_for_best_model", problem, fix
+    if run.optim in BITSANDBYTES_OPTIMIZERS:
+        problem = f"{run.optim} under DeepSpeed: the ZeRO engine steps the optimizer on flat fp32 partitions "
+        problem += "of its own and keeps its states there; bitsandbytes' optimizers are not among those it "
+        problem += "supports"
+        fix = "use optim: adamw_torch_fused (ZeRO-1/2 already split AdamW's states over the data-parallel ranks, "
+        fix += "and ds_zero2_offload.yaml moves them to host memory), or launch with DDP (or one process) to "
+        fix += "keep 8-bit states"
+        yield "optim", problem, fix
+    precision = {"bf16": "bfloat16", "fp16": "float16"}.get(run.mixed_precision)
+    if precision and run.quant_storage not in (None, "uint8", precision):
+        problem = f"{run.quant_storage} storage of 4-bit weights under DeepSpeed {run.mixed_precision}: the "
+        problem += "engine casts every floating-point parameter to its 16-bit type, which would change the "
+        problem += "packed 4-bit values"
+        yield "bnb_4bit_quant_storage", problem, f"use uint8 (the default) or {precision}"
 
 
 def zero3_init_problems(ds: Mapping[str, Any], zero3_init_flag: Any) -> list[Problem]:

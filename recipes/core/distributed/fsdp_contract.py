@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from recipes.core.config import Problem
+from recipes.core.model.optimizer import BITSANDBYTES_OPTIMIZERS
 
 # FSDP1 settings FSDP2 ignores (Accelerate's plugin reads them only when fsdp_version is 1).
 FSDP1_ONLY = {
@@ -145,6 +146,28 @@ def recipe_problems(recipe: Mapping[str, Any]) -> Iterator[Problem]:
         fix = "set precompute_ref_log_probs: true and no ref_model_name_or_path (the sharded policy computes "
         fix += "the reference before its first step), or launch with DDP or a DeepSpeed ZeRO config"
         yield "precompute_ref_log_probs", problem, fix
+    if recipe.get("optim") in BITSANDBYTES_OPTIMIZERS:
+        problem = f"{recipe['optim']} under FSDP2: bitsandbytes' optimizers update plain tensors and stop on "
+        problem += "FSDP2's sharded parameters (DTensors)"
+        fix = "use optim: adamw_torch_fused (FSDP2 already shards AdamW's states over the processes), or launch "
+        fix += "with DDP (or one process) to keep 8-bit states"
+        yield "optim", problem, fix
+    if recipe.get("load_in_8bit"):
+        problem = "an 8-bit base under FSDP2: its int8 weights cannot be sharded together with the "
+        problem += "floating-point parameters of their layer"
+        fix = "use load_in_4bit: true with bnb_4bit_quant_storage: float32 (QLoRA that FSDP2 shards), or launch "
+        fix += "with DDP or a DeepSpeed ZeRO config"
+        yield "load_in_8bit", problem, fix
+    storage = recipe.get("bnb_4bit_quant_storage", "uint8")
+    if recipe.get("load_in_4bit") and storage != "float32":
+        problem = f"4-bit weights stored as {storage} under FSDP2: only stored in the dtype of the other "
+        problem += "parameters (float32: the masters, also under bf16) are they sharded with their layer (as "
+        problem += "uint8 they stay whole on every process)"
+        yield (
+            "bnb_4bit_quant_storage",
+            problem,
+            "set bnb_4bit_quant_storage: float32 (the same packed values)",
+        )
     if recipe.get("torch_compile"):
         problem = (
             "torch_compile under FSDP2 is not supported by the recipes yet (compiled layers would trace "

@@ -1,5 +1,5 @@
-"""The doctor's checks of a recipe config: batch and schedule arithmetic, what a non-finite step does, and
-the precision on the accelerator a run targets."""
+"""The doctor's checks of a recipe config: batch and schedule arithmetic, the optimizer, quantised loading,
+what a non-finite step does, and the precision on the accelerator a run targets."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 from recipes.core.config import ON_NONFINITE_CHOICES, Problem
 from recipes.core.doctor.findings import Finding, findings
+from recipes.core.model import optimizer, quantization
 from recipes.core.plan.hardware import get_device
 from recipes.core.plan.steps import (
     batches_before_sharding,
@@ -35,7 +36,8 @@ def check_recipe(
     num_samples: int | None = None,
     pipeline: int = 1,
 ) -> list[Finding]:
-    """Batch and schedule checks of the resolved recipe values (defaults filled in)."""
+    """Batch and schedule checks of the resolved recipe values (defaults filled in), and the optimizer and
+    quantised loading it asks for."""
     problems, ga = [], 1
     dp = world_size // pipeline if world_size % pipeline == 0 else world_size
     try:
@@ -49,6 +51,7 @@ def check_recipe(
         batches = batches_before_sharding(num_samples, _micro(recipe), drop_last)
         steps_per_epoch = optimizer_steps_per_epoch(max(1, batches_per_rank(batches, dp)), ga)
     epochs_set = keys_in_file is None or "num_train_epochs" in keys_in_file
+    problems += [*optimizer.problems(recipe), *quantization.problems(recipe)]
     return findings(file, [*problems, *_schedule(recipe, steps_per_epoch, epochs_set)])
 
 

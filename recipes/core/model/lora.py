@@ -7,15 +7,19 @@ transformers loads without peft.
 
 The merge runs in a fresh process that reads the pretrained model and the saved adapter: under ZeRO-3,
 `from_pretrained` inside a training process enters `zero.Init`, a collective that hangs unless every rank
-calls it, and the same path then serves every topology.
+calls it, and the same path then serves every topology. An adapter trained on a quantised base (QLoRA) is
+merged into the base loaded unquantised in the compute dtype (bnb_4bit_compute_dtype), as peft advises:
+merged into the quantised layers it would be rounded to their 4 or 8 bits.
 
-    python -m recipes.core.model.lora ADAPTER_DIR MERGED_DIR --base MODEL --task causal-lm [--model-kwargs JSON]
+    python -m recipes.core.model.lora ADAPTER_DIR MERGED_DIR --base MODEL --task causal-lm [--dtype float32] \
+        [--model-kwargs JSON]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -91,10 +95,14 @@ def apply_lora(model: torch.nn.Module, cfg: Any, task: str) -> torch.nn.Module:
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; counted whole even when ZeRO-3 has already partitioned them."""
+    """(trainable, total) parameters; counted whole even when ZeRO-3 has already partitioned them, and a
+    4-bit weight as the values it holds (it packs two or more into each element of its storage)."""
     trainable = total = 0
     for param in model.parameters():
-        numel = getattr(param, "ds_numel", None) or param.numel()
+        quant_state = getattr(param, "quant_state", None)
+        numel = getattr(param, "ds_numel", None) or (
+            math.prod(quant_state.shape) if quant_state is not None else param.numel()
+        )
         total += numel
         trainable += numel if param.requires_grad else 0
     return trainable, total
@@ -141,6 +149,7 @@ def merge_in_fresh_process(accelerator: Any, model: Any, cfg: Any, adapter_dir: 
     if accelerator.is_main_process:
         cmd = [sys.executable, "-m", "recipes.core.model.lora", adapter_dir, merged_dir, "--task", task]
         cmd += ["--base", cfg.model_name_or_path, "--model-kwargs", json.dumps(model_kwargs)]
+        cmd += ["--dtype", merge_dtype(cfg)]
         if cfg.trust_remote_code:
             cmd.append("--trust-remote-code")
         # A clean environment: nothing of the launcher's process group or DeepSpeed setup.
@@ -153,6 +162,12 @@ def merge_in_fresh_process(accelerator: Any, model: Any, cfg: Any, adapter_dir: 
     return merged_dir
 
 
+def merge_dtype(cfg: Any) -> str:
+    """The dtype the merged model is written in: the compute dtype of a 4-bit base, else fp32 (the masters'
+    dtype; an 8-bit base computes in its inputs' dtype)."""
+    return cfg.bnb_4bit_compute_dtype if cfg.load_in_4bit else "float32"
+
+
 def merge_adapter(
     adapter_dir: str,
     merged_dir: str,
@@ -160,14 +175,16 @@ def merge_adapter(
     task: str,
     model_kwargs: dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    dtype: str = "float32",
 ) -> None:
-    """Load the pretrained model plus the adapter, fold the adapter in, save a plain model (+ tokenizer)."""
+    """Load the pretrained model (unquantised, in `dtype`) plus the adapter, fold the adapter in, save a
+    plain model (+ tokenizer)."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     model = _auto_class(task).from_pretrained(
         base,
-        dtype=torch.float32,
+        dtype=getattr(torch, dtype),
         trust_remote_code=trust_remote_code,
         **({"ignore_mismatched_sizes": True} if task == SEQUENCE_CLASSIFICATION else {}),
         **(model_kwargs or {}),
@@ -194,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", choices=[CAUSAL_LM, SEQUENCE_CLASSIFICATION], default=CAUSAL_LM)
     parser.add_argument("--model-kwargs", default="{}", help="JSON: config values, e.g. num_labels")
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
     merge_adapter(
         args.adapter_dir,
@@ -202,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         args.task,
         json.loads(args.model_kwargs),
         args.trust_remote_code,
+        args.dtype,
     )
 
 

@@ -2,7 +2,8 @@
 recipe config asks for.
 
 Weights load in fp32 whatever the checkpoint's dtype: they are the master weights, which mixed precision
-(autocast, or DeepSpeed's bf16 optimizer) keeps in fp32 next to the low-precision compute.
+(autocast, or DeepSpeed's bf16 optimizer) keeps in fp32 next to the low-precision compute. With
+load_in_4bit / load_in_8bit the linear layers load quantised instead (core/model/quantization.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from recipes.core.config import ConfigError
+from recipes.core.model import quantization
 
 # attn_implementation -> (the package its kernel needs, or None; whether it can train on a CPU)
 ATTENTION = {
@@ -51,6 +53,11 @@ def load_pretrained(
     from_pretrained, before anything else is done to the model (the memory census counts what loading
     left there)."""
     check_attention(cfg.attn_implementation, torch.cuda.is_available())
+    quantization_config = quantization.bits_and_bytes_config(cfg)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        if torch.cuda.is_available():  # quantised where it trains: a quantised model cannot move devices
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = auto_class.from_pretrained(
         cfg.model_name_or_path,
         dtype=torch.float32,
@@ -60,6 +67,8 @@ def load_pretrained(
     )
     if on_loaded is not None:
         on_loaded()
+    if quantization_config is not None:
+        model = quantization.prepare_quantized(model)
     if cfg.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise ConfigError(
