@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)},
         ignore_mismatched_sizes=True,
+        new_modules=lora.HEAD_MODULES,  # left unquantised under load_in_4bit / load_in_8bit
         on_loaded=run.model_loaded,  # the memory census counts what loading left
     )
     model = lora.apply_lora(model, cfg, lora.SEQUENCE_CLASSIFICATION)  # the head trains in full

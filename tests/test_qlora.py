@@ -333,3 +333,22 @@ def test_the_pipeline_recipe_refuses_a_quantised_base(tmp_path):
         DoctorError, match=r"load_in_4bit: the pipeline recipe builds its stages from the plain"
     ):
         preflight(cfg, 2, env={})
+
+
+@pytest.mark.slow
+def test_classify_qlora_keeps_the_new_head_unquantised_and_restores_its_best_model(
+    encoder, news_data, tmp_path
+):
+    """The head the checkpoint lacks is left out of quantisation (it trains in full), and keeping the best
+    evaluation's weights loads them back into the quantised model."""
+    from helpers import classify_args
+
+    out = tmp_path / "out"
+    args = classify_args(encoder, news_data, out, num_train_epochs=1, metric_for_best_model="loss")
+    in_process("classify", [*args, *LORA, *Q4, "--report_to", "none"])
+    saved = adapter(out)
+    assert saved["base_model.model.classifier.weight"].dtype == torch.float32
+    assert any(".lora_B" in k and v.abs().max() > 0 for k, v in saved.items())
+    assert [r["step"] for r in train_records(out)] == list(
+        range(1, load_plan(out)["total_optimizer_steps"] + 1)
+    )

@@ -30,6 +30,7 @@ import torch
 
 from recipes.core.config import ConfigError, ConfigProblems
 from recipes.core.distributed.fsdp_contract import layout_of, requested, wrap_problems
+from recipes.core.model import quantization
 
 
 class FSDPNotApplied(ConfigError):
@@ -218,7 +219,11 @@ def load_full_state_dict(accelerator: Any, model: Any, state: dict[str, torch.Te
     """Load weights from `full_state_dict` back into the (prepared) model; under FSDP2 the main process's
     copy is broadcast and each rank keeps its shards."""
     if not is_sharded(model):
-        accelerator.unwrap_model(model).load_state_dict(state)
+        # A quantised base's constants come back as tensors load_state_dict does not take; they are those the
+        # model holds already (core/output/checkpoint_io.py AccelerateIO).
+        accelerator.unwrap_model(model).load_state_dict(
+            state, strict=not quantization.is_quantized_model(model)
+        )
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

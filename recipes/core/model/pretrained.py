@@ -45,15 +45,20 @@ def check_attention(name: str, on_gpu: bool) -> None:
 
 
 def load_pretrained(
-    auto_class: Any, cfg: Any, *, on_loaded: Callable[[], None] | None = None, **kwargs: Any
+    auto_class: Any,
+    cfg: Any,
+    *,
+    on_loaded: Callable[[], None] | None = None,
+    new_modules: tuple[str, ...] = (),
+    **kwargs: Any,
 ) -> torch.nn.Module:
     """`auto_class.from_pretrained` of the run's model in fp32 with its attention kernel and, with
     gradient_checkpointing, non-reentrant activation checkpointing of every layer (its dropout masks
     are replayed in the recomputation, so the result does not change). `on_loaded()` runs right after
     from_pretrained, before anything else is done to the model (the memory census counts what loading
-    left there)."""
+    left there). `new_modules`: modules the checkpoint does not hold (a new head), never quantised."""
     check_attention(cfg.attn_implementation, torch.cuda.is_available())
-    quantization_config = quantization.bits_and_bytes_config(cfg)
+    quantization_config = quantization.bits_and_bytes_config(cfg, new_modules)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         if torch.cuda.is_available():  # quantised where it trains: a quantised model cannot move devices

@@ -63,17 +63,21 @@ def is_quantized_model(model: Any) -> bool:
     return bool(getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False))
 
 
-def bits_and_bytes_config(cfg: Any) -> Any:
-    """The transformers BitsAndBytesConfig of the run's fields; None when the model loads unquantised."""
+def bits_and_bytes_config(cfg: Any, new_modules: tuple[str, ...] = ()) -> Any:
+    """The transformers BitsAndBytesConfig of the run's fields; None when the model loads unquantised.
+    `new_modules`: modules the checkpoint does not hold (a new classification head), left unquantised: a
+    layer quantised before its weights exist has no quantisation state, and the head trains in full."""
     if not quantized(vars(cfg)):
         return None
     import torch
     from transformers import BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": list(new_modules)} if new_modules else {}
     if cfg.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
+        **skip,
         bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=getattr(torch, cfg.bnb_4bit_compute_dtype),
