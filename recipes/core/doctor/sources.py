@@ -4,15 +4,17 @@ checks before it loads anything, in the recipe's words."""
 from __future__ import annotations
 
 from recipes.core.config import ConfigError
-from recipes.core.data.loading import require_dataset_path
 from recipes.core.doctor.findings import Finding, findings
 from recipes.core.errors import DataError
-from recipes.core.model.source import require_model
 
 MODEL_FIELDS = ("model_name_or_path", "ref_model_name_or_path")
 
 
 def check_sources(recipe: dict, file: str) -> list[Finding]:
+    # Imported here: importing the doctor must not load torch, transformers or datasets.
+    from recipes.core.data.loading import require_dataset_path
+    from recipes.core.model.source import require_model
+
     problems = []
     for key in MODEL_FIELDS:
         if key not in recipe or (key != MODEL_FIELDS[0] and not recipe[key]):  # no separate reference
