@@ -69,7 +69,9 @@ def test_zero1_pipeline_stopped_by_sigterm_to_its_last_stage_exits_75_and_resume
     assert trained_steps(out) == stopped  # the step in progress was finished, nothing after it
 
     checkpoint = out / f"checkpoint-{stopped}"
-    assert json.loads((checkpoint / MARKER).read_text()) == {"step": stopped}
+    marker = json.loads((checkpoint / MARKER).read_text())
+    written = {p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file()} - {MARKER}
+    assert marker["step"] == stopped and set(marker["files"]) == written  # every rank's files, checksummed
     assert json.loads((checkpoint / "trainer_state.json").read_text()) == {
         "step": stopped,
         "epoch": stopped // JOB_STEPS_PER_EPOCH,
