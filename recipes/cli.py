@@ -164,11 +164,12 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
 def _estimate(args, cfg, recipe: Recipe, plan: dict, topology, overrides: list[str]) -> dict | None:
     """Compute, time and memory estimate; skipped with a note when the model config cannot be read."""
     from recipes.core.launch.calibrate import calibrate
+    from recipes.core.model.optimizer import EIGHT_BIT
     from recipes.core.model.shape import model_shape
     from recipes.core.plan.activations import Levers
     from recipes.core.plan.estimate import estimate_run
     from recipes.core.plan.hardware import get_device
-    from recipes.core.plan.model_states import FSDP2Layout
+    from recipes.core.plan.model_states import FSDP2Layout, Quantization
     from recipes.core.plan.wall_clock import DEFAULT_UTILIZATION
 
     asked = args.gpu or args.accelerate_config or args.deepspeed_config or args.calibrate
@@ -206,6 +207,8 @@ def _estimate(args, cfg, recipe: Recipe, plan: dict, topology, overrides: list[s
         ),
         # Preference tuning trains two sequences per pair and runs a reference model.
         workload=recipe.workload(cfg),
+        quantization=Quantization.of_config(vars(cfg)),
+        eight_bit_states=cfg.optim in EIGHT_BIT,
     )
     estimate["seq_len_source"] = (
         "--seq-len" if args.seq_len else f"{recipe.length_field}, an upper bound (--seq-len for the mean)"

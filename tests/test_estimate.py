@@ -17,6 +17,7 @@ from recipes.core.plan.hardware import DEVICES, Device, get_device
 from recipes.core.plan.memory import device_memory
 from recipes.core.plan.model_shape import ModelShape
 from recipes.core.plan.model_states import (
+    Quantization,
     ZeroLayout,
     model_state_bytes,
     zero3_gathered_bytes,
@@ -363,3 +364,64 @@ def test_preference_tuning_counts_two_sequences_per_pair_and_the_reference_model
     zero3 = estimate_run(plan, shape, "bf16", 64, zero_stage=3, workload=Workload(2, "copy"))
     assert zero3["memory_per_device"]["reference"] == 2 * TOTAL / 2
     assert "reference model" in estimate_table(runs["copy"])
+
+
+def test_a_4bit_base_takes_the_bytes_bitsandbytes_stores(tmp_path):
+    """Each 4-bit weight: half a byte of codes and its block's scale (an fp32, or with double quantisation a
+    byte plus an fp32 per 256 blocks, which a tensor of fewer blocks still has one of)."""
+    import bitsandbytes as bnb
+    from helpers import make_tiny_decoder
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model_dir = make_tiny_decoder(tmp_path / "model", "llama")
+    for double_quant in (False, True):
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=double_quant)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config)
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert len(layers) == 7 * model.config.num_hidden_layers  # every projection, not the LM head
+        for layer in layers:
+            state = layer.weight.quant_state
+            stored = layer.weight.numel() * layer.weight.element_size() + state.absmax.nbytes
+            stored += state.state2.absmax.nbytes if double_quant else 0
+            planned = (
+                Quantization(4, double_quant).bytes_per_weight(model.config.hidden_size) * state.shape.numel()
+            )
+            assert planned <= stored <= planned + (4 if double_quant else 0), (layer, stored, planned)
+
+
+def test_plan_of_a_qlora_run_counts_the_quantised_base_and_8bit_adam_states(small_llama, tmp_path, capsys):
+    shape = model_shape(str(small_llama))
+    plan = make_plan(
+        num_samples=100,
+        world_size=2,
+        micro_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-4,
+        trainable_parameters=1_000,
+        total_parameters=shape.total_params,
+    ).to_dict()
+    estimate = estimate_run(plan, shape, "fp32", 64, quantization=Quantization(4), eight_bit_states=True)
+    memory = estimate["memory_per_device"]
+    # Embeddings and LM head fp32; decoder layers 0.5 + 4/64 bytes a weight, plus one layer dequantised in
+    # fp32; the 1,000 adapter weights: a 4-byte gradient, 1 + 1 bytes of Adam states and a 4-byte scale per
+    # 256 values of each state.
+    quantized = 4 * (TOTAL - NON_EMBEDDING) + (0.5 + 4 / 64) * NON_EMBEDDING + 4 * NON_EMBEDDING / 2
+    assert (memory["parameters"], memory["gradients"], memory["optimizer_states"]) == (
+        quantized,
+        4_000,
+        2 * (1 + 4 / 256) * 1_000,
+    )
+    assert (estimate["quantization"], estimate["optimizer_states"]) == ("4-bit", "8-bit")
+    assert "quantised base: decoder-layer linear weights 0.5 byte" in estimate["memory_formula"]
+    # ZeRO-3 partitions the quantised weights as it does plain ones.
+    zero3 = estimate_run(plan, shape, "fp32", 64, zero_stage=3, quantization=Quantization(4))
+    partitioned = (4 * (TOTAL - NON_EMBEDDING) + (0.5 + 4 / 64) * NON_EMBEDDING) / 2
+    gathered = zero3_gathered_bytes(shape, "fp32")
+    assert zero3["memory_per_device"]["parameters"] == partitioned + gathered + 4 * NON_EMBEDDING / 2
+
+    # `recipes plan` reads both from the recipe config.
+    args = ["plan", "--config", "recipes/configs/sft_smollm2.yaml", "--model_name_or_path", str(small_llama)]
+    args += ["--num-samples", "100", "--json", "--use_peft", "true", "--load_in_4bit", "true"]
+    assert main([*args, "--optim", "adamw_8bit", "--mixed_precision", "no"]) == 0
+    printed = json.loads(capsys.readouterr().out)["estimate"]
+    assert (printed["quantization"], printed["optimizer_states"]) == ("4-bit", "8-bit")

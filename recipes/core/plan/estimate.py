@@ -7,7 +7,15 @@ from recipes.core.plan.activations import ACTIVATION_FORMULA, Levers
 from recipes.core.plan.flops import FLOPS_FORMULA, REFERENCE_FLOPS, training_flops
 from recipes.core.plan.memory import device_memory, fit_warning
 from recipes.core.plan.model_shape import ModelShape
-from recipes.core.plan.model_states import FSDP2_MEMORY_FORMULA, MEMORY_FORMULA, FSDP2Layout, ZeroLayout
+from recipes.core.plan.model_states import (
+    EIGHT_BIT_FORMULA,
+    FSDP2_MEMORY_FORMULA,
+    MEMORY_FORMULA,
+    QUANTIZED_FORMULA,
+    FSDP2Layout,
+    Quantization,
+    ZeroLayout,
+)
 from recipes.core.plan.wall_clock import DEFAULT_UTILIZATION, format_seconds, wall_clock_seconds
 from recipes.core.plan.workload import MicroBatch, Workload
 
@@ -27,9 +35,12 @@ def estimate_run(
     fsdp: FSDP2Layout | None = None,
     autocast: bool = False,
     workload: Workload = Workload(),
+    quantization: Quantization | None = None,
+    eight_bit_states: bool = False,
 ) -> dict:
     """Tokens, FLOPs, wall clock (with a `hardware.Device`) and per-device memory of a plan, under ZeRO
-    (stage 0: DDP) or, with `fsdp`, FSDP2."""
+    (stage 0: DDP) or, with `fsdp`, FSDP2; a quantised base and 8-bit optimizer states as memory_formula
+    says."""
     sequences = workload.sequences_per_sample
     tokens = plan["samples_per_step"] * plan["total_optimizer_steps"] * seq_len * sequences
     reference_tokens = {
@@ -56,7 +67,11 @@ def estimate_run(
         levers=levers,
         workload=workload,
         trainable_params=plan.get("trainable_parameters"),
+        quantization=quantization,
+        eight_bit_states=eight_bit_states,
     )
+    formula = FSDP2_MEMORY_FORMULA if fsdp else MEMORY_FORMULA
+    formula += (QUANTIZED_FORMULA if quantization else "") + (EIGHT_BIT_FORMULA if eight_bit_states else "")
     sharding = fsdp.describe(plan["world_size"]) if fsdp else zero.describe()
     out = {
         "model_params": shape.total_params,
@@ -74,7 +89,9 @@ def estimate_run(
         "offload_param": offload_param,
         "memory_levers": levers.describe(),
         "memory_per_device": memory.to_dict(),
-        "memory_formula": FSDP2_MEMORY_FORMULA if fsdp else MEMORY_FORMULA,
+        "quantization": quantization.describe() if quantization else None,
+        "optimizer_states": "8-bit" if eight_bit_states else "fp32",
+        "memory_formula": formula,
         "activation_formula": ACTIVATION_FORMULA,
     }
     if device is not None:

@@ -18,11 +18,18 @@
   whole model when layers are not resharded after forward, and their unsharded gradients: one unit's, or
   the whole model's while an accumulation window defers the reduce-scatter to its last micro-batch.
   Offload moves the sharded states to host memory.
+- A quantised base (QLoRA, bitsandbytes): the linear weights of the decoder layers take `Quantization`'s
+  bytes per weight instead of 4 (the embeddings, norms and LM head stay fp32), frozen; each product
+  dequantises one weight matrix into the compute dtype, at most one decoder layer's worth at a time.
+- 8-bit optimizer states (bitsandbytes' AdamW8bit): momentum and variance one byte each per trained
+  parameter plus an fp32 scale per block of 256 values each, instead of 4 + 4.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from recipes.core.plan.model_shape import ModelShape
 
@@ -41,8 +48,67 @@ FSDP2_MEMORY_FORMULA = (
     "model's while accumulation defers the reduce-scatter); offload: sharded states in host memory"
 )
 
+QUANTIZED_FORMULA = (
+    "; quantised base: decoder-layer linear weights 0.5 byte + a 4-byte scale per block of 64 (4-bit; "
+    "double quantisation: a 1-byte scale per 64 and 4 bytes per 256 blocks) or 1 byte + a 4-byte scale per "
+    "row (8-bit), frozen, the rest fp32, + one decoder layer dequantised in the compute precision"
+)
+EIGHT_BIT_FORMULA = "; 8-bit Adam states: 1 + 1 byte/trained param + 4 bytes per 256 values of each"
 # bytes per parameter: (parameters, gradients, optimizer states) for Adam
 STATE_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12), "fp16": (2, 2, 12)}
+ADAM_STATE_BYTES = 8  # fp32 momentum and variance
+EIGHT_BIT_ADAM_STATE_BYTES = 2 * (1 + 4 / 256)  # each state: a byte per value, an fp32 scale per 256
+BLOCK_4BIT, BLOCKS_PER_SCALE = 64, 256  # bitsandbytes' 4-bit block; double quantisation's second level
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """The decoder layers' linear weights stored by bitsandbytes: `bits` 4 (two values a byte, an fp32
+    scale per block of 64, or with `double_quant` an 8-bit scale per block and an fp32 one per 256 blocks)
+    or 8 (a byte a value, an fp32 scale per output row)."""
+
+    bits: int = 4
+    double_quant: bool = False
+
+    @classmethod
+    def of_config(cls, fields: Mapping[str, Any]) -> Quantization | None:
+        """From a recipe config's fields (load_in_4bit, load_in_8bit, bnb_4bit_use_double_quant)."""
+        if fields.get("load_in_4bit"):
+            return cls(4, bool(fields.get("bnb_4bit_use_double_quant")))
+        return cls(8) if fields.get("load_in_8bit") else None
+
+    def bytes_per_weight(self, row_length: int) -> float:
+        if self.bits == 8:
+            return 1 + 4 / row_length
+        scale = (1 + 4 / BLOCKS_PER_SCALE) / BLOCK_4BIT if self.double_quant else 4 / BLOCK_4BIT
+        return 0.5 + scale
+
+    def describe(self) -> str:
+        return (
+            "8-bit" if self.bits == 8 else "4-bit" + (" (double quantisation)" if self.double_quant else "")
+        )
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How the weights and Adam states are stored beyond the precision: a quantised base's `quantization`
+    (its `quantized_params` held that way) and 8-bit optimizer states."""
+
+    quantization: Quantization | None = None
+    quantized_params: int = 0
+    row_length: int = 1  # an 8-bit weight's row, the hidden size
+    eight_bit_states: bool = False
+
+    def weight_bytes(self, params: float, fp32_bytes: float) -> float:
+        """Bytes of `params` parameters, of which the quantised share takes its bytes per weight and the
+        rest `fp32_bytes` each."""
+        if self.quantization is None:
+            return fp32_bytes * params
+        quantized = min(self.quantized_params, params)
+        return (
+            fp32_bytes * (params - quantized)
+            + self.quantization.bytes_per_weight(self.row_length) * quantized
+        )
 
 
 @dataclass(frozen=True)
@@ -84,13 +150,14 @@ def model_state_bytes(
     precision: str,
     trainable_params: int | None = None,
     autocast: bool = False,
+    storage: Storage = Storage(),
 ) -> tuple[float, float, float, float]:
     """(parameters, gradients, optimizer states, offloaded) bytes per device for Adam under ZeRO (without
     the parameters ZeRO-3 gathers for computing, zero3_gathered_bytes); each pipeline stage holds an even
     share of the `num_params` parameters. Gradients and optimizer states exist for trainable parameters
     only (all of them unless given). `autocast`: 16-bit precision by autocast (no DeepSpeed), where
     weights, gradients and Adam stay fp32 and each weight's 16-bit copy is cached for the forward and kept
-    by autograd for backward."""
+    by autograd for backward. `storage`: a quantised base's frozen weights and 8-bit Adam states."""
     if zero.stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero.stage}")
     held = num_params // zero.pipeline_stages
@@ -100,8 +167,10 @@ def model_state_bytes(
         param_b, grad_b, optim_b = 4 + 2, 4, 8
     if precision == "fp32" and zero.stage >= 1:
         optim_b += 4  # DeepSpeed's ZeRO optimizers step on an fp32 copy of each partition, also in fp32
+    if storage.eight_bit_states:
+        optim_b += EIGHT_BIT_ADAM_STATE_BYTES - ADAM_STATE_BYTES
     dp_size = zero.data_parallel_size
-    params = param_b * held / (dp_size if zero.stage >= 3 else 1)
+    params = storage.weight_bytes(held, param_b) / (dp_size if zero.stage >= 3 else 1)
     grads = grad_b * trainable / (dp_size if zero.stage >= 2 else 1)
     optim = optim_b * trainable / (dp_size if zero.stage >= 1 else 1)
     offloaded = 0.0
@@ -153,19 +222,24 @@ def fsdp2_state_bytes(
     precision: str,
     trainable_params: int | None = None,
     accumulating: bool = False,
+    storage: Storage = Storage(),
 ) -> tuple[float, float, float, float]:
     """(parameters, gradients, optimizer states, offloaded) bytes per device under FSDP2 (module docstring);
-    `accumulating`: gradient accumulation over more than one micro-batch per optimizer step."""
+    `accumulating`: gradient accumulation over more than one micro-batch per optimizer step; `storage`: a
+    quantised base's frozen weights, sharded and gathered as they are stored."""
     total = shape.total_params
     trainable = total if trainable_params is None else trainable_params
     compute = _compute_bytes(precision)
-    params, grads, optim = (
-        b * n / layout.shard_size for b, n in ((4, total), (4, trainable), (8, trainable))
-    )
+    params = storage.weight_bytes(total, 4) / layout.shard_size
+    grads, optim = (b * trainable / layout.shard_size for b in (4, ADAM_STATE_BYTES))
     offloaded = 0.0
     if layout.offload:
         offloaded, params, grads, optim = params + grads + optim, 0.0, 0.0, 0.0
     unit = largest_gathered_unit(shape)  # an FSDP unit: a decoder layer or the embeddings
     gathered = compute * (2 * unit if layout.reshard_after_forward else total)
+    if storage.quantization is not None:  # gathered as stored; each product dequantises its own weight
+        gathered = storage.weight_bytes(total, compute) * (
+            2 * unit / total if layout.reshard_after_forward else 1
+        )
     unsharded_grads = compute * (trainable if accumulating else trainable * unit / total)
     return params + gathered, grads + unsharded_grads, optim, offloaded
