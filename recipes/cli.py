@@ -4,6 +4,7 @@ recipes plan --config recipes/configs/sft_smollm2.yaml --num-processes 16 [--num
 recipes plan ... [--accelerate-config A] [--deepspeed-config D] [--gpu H100-SXM] [--calibrate K]
 recipes doctor --accelerate-config A [--deepspeed-config D] [--config R] [--hostfile H]
 recipes prepare [--model NAME]
+recipes generate --model DIR (--prompt TEXT | --prompts FILE.jsonl) [--output FILE.jsonl] [--temperature T]
 recipes launch [accelerate launch arguments]   # accelerate launch, exiting with the recipe's status
 """
 
@@ -98,6 +99,24 @@ def main(argv: list[str] | None = None) -> int:
         help="accelerate launch with the same arguments, exiting with the recipe's status: 0, 2 on bad input, "
         "75 when a signal stopped it after a checkpoint",
     )
+    generate = commands.add_parser("generate", help="sample completions from a trained or pretrained model")
+    generate.add_argument(
+        "--model",
+        required=True,
+        help="a model directory (a run's final/ or merged/; an adapter loads on its base)",
+    )
+    generate.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    generate.add_argument("--prompts", help='JSONL, one {"prompt": text or chat turns} per line')
+    generate.add_argument("--output", help="write JSONL here (default: print the completions)")
+    generate.add_argument("--num-generations", type=int, default=1, help="completions per prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=256)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0, help="0: off")
+    generate.add_argument("--seed", type=int, default=42)
+    generate.add_argument(
+        "--raw", action="store_true", help="text prompts as they are, without the chat template"
+    )
     prepare = commands.add_parser("prepare", help="fetch and convert the default models into .cache/models")
     prepare.add_argument("--model", action="append", help="model name (repeatable); default: all")
     prepare.add_argument("--force", action="store_true", help="rebuild even if already prepared")
@@ -110,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             return _doctor(args)
         if overrides:
             parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+        if args.command == "generate":
+            from recipes.core.launch.generate import generate
+
+            return generate(args)
         return _prepare(args)
     except (ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
