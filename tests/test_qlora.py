@@ -49,6 +49,13 @@ RUNS = {  # name: (accelerate config or None for this process, extra arguments)
     "q4_big_batch": (None, [*LORA, *Q4, "--per_device_train_batch_size", "8", "--save_steps", "0"]),
     "q4_checkpointed": (None, [*LORA, *Q4, "--gradient_checkpointing", "true", "--save_steps", "0"]),
     "q4_ddp": (TWO_PROCESSES, [*LORA, *Q4, "--save_steps", "0"]),
+    "q4_zero2": ("accelerate_configs/ds_zero2.yaml", [*LORA, *Q4, "--save_steps", "0"]),
+    "q4_zero3": ("accelerate_configs/ds_zero3.yaml", [*LORA, *Q4, "--save_steps", "0"]),
+    # FSDP2 shards floating-point storage only: the 4-bit codes stored in float32 elements (the same bits)
+    "q4_fsdp2": (
+        "accelerate_configs/fsdp2.yaml",
+        [*LORA, *Q4, "--bnb_4bit_quant_storage", "float32", "--save_steps", "0"],
+    ),
     "lora": (None, [*LORA, "--save_steps", "0"]),
     "full_8bit_adam": (None, ["--optim", "adamw_8bit"]),
 }
@@ -143,11 +150,12 @@ def test_qlora_resumed_from_a_checkpoint_continues_bit_for_bit(runs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["q4", "q4_ddp", "q4_checkpointed"])
+@pytest.mark.parametrize("name", ["q4", "q4_checkpointed", "q4_ddp", "q4_zero2", "q4_zero3", "q4_fsdp2"])
 def test_qlora_accumulation_data_parallelism_and_checkpointing_equal_one_big_batch(runs, name):
     """Every run dequantises the same 4-bit blocks to the same fp32 weights, so accumulation (GA 4), two
-    data-parallel processes (GA 2) and activation checkpointing train the big batch's sums in other orders,
-    within the rounding tests/test_lora.py holds plain LoRA to."""
+    data-parallel processes (GA 2: DDP, ZeRO-2, ZeRO-3 partitioning the codes, FSDP2 sharding them in float32
+    storage) and activation checkpointing train the big batch's sums in other orders, within the rounding
+    tests/test_lora.py holds plain LoRA to."""
     assert_one_big_batch(runs[name], runs["q4_big_batch"])
 
 
