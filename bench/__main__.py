@@ -36,6 +36,7 @@ SECTIONS = (
     "tokenization",
     "model_flops",
     "levers",
+    "qlora",
 )
 
 
@@ -159,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
             REPO / ".cache/bench/long_chat", REPO / job.dataset, job.model, tokens=1024, count=8
         )
         step("levers", lambda: levers.levers(job, model, data, 1024, 3, args.device, args.gpu))
+    if "qlora" in chosen:
+        from bench import levers, qlora
+
+        model = levers.qwen_shaped_model(REPO / ".cache/bench/qwen2.5-0.5b-shape", job.model)
+        data = levers.long_conversations(
+            REPO / ".cache/bench/long_chat", REPO / job.dataset, job.model, tokens=1024, count=8
+        )
+        step("qlora", lambda: qlora.qlora(job, model, data, 512, 3))
     print(render_table(results))
     print(f"results: {args.out}", file=sys.stderr)
     return 0

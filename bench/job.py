@@ -41,6 +41,8 @@ class Job:
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     pad_to_multiple_of: int | None = None
+    load_in_4bit: bool = False
+    optim: str = "adamw_torch_fused"
 
     def recipe_args(self, output_dir: str | Path) -> list[str]:
         """Overrides of the default SFT config that make the recipe run exactly this job."""
@@ -61,6 +63,8 @@ class Job:
             "gradient_checkpointing": str(self.gradient_checkpointing).lower(),
             "torch_compile": str(self.torch_compile).lower(),
             "pad_to_multiple_of": "null" if self.pad_to_multiple_of is None else self.pad_to_multiple_of,
+            "load_in_4bit": str(self.load_in_4bit).lower(),
+            "optim": self.optim,
             "num_train_epochs": 1,
             "max_steps": -1,
             "eval_split": "null",

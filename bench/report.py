@@ -107,6 +107,7 @@ def render_table(results: dict) -> str:
             mfus = ", ".join(_pct(flops[n]["mfu"]) for n in ("recipe", "recipe_packed"))
             rows.append((f"MFU on {flops['device']}, recipe padded and packed", mfus, "reported"))
     rows += _lever_rows(results.get("levers"))
+    rows += _qlora_rows(results.get("qlora"))
     lines = [
         f"Measured on {machine['description']} ({results['date']}), {results['repeats']} repetitions.",
         "",
@@ -154,6 +155,20 @@ def _lever_rows(levers: dict | None) -> list[tuple[str, str, str]]:
         ("torch.compile speed, bf16 with both levers", f"{levers['compile_speedup']:.2f}x", "reported")
     )
     return rows
+
+
+def _qlora_rows(qlora: dict | None) -> list[tuple[str, str, str]]:
+    if not qlora:
+        return []
+    model = f"{qlora['model']['parameters'] / 1e6:.0f}M-parameter {qlora['model']['shape']}-shaped model"
+    return [
+        (
+            f"{model}, {qlora['seq_len']} tokens, {name}: peak memory, tokens/s, plan estimate / peak",
+            f"{_gib(run['peak_memory_bytes'])}, {run['tokens_per_second']:.0f}, {run['estimate_over_measured']:.2f}",
+            "estimate within 25%",
+        )
+        for name, run in qlora["runs"].items()
+    ]
 
 
 def _zero_rows(zero: dict | None) -> list[tuple[str, str, str]]:
