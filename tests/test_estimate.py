@@ -315,9 +315,9 @@ def test_pipeline_stages_split_the_model_states():
     assert two.activations == one.activations
 
 
-def test_plan_of_a_lora_run_counts_states_for_the_adapters_only(small_llama):
-    shape = model_shape(str(small_llama))
-    plan = make_plan(
+def adapter_plan(shape: ModelShape) -> dict:
+    """The plan of a run on 2 processes that trains 1,000 adapter weights."""
+    return make_plan(
         num_samples=100,
         world_size=2,
         micro_batch_size=4,
@@ -326,6 +326,11 @@ def test_plan_of_a_lora_run_counts_states_for_the_adapters_only(small_llama):
         trainable_parameters=1_000,
         total_parameters=shape.total_params,
     ).to_dict()
+
+
+def test_plan_of_a_lora_run_counts_states_for_the_adapters_only(small_llama):
+    shape = model_shape(str(small_llama))
+    plan = adapter_plan(shape)
     memory = estimate_run(plan, shape, "fp32", 64, zero_stage=0)["memory_per_device"]
     # fp32: 4 bytes for every weight held, 4 (gradient) + 8 (Adam) for each of the 1,000 trained ones.
     assert (memory["parameters"], memory["gradients"], memory["optimizer_states"]) == (
@@ -391,15 +396,7 @@ def test_a_4bit_base_takes_the_bytes_bitsandbytes_stores(tmp_path):
 
 def test_plan_of_a_qlora_run_counts_the_quantised_base_and_8bit_adam_states(small_llama, tmp_path, capsys):
     shape = model_shape(str(small_llama))
-    plan = make_plan(
-        num_samples=100,
-        world_size=2,
-        micro_batch_size=4,
-        gradient_accumulation_steps=2,
-        learning_rate=1e-4,
-        trainable_parameters=1_000,
-        total_parameters=shape.total_params,
-    ).to_dict()
+    plan = adapter_plan(shape)
     estimate = estimate_run(plan, shape, "fp32", 64, quantization=Quantization(4), eight_bit_states=True)
     memory = estimate["memory_per_device"]
     # Embeddings and LM head fp32; decoder layers 0.5 + 4/64 bytes a weight, plus one layer dequantised in
