@@ -35,6 +35,16 @@ def sample_fields(
     }
 
 
+def render_prompt(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
+    """A prompt's token ids: a list of chat turns through the chat template with its generation prompt
+    (the assistant's turn opened), a string as it is."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
+
+
 def require_chat_tokenizer(tokenizer: Any) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(

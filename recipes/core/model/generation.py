@@ -2,8 +2,13 @@
 
 Prompts are token ids (a chat prompt rendered with the tokenizer's chat template and its generation
 prompt, or a plain string's tokens). Each is repeated `num_generations` times, left-padded into one batch
-and sampled with transformers' `generate` (`temperature` 0 for greedy decoding), from the global torch RNG, so that the run's seed and a checkpoint's RNG states decide them. A completion is its tokens up to and
-including the first end-of-sequence token; one that reaches `max_completion_length` without it is
+and sampled with transformers' `generate` (`temperature` 0 for greedy decoding). What decides the samples:
+by default the global torch RNG, so that the run's seed and a checkpoint's RNG states decide them; with
+`seeds`, one per completion, each completion draws from a generator of its own (Gumbel-max: the argmax of
+the tempered, top-k/top-p filtered logits plus Gumbel noise from that generator is a sample of their
+softmax), so that a completion depends on its seed, its prompt and the weights only, not on which other
+prompts share its batch, on the number of processes or on the global RNG. A completion is its tokens up to
+and including the first end-of-sequence token; one that reaches `max_completion_length` without it is
 truncated. The caller makes the whole weights available while this runs (ZeRO-3 and FSDP2 gather them
 once per generation batch, core/distributed/gather.py), so generating token by token gathers nothing.
 """
@@ -14,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from recipes.core.data.chat import render_prompt  # noqa: F401 - the prompt rendering this module samples from
 
 
 @dataclass(frozen=True)
@@ -40,26 +47,23 @@ class Completions:
         return [len(ids) for ids in self.ids]
 
 
-def render_prompt(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
-    """A prompt's token ids: a list of chat turns through the chat template with its generation prompt
-    (the assistant's turn opened), a string as it is."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
-        "input_ids"
-    ]
-
-
 @torch.no_grad()
 def sample(
-    model: Any, prompt_ids: list[list[int]], sampling: Sampling, pad_token_id: int, eos_token_id: int
+    model: Any,
+    prompt_ids: list[list[int]],
+    sampling: Sampling,
+    pad_token_id: int,
+    eos_token_id: int,
+    seeds: list[int] | None = None,
 ) -> Completions:
     """`sampling.num_generations` completions of every prompt, in prompt order. The settings are exactly
     `sampling`'s: nothing comes from the model's own generation_config (a checkpoint's default temperature
-    or top_k would change what is sampled)."""
-    from transformers import GenerationConfig
+    or top_k would change what is sampled). `seeds`: one per completion (module docstring)."""
+    from transformers import GenerationConfig, LogitsProcessorList
 
     prompt_ids = [ids for ids in prompt_ids for _ in range(sampling.num_generations)]
+    if seeds is not None and len(seeds) != len(prompt_ids):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} completions")
     device = next(model.parameters()).device
     width = max(len(ids) for ids in prompt_ids)
     input_ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
@@ -68,6 +72,10 @@ def sample(
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
     greedy = sampling.temperature == 0
+    processors = LogitsProcessorList()
+    if seeds is not None and not greedy:
+        processors.append(_SeededNoise(sampling, seeds, device))
+        greedy = True  # the argmax of the noised scores is the sample
     config = GenerationConfig(
         do_sample=not greedy,
         max_new_tokens=sampling.max_completion_length,
@@ -83,7 +91,10 @@ def sample(
     model.eval()
     try:
         output = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+            logits_processor=processors,
         )
     finally:
         model.train(was_training)
@@ -93,3 +104,31 @@ def sample(
         ids.append(row[:end])
         truncated.append(eos_token_id not in row)
     return Completions(ids, truncated)
+
+
+class _SeededNoise:
+    """A logits processor: temperature, top-k and top-p as generate's sampling applies them, then Gumbel
+    noise drawn for each row from its own generator, so that the argmax is that row's sample."""
+
+    def __init__(self, sampling: Sampling, seeds: list[int], device: torch.device):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.warpers = [TemperatureLogitsWarper(sampling.temperature)]
+        if sampling.top_k:
+            self.warpers.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        uniform = torch.stack(
+            [
+                torch.rand(scores.shape[1], generator=generator, device=scores.device, dtype=torch.float64)
+                for generator in self.generators
+            ]
+        )
+        tiny = torch.finfo(torch.float64).tiny  # keeps log(0) out: a draw of exactly 0 or 1
+        gumbel = -torch.log(-torch.log(uniform.clamp(tiny, 1 - 2**-53)))
+        return (scores.double() + gumbel).to(scores.dtype)
