@@ -77,6 +77,15 @@ class Ranks:
         dist.all_gather(values, mine)
         return [v.item() for v in values]
 
+    def concatenate(self, items: list) -> list:
+        """The lists `items` of every process (picklable values), joined in rank order; the same on every
+        process."""
+        if not self.distributed:
+            return list(items)
+        every: list = [None] * self.num_processes
+        dist.all_gather_object(every, items)
+        return [item for part in every for item in part]
+
     def wait_for_everyone(self) -> None:
         if self.distributed:
             dist.barrier()
