@@ -6,7 +6,7 @@ e.g. the reference answer), and returns one number per completion, or None where
 in TRL, that function then adds nothing to that completion's reward). `reward_weights` weigh them (default
 1 each). They are imported before anything is loaded, so a name that does not import stops the run in
 seconds; what one returns is checked on every call, and a wrong length, a non-number or NaN stops the run
-naming the function and the completion.
+naming the function and the completion, as does an exception the function raises.
 """
 
 from __future__ import annotations
@@ -79,9 +79,16 @@ def score(
     """Each function's rewards for the completions (one row per function; None where it does not apply)."""
     rows = []
     for reward in functions:
-        values = reward.function(
-            prompts=prompts, completions=completions, completion_ids=completion_ids, **columns
-        )
+        try:
+            values = reward.function(
+                prompts=prompts, completions=completions, completion_ids=completion_ids, **columns
+            )
+        except Exception as err:  # the user's function: what it raises is theirs to see, in one line
+            raise RunStopped(
+                f"reward function {reward.name} raised {type(err).__name__}: {err}; it is called as "
+                f"f(prompts, completions, completion_ids, {', '.join(columns) or '(no other columns)'}) with "
+                f"one value per completion ({len(completions)} here): fix the function or the columns it reads"
+            ) from None
         rows.append(_checked(reward.name, values, len(completions)))
     return rows
 
