@@ -30,6 +30,7 @@ RECIPES = {
     "classify": "recipes.classify",
     "sft_pipeline": "recipes.sft_pipeline",
     "dpo": "recipes.dpo",
+    "grpo": "recipes.grpo",
 }
 
 
@@ -146,6 +147,8 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
 
     tokenizer = planning_tokenizer(cfg)
     data = None
+    if recipe.step_plan is not None:
+        return _own_plan(args, cfg, recipe, tokenizer)
     if args.num_samples is not None:
         num_samples, tokens_per_sample = args.num_samples, args.tokens_per_sample
     else:  # the samples, tokens and data record exactly as the run will count them
@@ -181,6 +184,28 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
         from recipes.core.output.plots import write_schedule_plot
 
         print(f"LR schedule drawn in {write_schedule_plot(plan.to_dict(), args.plot)}", file=sys.stderr)
+    return 0
+
+
+def _own_plan(args: argparse.Namespace, cfg, recipe: Recipe, tokenizer) -> int:
+    """The plan of a recipe that plans its own steps (GRPO); no compute estimate yet."""
+    from recipes.core.doctor.topology import read_topology
+
+    data = None
+    if args.num_samples is not None:
+        num_samples = args.num_samples
+    else:
+        train_set, data = recipe.plan_data(cfg, tokenizer)
+        num_samples = len(train_set)
+    world_size = args.num_processes or read_topology(args.accelerate_config, args.deepspeed_config).world_size
+    plan = recipe.step_plan(cfg, num_samples, world_size)
+    if args.json:
+        print(json.dumps({**plan.to_dict(), **({"data": data} if data else {})}))
+    else:
+        print(plan.summary() + "\n\n" + plan_table(plan.to_dict()))
+    print(
+        f"note: recipes plan has no compute, time or memory estimate for {recipe.name} yet", file=sys.stderr
+    )
     return 0
 
 

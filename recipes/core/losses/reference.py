@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM
 from recipes.core.data.chat import causal_lm_inputs
 from recipes.core.data.preferences import REF_COLUMNS
 from recipes.core.losses.causal_lm import CausalLMLoss
+from recipes.core.losses.completions import token_logps
 from recipes.core.model.pretrained import load_pretrained
 
 
@@ -119,6 +120,32 @@ def build_reference(cfg: Any, accelerator: Any, policy: Any, policy_loss: Causal
             return sequence_logps(placed, loss_of, batch)
 
     return Reference(copy_logps, f"a frozen copy of {path}", placed)
+
+
+def token_reference(cfg: Any, accelerator: Any, policy: Any) -> Callable[[dict], torch.Tensor]:
+    """GRPO's reference: completion inputs -> its token log-probabilities (core/losses/completions.py): the
+    policy with its adapter disabled (use_peft, no ref_model_name_or_path), else a frozen copy of
+    ref_model_name_or_path or the starting model, placed where the policy is (place_frozen)."""
+    if cfg.use_peft and not cfg.ref_model_name_or_path:
+
+        def disabled_adapter(inputs: dict) -> torch.Tensor:
+            with accelerator.unwrap_model(policy).disable_adapter(), evaluating(policy):
+                return token_logps(policy, inputs, cfg.temperature)
+
+        return disabled_adapter
+    path = cfg.ref_model_name_or_path or cfg.model_name_or_path
+    frozen = load_pretrained(
+        AutoModelForCausalLM,
+        dataclasses.replace(cfg, model_name_or_path=path, gradient_checkpointing=False, torch_compile=False),
+    )
+    frozen.requires_grad_(False)
+    placed = place_frozen(frozen, accelerator)
+
+    def frozen_copy(inputs: dict) -> torch.Tensor:
+        with evaluating(placed), accelerator.autocast():
+            return token_logps(placed, inputs, cfg.temperature)
+
+    return frozen_copy
 
 
 def place_frozen(model: torch.nn.Module, accelerator: Any) -> Any:

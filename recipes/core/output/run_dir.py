@@ -40,6 +40,7 @@ RUN_FILES = {
     "curves.png",
     "eval_results.json",
     "test_predictions.jsonl",
+    "completions.jsonl",
     "final",
     "merged",
 }

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from recipes.core.config import ConfigError
 from recipes.core.plan.steps import (
@@ -188,6 +189,28 @@ def make_grpo_plan(
         learning_rate=learning_rate,
         max_completion_length=max_completion_length,
         max_generated_tokens_per_step=generation * max_completion_length / steps_per_batch,
+    )
+
+
+def plan_for_grpo_config(cfg: Any, num_prompts: int, world_size: int, ga: int | None = None) -> GRPOPlan:
+    """make_grpo_plan of a GRPO recipe config for `num_prompts` prompts on `world_size` processes; `ga`: the
+    accumulation the run resolved (else the config's, or global_batch_size's)."""
+    return make_grpo_plan(
+        num_prompts=num_prompts,
+        world_size=world_size,
+        micro_batch_size=cfg.per_device_train_batch_size,
+        num_generations=cfg.num_generations,
+        learning_rate=cfg.learning_rate,
+        gradient_accumulation_steps=ga or cfg.gradient_accumulation_steps,
+        global_batch_size=None if ga else cfg.global_batch_size,
+        steps_per_generation=cfg.steps_per_generation,
+        generation_batch_size=cfg.generation_batch_size,
+        num_iterations=cfg.num_iterations,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_steps,
+        warmup_ratio=cfg.warmup_ratio,
+        max_completion_length=cfg.max_completion_length,
     )
 
 

@@ -37,6 +37,9 @@ class Recipe:
     workload: Callable[[Any], Workload] = one_sequence_per_sample  # sequences per sample, reference model
     # (cfg, plan) -> the stage layout and bubble `recipes plan` shows next to the step plan
     pipeline_view: Callable[[Any, Plan], dict] | None = None
+    # (cfg, train samples, world size) -> the recipe's own step plan (to_dict, summary) where the samples are
+    # not what a step counts (GRPO: prompts, each sampled num_generations times); None: plan_for_config's
+    step_plan: Callable[[Any, int, int], Any] | None = None
 
     def tokens_per_sample(self, train_set: Any) -> float:
         """Mean tokens per sample of a tokenised train set, as the plan counts them."""

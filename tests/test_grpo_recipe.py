@@ -1,0 +1,314 @@
+"""The GRPO recipe: it takes exactly the planned optimizer steps at get_linear_schedule_with_warmup's LRs, its
+advantages and losses are the loss functions' on the completions it recorded (a first pass has ratio 1 and
+no clipping), two DDP processes sample the same completions and train the same weights as one process with
+the accumulation that gives the same global batch, and bad input stops it with one paragraph, exit 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    TWO_PROCESSES,
+    adam_tolerance,
+    float32_tolerance,
+    forward_terms,
+    in_process,
+    launch,
+    load_plan,
+    load_weights,
+    make_tiny_decoder,
+    read_jsonl,
+    train_records,
+    weight_distance,
+    write_jsonl,
+)
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+from recipes.cli import main as recipes
+from recipes.core.data.chat import render_prompt
+from recipes.core.errors import run_recipe
+from recipes.core.losses.completions import completion_inputs, token_logps
+from recipes.core.losses.grpo import Clipping, group_advantages, step_divisor, token_losses, weighted_sum
+from recipes.core.model.generation import Sampling, sample
+from recipes.data.generators.arithmetic import ARITHMETIC_DIR, write_arithmetic_dataset
+from recipes.rewards import correct_answer, number_only
+
+TESTS = Path(__file__).resolve().parent
+
+
+def letter_e(prompts, completions, **_):
+    """A reward the tiny random model's completions spread over: the letters e in the completion."""
+    return [float(completion[0]["content"].count("e")) for completion in completions]
+
+
+def explode(prompts, completions, **_):
+    raise ValueError("no score for you")
+
+
+# ---------------------------------------------------------------- the job
+# 12 prompts, 4 generations each; 8 completions (2 prompts) per optimizer step, as micro batch 4 x GA 2 on
+# one process or micro batch 4 x 2 ranks; generation batches of 16 completions (4 prompts), each trained in
+# 2 optimizer steps, so the second step of each is off the sampling policy (its logp_old was kept); 3
+# generation batches, 6 steps, warmup 2. A checkpoint after every step keeps the weights each step started from.
+STEPS, WARMUP, LR = 6, 2, 1e-2
+JOB = {
+    "reward_funcs": "test_grpo_recipe:letter_e",
+    "num_generations": 4,
+    "per_device_train_batch_size": 4,
+    "global_batch_size": 8,
+    "generation_batch_size": 16,
+    "max_completion_length": 8,
+    "temperature": 1.0,
+    "learning_rate": LR,
+    "warmup_steps": WARMUP,
+    "max_grad_norm": 0,
+    "per_device_eval_batch_size": 4,
+    "save_steps": 1,
+    "seed": 3,
+    "report_to": "none",
+}
+
+
+def job_args(model: Path, data: Path, output: Path, **overrides) -> list[str]:
+    values = {"model_name_or_path": model, "dataset_name": data, "output_dir": output, **JOB, **overrides}
+    return [x for key, value in values.items() for x in (f"--{key}", str(value))]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_decoder(tmp_path_factory.mktemp("grpo_model"), "llama")
+
+
+@pytest.fixture(scope="module")
+def prompt_data(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("grpo_data")
+    questions = [f"What is {a} + {a + 3}?" for a in range(16)]
+    rows = [
+        {"prompt": [{"role": "user", "content": q}], "answer": str(2 * a + 3)}
+        for a, q in enumerate(questions)
+    ]
+    write_jsonl(directory / "train.jsonl", rows[:12])
+    write_jsonl(directory / "validation.jsonl", rows[12:])
+    return directory
+
+
+@pytest.fixture(scope="module")
+def one_process(model_dir, prompt_data, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("grpo_one") / "run"
+    in_process("grpo", job_args(model_dir, prompt_data, output))
+    return output
+
+
+def batches(run: Path) -> dict[int, list[dict]]:
+    """completions.jsonl by generation batch, in completion order."""
+    found: dict[int, list[dict]] = {}
+    for row in read_jsonl(run / "completions.jsonl"):
+        found.setdefault(row["generation_batch"], []).append(row)
+    return found
+
+
+# ---------------------------------------------------------------- one process
+def test_the_run_takes_the_planned_steps_at_the_schedules_lrs(one_process):
+    plan = load_plan(one_process)
+    assert (plan["total_optimizer_steps"], plan["warmup_steps"]) == (STEPS, WARMUP)
+    assert (plan["completions_per_step"], plan["optimizer_steps_per_generation_batch"]) == (8, 2)
+    records = train_records(one_process)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert all(r["completions"] == 8 for r in records)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
+    scheduler = get_linear_schedule_with_warmup(optimizer, WARMUP, STEPS)
+    expected = []
+    for _ in range(STEPS):
+        expected.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert [r["lr"] for r in records] == expected
+    assert sorted(batches(one_process)) == [0, 1, 2]
+
+
+def test_rewards_and_advantages_are_the_reward_function_and_group_advantages_of_the_completions(one_process):
+    for rows in batches(one_process).values():
+        assert [r["generation"] for r in rows] == [0, 1, 2, 3] * 4
+        completions = [[{"role": "assistant", "content": r["completion"]}] for r in rows]
+        rewards = letter_e(None, completions)
+        assert [r["reward"] for r in rows] == rewards
+        advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64).float(), 4)
+        assert [r["advantage"] for r in rows] == advantages.tolist()
+
+
+def test_a_first_pass_has_ratio_one_and_its_loss_is_the_closed_form(one_process):
+    """On the step that samples its generation batch the importance ratio is 1: nothing is clipped and each
+    token's loss is -A (dapo: the token mean over the step, sum_i -A_i n_i / sum_i n_i)."""
+    records = train_records(one_process)
+    for step in (1, 3, 5):
+        record = records[step - 1]
+        rows = batches(one_process)[step // 2][:8]
+        lengths = [len(r["completion_ids"]) for r in rows]
+        assert record["clip_fraction"] == 0.0 and record["completion_tokens"] == sum(lengths)
+        expected = -math.fsum(r["advantage"] * n for r, n in zip(rows, lengths, strict=True)) / sum(lengths)
+        # float32 token losses summed over the step's tokens, each at most max |A| in size
+        scale = max(abs(r["advantage"]) for r in rows)
+        assert abs(record["loss"] - expected) <= float32_tolerance(sum(lengths), scale)
+        assert record["reward"] == sum(r["reward"] for r in rows) / 8
+
+
+def test_an_off_policy_steps_loss_is_the_clipped_surrogate_from_the_weights_it_sampled_with(
+    one_process, model_dir, prompt_data
+):
+    """Step 6 trains the second half of the generation batch sampled after step 4: logp_old from the weights
+    of checkpoint-4, logp from those of checkpoint-5, recomputed here with the loss functions."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [render_prompt(tokenizer, row["prompt"]) for row in read_jsonl(prompt_data / "train.jsonl")]
+    rows = batches(one_process)[2][8:]
+    record = train_records(one_process)[5]
+
+    def logps_after(step: int) -> list[torch.Tensor]:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.load_state_dict(load_file(str(one_process / f"checkpoint-{step}" / "model.safetensors")))
+        found = []
+        for half in (rows[:4], rows[4:]):  # the run's micro-batches
+            inputs = micro_batch(half)
+            with torch.no_grad():
+                found.append(token_logps(model.eval(), inputs, 1.0))
+        return found
+
+    def micro_batch(half: list[dict]) -> dict:
+        return completion_inputs(
+            [prompts[r["prompt_row"]] for r in half],
+            [r["completion_ids"] for r in half],
+            tokenizer.pad_token_id,
+            torch.device("cpu"),
+        )
+
+    tokens = sum(len(r["completion_ids"]) for r in rows)
+    divisor = step_divisor(tokens, 8, "dapo", 8)
+    total, magnitude, clipped = 0.0, 0.0, 0
+    for half, logps, old in zip((rows[:4], rows[4:]), logps_after(5), logps_after(4), strict=True):
+        advantages = torch.tensor([r["advantage"] for r in half])
+        losses, was_clipped, _ = token_losses(logps, old, advantages, Clipping(0.2))
+        mask = micro_batch(half)["completion_mask"]
+        total += weighted_sum(losses, mask, "dapo").item()
+        magnitude += (losses.abs() * mask).sum().item()
+        clipped += int((was_clipped * mask).sum())
+    assert record["clip_fraction"] == clipped / tokens
+    # The forward's and the step's sums, in float32, relative to the magnitudes they add.
+    config = AutoConfig.from_pretrained(model_dir)
+    terms = forward_terms(config, mask.shape[1] + 32) + config.vocab_size + tokens
+    assert abs(record["loss"] - total / divisor) <= float32_tolerance(terms, magnitude / divisor)
+
+
+def test_seeded_samples_do_not_depend_on_the_batch_they_are_drawn_in(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    prompts = [
+        render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in ("What is 1 + 2?", "Hi", "Why?")
+    ]
+    sampling = Sampling(max_completion_length=10, temperature=0.8, top_k=50, top_p=0.9)
+
+    def drawn(indices: list[int]) -> list[list[int]]:
+        chosen = [prompts[i] for i in indices]
+        seeds = [100 + i for i in indices]
+        return sample(
+            model, chosen, sampling, tokenizer.pad_token_id, tokenizer.eos_token_id, seeds=seeds
+        ).ids
+
+    every = drawn([0, 1, 2])
+    assert drawn([2, 0]) == [every[2], every[0]] and drawn([1]) == [every[1]]
+    assert len({tuple(ids) for ids in every}) == 3
+
+
+# ---------------------------------------------------------------- two processes
+@pytest.fixture(scope="module")
+def two_processes(model_dir, prompt_data, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("grpo_two") / "run"
+    python_path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    result = launch(
+        TWO_PROCESSES, "grpo", job_args(model_dir, prompt_data, output), env={"PYTHONPATH": python_path}
+    )
+    assert "world size 2" in result.stdout + result.stderr
+    return output
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_sample_the_same_completions_and_train_the_same_weights(one_process, two_processes):
+    assert load_plan(two_processes)["gradient_accumulation_steps"] == 1
+    # The same seeds, prompts and (to rounding) weights: the same completions, rewards and advantages.
+    assert read_jsonl(two_processes / "completions.jsonl") == read_jsonl(one_process / "completions.jsonl")
+    ours, theirs = train_records(two_processes), train_records(one_process)
+    exact = ("step", "lr", "completions", "completion_tokens", "reward", "reward_std", "frac_reward_zero_std")
+    assert [[r[k] for k in exact] for r in ours] == [[r[k] for k in exact] for r in theirs]
+    # The gradients add the same terms in another order (two ranks' halves, then their mean): each step's
+    # gradient within 2 n u of its norm, and Adam carries that into steps of at most lr x sqrt(weights).
+    weights = load_weights(one_process / "final")
+    config = AutoConfig.from_pretrained(one_process / "final")
+    n_weights = sum(t.numel() for t in weights.values())
+    gradient_terms = 2 * forward_terms(config, 32) + config.vocab_size + 8 * 8
+    tolerance = adam_tolerance(gradient_terms, [r["lr"] for r in theirs], n_weights)
+    assert weight_distance(load_weights(two_processes / "final"), weights) <= tolerance
+    for x, y in zip(ours, theirs, strict=True):
+        # the loss is a mean of float32 token losses of size |A| (1.5 at most for groups of 4) or their
+        # ratio-weighted versions (x 1.2 at most where it counts), moved by the weights' distance
+        assert abs(x["loss"] - y["loss"]) <= float32_tolerance(gradient_terms, 2.0) + 2.0 * tolerance, (x, y)
+
+
+# ---------------------------------------------------------------- errors
+def test_a_reward_function_that_raises_stops_the_run_with_one_paragraph_and_exit_2(
+    model_dir, prompt_data, tmp_path, capsys
+):
+    args = job_args(model_dir, prompt_data, tmp_path / "run", reward_funcs="test_grpo_recipe:explode")
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe(lambda: in_process("grpo", args))
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(
+        "error: reward function test_grpo_recipe:explode raised ValueError: no score for you; it is called as "
+        "f(prompts, completions, completion_ids, answer)"
+    )
+
+
+def test_a_generation_batch_of_partial_groups_is_refused_before_loading_with_values_that_work(
+    model_dir, prompt_data, tmp_path, capsys
+):
+    args = job_args(model_dir, prompt_data, tmp_path / "run", num_generations=3, generation_batch_size=8)
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe(lambda: in_process("grpo", args))
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "is not a whole number of groups of num_generations 3" in error
+    assert "use " in error and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- the default job
+def test_recipes_plan_prints_the_grpo_plan_of_the_default_config(capsys):
+    assert (
+        recipes(["plan", "--config", "recipes/configs/grpo_smollm2.yaml", "--num-samples", "512", "--json"])
+        == 0
+    )
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["total_optimizer_steps"] == 20 and plan["completions_per_step"] == 32
+    assert (plan["prompts_per_step"], plan["generation_batches_per_epoch"], plan["warmup_steps"]) == (
+        4,
+        128,
+        2,
+    )
+
+
+def test_the_bundled_arithmetic_task_is_its_generators_output_and_its_rewards_score_answers(tmp_path):
+    write_arithmetic_dataset(tmp_path)
+    for split in ("train", "validation"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (ARITHMETIC_DIR / f"{split}.jsonl").read_bytes()
+    train = read_jsonl(ARITHMETIC_DIR / "train.jsonl")
+    validation = read_jsonl(ARITHMETIC_DIR / "validation.jsonl")
+    assert (len(train), len(validation)) == (512, 64)
+    assert not {r["prompt"][1]["content"] for r in train} & {r["prompt"][1]["content"] for r in validation}
+    replies = [
+        [{"role": "assistant", "content": text}] for text in ("21", "The answer is 21.", "12 + 9 = 21", "22")
+    ]
+    assert correct_answer(None, replies, answer=["21"] * 4) == [1.0, 1.0, 1.0, 0.0]
+    assert number_only(None, replies) == [1.0, 0.0, 0.0, 1.0]
