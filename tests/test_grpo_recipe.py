@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    MEASURED,
     TWO_PROCESSES,
     adam_tolerance,
     float32_tolerance,
@@ -22,7 +23,9 @@ from helpers import (
     load_plan,
     load_weights,
     make_tiny_decoder,
+    max_weight_diff,
     read_jsonl,
+    resume_copy,
     train_records,
     weight_distance,
     write_jsonl,
@@ -312,3 +315,41 @@ def test_the_bundled_arithmetic_task_is_its_generators_output_and_its_rewards_sc
     ]
     assert correct_answer(None, replies, answer=["21"] * 4) == [1.0, 1.0, 1.0, 0.0]
     assert number_only(None, replies) == [1.0, 0.0, 0.0, 1.0]
+
+
+# ---------------------------------------------------------------- resume and the reference
+def test_a_run_resumed_in_the_middle_of_a_generation_batch_trains_exactly_as_the_uninterrupted_one(
+    one_process, model_dir, prompt_data, tmp_path
+):
+    """checkpoint-3 lies between the two steps of generation batch 1: the resumed run trains step 4 on the
+    completions and logp_old the checkpoint kept (sampling them again would draw from moved weights)."""
+    resumed = resume_copy(one_process, 3, tmp_path / "resumed")
+    in_process("grpo", job_args(model_dir, prompt_data, resumed, resume_from_checkpoint="latest"))
+    ours, theirs = read_jsonl(resumed / "metrics.jsonl"), read_jsonl(one_process / "metrics.jsonl")
+    measured = MEASURED | {
+        "generation_time",
+        "training_time",
+        "generated_tokens_per_s",
+        "train_completions_per_second",
+    }
+    assert [{k: v for k, v in r.items() if k not in measured} for r in ours] == [
+        {k: v for k, v in r.items() if k not in measured} for r in theirs
+    ]  # the same floats: the same operations in the same order on the same values
+    assert max_weight_diff(load_weights(resumed / "final"), load_weights(one_process / "final")) == 0.0
+    assert read_jsonl(resumed / "completions.jsonl") == read_jsonl(one_process / "completions.jsonl")
+
+
+def test_with_beta_the_kl_to_the_starting_model_is_zero_at_the_first_step_and_then_grows(
+    model_dir, prompt_data, tmp_path
+):
+    run = tmp_path / "run"
+    in_process(
+        "grpo", job_args(model_dir, prompt_data, run, beta=0.1, warmup_steps=0, max_steps=3, save_steps=0)
+    )
+    kls = [r["kl"] for r in train_records(run)]
+    # The reference is a frozen copy of the same weights: the per-token log-ratio d is rounding (float32
+    # over the forward's sums, relative to |logp| <= log(vocabulary) for this barely trained model), and
+    # the estimator exp(d) - d - 1 is d^2 / 2 to leading order.
+    config = AutoConfig.from_pretrained(model_dir)
+    d = float32_tolerance(forward_terms(config, 32) + config.vocab_size, math.log(config.vocab_size))
+    assert 0 <= kls[0] <= d**2 and kls[2] > d**2
