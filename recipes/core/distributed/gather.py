@@ -34,15 +34,23 @@ def whole_weights(accelerator: Any, model: Any) -> Iterator[Any]:
     if not units:
         yield unwrapped
         return
+    resharding = [_reshards_after_forward(unit) for unit in units]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
     try:
         yield unwrapped
     finally:
-        for unit in units:
+        for unit, reshards in zip(units, resharding, strict=True):
             unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
+            unit.set_reshard_after_forward(reshards, recurse=False)
+
+
+def _reshards_after_forward(unit: Any) -> bool:
+    """Whether an FSDP2 unit reshards after forward (fsdp_reshard_after_forward; the root does not). FSDP2 has
+    a setter but no getter: its parameter group keeps a post-forward mesh exactly when it reshards."""
+    group = unit._get_fsdp_state()._fsdp_param_group
+    return group is not None and group.post_forward_mesh_info is not None
 
 
 @contextlib.contextmanager
