@@ -43,7 +43,7 @@ from recipes.data.generators.arithmetic import ARITHMETIC_DIR, write_arithmetic_
 from recipes.rewards import correct_answer, number_only
 
 TESTS = Path(__file__).resolve().parent
-FSDP2 = "accelerate_configs/fsdp2.yaml"
+FSDP2, ZERO3 = "accelerate_configs/fsdp2.yaml", "accelerate_configs/ds_zero3.yaml"
 
 
 def letter_e(prompts, completions, **_):
@@ -275,16 +275,21 @@ def test_two_ddp_processes_sample_the_same_completions_and_train_the_same_weight
 
 
 @pytest.mark.slow
-def test_fsdp2_generates_on_the_gathered_weights_and_trains_as_one_process(
-    one_process, model_dir, prompt_data, tmp_path
+@pytest.mark.parametrize("topology", [FSDP2, ZERO3], ids=["fsdp2", "zero3"])
+def test_sharded_weights_are_gathered_for_generation_and_train_as_one_process(
+    one_process, model_dir, prompt_data, tmp_path, topology
 ):
-    """Under FSDP2 each rank holds half of every parameter: generation runs on weights gathered once per
-    generation batch, and the shards train as one process does (reduce-scatter instead of local sums)."""
+    """Under FSDP2 and ZeRO-3 each rank holds half of every parameter: generation runs on the weights
+    gathered once per generation batch (with the engines' per-module hooks held off), and the shards train
+    as one process does (reduce-scatter instead of local sums)."""
     output = tmp_path / "run"
     result = launch(
-        FSDP2, "grpo", job_args(model_dir, prompt_data, output), env={"PYTHONPATH": python_path()}
+        topology, "grpo", job_args(model_dir, prompt_data, output), env={"PYTHONPATH": python_path()}
     )
-    assert "FSDP2: parameters sharded over 2 processes" in result.stdout + result.stderr
+    if topology == FSDP2:
+        assert "FSDP2: parameters sharded over 2 processes" in result.stdout + result.stderr
+    else:
+        assert json.loads((output / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     assert_trains_as_one_process(output, one_process)
 
 
