@@ -372,15 +372,16 @@ def test_a_run_resumed_in_the_middle_of_a_generation_batch_trains_exactly_as_the
     assert read_jsonl(resumed / "completions.jsonl") == read_jsonl(one_process / "completions.jsonl")
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["frozen_copy", "disabled_adapter"])
 def test_with_beta_the_kl_to_the_starting_model_is_zero_at_the_first_step_and_then_grows(
-    model_dir, prompt_data, tmp_path
+    model_dir, prompt_data, tmp_path, lora
 ):
     run = tmp_path / "run"
-    in_process(
-        "grpo", job_args(model_dir, prompt_data, run, beta=0.1, warmup_steps=0, max_steps=3, save_steps=0)
-    )
+    overrides = dict(beta=0.1, warmup_steps=0, max_steps=3, save_steps=0, use_peft=lora)
+    in_process("grpo", job_args(model_dir, prompt_data, run, **overrides))
     kls = [r["kl"] for r in train_records(run)]
-    # The reference is a frozen copy of the same weights: the per-token log-ratio d is rounding (float32
+    # The reference is a frozen copy of the same weights, or the policy without its adapter (whose update is
+    # 0 before the first step: LoRA starts B at 0): the per-token log-ratio d is rounding (float32
     # over the forward's sums, relative to |logp| <= log(vocabulary) for this barely trained model), and
     # the estimator exp(d) - d - 1 is d^2 / 2 to leading order.
     config = AutoConfig.from_pretrained(model_dir)
