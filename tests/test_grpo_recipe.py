@@ -327,7 +327,7 @@ def test_recipes_plan_prints_the_grpo_plan_of_the_default_config(capsys):
         == 0
     )
     plan = json.loads(capsys.readouterr().out)
-    assert plan["total_optimizer_steps"] == 20 and plan["completions_per_step"] == 32
+    assert plan["total_optimizer_steps"] == 16 and plan["completions_per_step"] == 32
     assert (plan["prompts_per_step"], plan["generation_batches_per_epoch"], plan["warmup_steps"]) == (
         4,
         128,
