@@ -60,6 +60,7 @@ def explode(prompts, completions, **_):
 # one process or micro batch 4 x 2 ranks; generation batches of 16 completions (4 prompts), each trained in
 # 2 optimizer steps, so the second step of each is off the sampling policy (its logp_old was kept); 3
 # generation batches, 6 steps, warmup 2. A checkpoint after every step keeps the weights each step started from.
+# 5 eval prompts in chunks of 2: on 2 ranks one samples twice, the other once.
 STEPS, WARMUP, LR = 6, 2, 1e-2
 JOB = {
     "reward_funcs": "test_grpo_recipe:letter_e",
@@ -72,7 +73,7 @@ JOB = {
     "learning_rate": LR,
     "warmup_steps": WARMUP,
     "max_grad_norm": 1000,  # above every step's norm: recorded, never clipped
-    "per_device_eval_batch_size": 4,
+    "per_device_eval_batch_size": 2,  # 5 eval prompts: 2 chunks on rank 0, 1 on rank 1
     "save_steps": 1,
     "seed": 3,
     "report_to": "none",
@@ -92,7 +93,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def prompt_data(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("grpo_data")
-    questions = [f"What is {a} + {a + 3}?" for a in range(16)]
+    questions = [f"What is {a} + {a + 3}?" for a in range(17)]
     rows = [
         {"prompt": [{"role": "user", "content": q}], "answer": str(2 * a + 3)}
         for a, q in enumerate(questions)

@@ -95,6 +95,9 @@ def sample(
             attention_mask=attention_mask.to(device),
             generation_config=config,
             logits_processor=processors,
+            # The weights are whole here: no rank waits for another's forwards (transformers would keep every
+            # rank stepping until all finish under ZeRO-3 and FSDP, which hangs when they sample different counts).
+            synced_gpus=False,
         )
     finally:
         model.train(was_training)
