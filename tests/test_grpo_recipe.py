@@ -302,8 +302,9 @@ def test_a_reward_function_that_raises_stops_the_run_with_one_paragraph_and_exit
     with pytest.raises(SystemExit) as stopped:
         run_recipe(lambda: in_process("grpo", args))
     assert stopped.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith(
+    err = capsys.readouterr().err
+    error = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and error.startswith(
         "error: reward function test_grpo_recipe:explode raised ValueError: no score for you; it is called as "
         "f(prompts, completions, completion_ids, answer)"
     )
@@ -316,9 +317,11 @@ def test_a_generation_batch_of_partial_groups_is_refused_before_loading_with_val
     with pytest.raises(SystemExit) as stopped:
         run_recipe(lambda: in_process("grpo", args))
     assert stopped.value.code == 2
-    error = capsys.readouterr().err.strip()
-    assert error.count("\n") == 0 and "is not a whole number of groups of num_generations 3" in error
-    assert "use " in error and not (tmp_path / "run").exists()
+    err = capsys.readouterr().err
+    error = err.strip().splitlines()[-1]  # one line, after the datasets progress bars; no traceback
+    assert error.startswith("error: ") and "Traceback" not in err
+    assert "is not a whole number of groups of num_generations 3" in error and "; use " in error
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- the default job
@@ -388,3 +391,16 @@ def test_with_beta_the_kl_to_the_starting_model_is_zero_at_the_first_step_and_th
     config = AutoConfig.from_pretrained(model_dir)
     d = float32_tolerance(forward_terms(config, 32) + config.vocab_size, math.log(config.vocab_size))
     assert 0 <= kls[0] <= d**2 and kls[2] > d**2
+
+
+def test_a_dataset_without_the_prompt_column_is_named_with_its_columns(model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "questions.jsonl", [{"question": "What is 1 + 2?", "answer": "3"}] * 8)
+    args = job_args(model_dir, data, tmp_path / "run", eval_split="null")
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe(lambda: in_process("grpo", args))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    error = err.strip().splitlines()[-1]  # one line, after the datasets progress bars; no traceback
+    assert error.startswith("error: ") and "Traceback" not in err
+    assert "has no column 'prompt'; its columns are ['question', 'answer']" in error
+    assert not (tmp_path / "run").exists()
