@@ -404,3 +404,28 @@ def test_a_dataset_without_the_prompt_column_is_named_with_its_columns(model_dir
     assert error.startswith("error: ") and "Traceback" not in err
     assert "has no column 'prompt'; its columns are ['question', 'answer']" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_completion_logps_in_a_padded_batch_are_those_of_each_sequence_alone(model_dir):
+    """Prompts left-padded and completions right-padded, with positions counting real tokens only: each
+    completion token's log-probability is that of its sequence run alone, unpadded (as it was sampled)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in ("What is 1 + 2?", "Hi")]
+    completions = [[5, 17, 230], [42, 7, 7, 99, 3]]
+    assert len(prompts[0]) != len(prompts[1])
+    inputs = completion_inputs(prompts, completions, tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        batched = token_logps(model, inputs, 0.7)
+        for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            logits = (
+                model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1] / 0.7
+            )
+            alone = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+            # float32 forwards of different shapes: the deepest chain of sums, relative to |logp|
+            config = AutoConfig.from_pretrained(model_dir)
+            bound = float32_tolerance(forward_terms(config, 32) + config.vocab_size, alone.abs().max().item())
+            assert (batched[row, : len(completion)] - alone).abs().max() <= bound
+            assert inputs["completion_mask"][row].tolist() == [1] * len(completion) + [0] * (
+                5 - len(completion)
+            )
