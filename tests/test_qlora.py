@@ -54,9 +54,14 @@ RUNS = {  # name: (accelerate config or None for this process, extra arguments)
     # FSDP2 shards floating-point storage only: the 4-bit codes stored in float32 elements (the same bits)
     "q4_fsdp2": (
         "accelerate_configs/fsdp2.yaml",
-        [*LORA, *Q4, "--bnb_4bit_quant_storage", "float32", "--save_steps", "0"],
+        [*LORA, *Q4, "--bnb_4bit_quant_storage", "float32", "--save_steps", "0", "--merge_adapter", "true"],
     ),
     "lora": (None, [*LORA, "--save_steps", "0"]),
+    "q8": (None, [*LORA, "--load_in_8bit", "true", "--save_steps", "0"]),
+    "q8_big_batch": (
+        None,
+        [*LORA, "--load_in_8bit", "true", "--per_device_train_batch_size", "8", "--save_steps", "0"],
+    ),
     "full_8bit_adam": (None, ["--optim", "adamw_8bit"]),
 }
 
@@ -159,13 +164,25 @@ def test_qlora_accumulation_data_parallelism_and_checkpointing_equal_one_big_bat
     assert_one_big_batch(runs[name], runs["q4_big_batch"])
 
 
+@pytest.mark.slow
+def test_8bit_lora_accumulation_equals_one_big_batch_on_a_frozen_int8_base(runs):
+    """LLM.int8 quantises each row of a product's inputs on its own (and the frozen weights once), so a
+    token's products do not depend on the other sequences of its micro-batch: accumulation (GA 4) trains
+    the big batch's sums in another order."""
+    assert_one_big_batch(runs["q8"], runs["q8_big_batch"])
+    assert all(v.abs().max() > 0 for k, v in adapter(runs["q8"]).items() if "lora_B" in k)
+
+
 # -------------------------------------------------------------------- against unquantised LoRA
-def logit_change_of_quantisation(model: Path, input_ids: torch.Tensor) -> float:
-    """The largest change NF4 quantisation makes to a logit of the pretrained model on `input_ids`."""
+NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32}
+INT8 = {"load_in_8bit": True}
+
+
+def logit_change_of_quantisation(model: Path, input_ids: torch.Tensor, quantisation: dict = NF4) -> float:
+    """The largest change quantisation (NF4 by default) makes to a logit of the pretrained model on
+    `input_ids`."""
     plain = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-    )
+    config = BitsAndBytesConfig(**quantisation)
     quantised = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, quantization_config=config)
     quantised.train()  # the kernel training uses (core/model/quantization.py prepare_quantized)
     with torch.no_grad():
@@ -173,38 +190,43 @@ def logit_change_of_quantisation(model: Path, input_ids: torch.Tensor) -> float:
 
 
 @pytest.mark.slow
-def test_qlora_losses_stay_within_the_quantisation_bound_of_unquantised_lora(runs, tiny_llama):
+@pytest.mark.parametrize(("name", "quantisation"), [("q4", NF4), ("q8", INT8)], ids=["nf4", "int8"])
+def test_qlora_losses_stay_within_the_quantisation_bound_of_unquantised_lora(
+    runs, tiny_llama, name, quantisation
+):
     """A token's loss is the log-softmax of its logits, which moves by at most twice the largest change of a
     logit; quantisation changes the pretrained model's logits by delta, so before training (LoRA's B is 0)
     the losses lie within 2 delta. Each step then moves each run's adapters by at most about the LR per
     weight (Adam), so the two runs' adapters lie within 2 lr sqrt(n) per step of each other, which moves a
     loss by at most its gradient's norm times that (README, QLoRA)."""
-    q, plain = train_records(runs["q4"]), train_records(runs["lora"])
+    q, plain = train_records(runs[name]), train_records(runs["lora"])
     torch.manual_seed(0)
     input_ids = torch.randint(0, 400, (8, 96))
-    delta = logit_change_of_quantisation(tiny_llama, input_ids)
+    delta = logit_change_of_quantisation(tiny_llama, input_ids, quantisation)
     n_weights = sum(v.numel() for v in adapter(runs["lora"]).values())
     gradient = max(r["grad_norm"] for r in q + plain)
     for a, b in zip(q, plain, strict=True):
         lrs = sum(r["lr"] for r in plain if r["step"] < b["step"])
         bound = 2 * delta + gradient * 2 * lrs * math.sqrt(n_weights)
         assert abs(a["loss"] - b["loss"]) <= bound, (a, b, bound)
-    first_q, first_plain = eval_records(runs["q4"])[0], eval_records(runs["lora"])[0]
+    first_q, first_plain = eval_records(runs[name])[0], eval_records(runs["lora"])[0]
     assert abs(first_q["eval_loss"] - first_plain["eval_loss"]) <= 2 * delta
     assert delta > 1e-4  # quantisation did change the model: the bound is not one of rounding
 
 
 # -------------------------------------------------------------------- merging
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["q4", "q4_fsdp2"])
 def test_merged_model_equals_the_adapter_on_the_unquantised_base_and_differs_from_the_trained_model_by_quantisation(
-    runs, tiny_llama
+    runs, tiny_llama, name
 ):
     """merged/ is the unquantised base in the compute dtype (fp32) plus the adapter: its logits equal the
     adapter on that base to rounding, and the adapter on the dequantised base (the model that trained) to
-    the quantisation's own change of the logits, delta, which the adapter does not undo."""
+    the quantisation's own change of the logits, delta, which the adapter does not undo. After FSDP2
+    training too, whose adapter was gathered from its shards before merging."""
     from peft import PeftModel
 
-    run = runs["q4"]
+    run = runs[name]
     input_ids = torch.tensor([[1, 5, 17, 42, 99, 7, 3, 250], [2, 8, 64, 128, 11, 13, 300, 4]])
     merged = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32).eval()
     assert merged.dtype == torch.float32 and not hasattr(merged.config, "quantization_config")

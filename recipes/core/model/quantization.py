@@ -9,6 +9,7 @@ recipe's start-up (the doctor's preflight) stops on them, with the same words.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -94,11 +95,19 @@ def prepare_quantized(model: Any) -> Any:
     On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight the first time it runs in eval
     mode without gradients (an inference kernel), rounding the blocks' scales to bf16 in place: evaluation
     would change the frozen base that training then uses (and the repacking fails on layers narrower than
-    a quantisation block). Every 4-bit layer is kept on the kernel training uses."""
+    a quantisation block). Every 4-bit layer is kept on the kernel training uses.
+
+    An 8-bit layer casts a product's float32 inputs to float16 to quantise them (LLM.int8), which
+    bitsandbytes logs at every forward of every layer; the README says it once instead."""
     import bitsandbytes as bnb
     from peft import prepare_model_for_kbit_training
 
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_without_int8_cast_notice)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _without_int8_cast_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
