@@ -331,11 +331,11 @@ def test_recipes_plan_prints_the_grpo_plan_of_the_default_config(capsys):
         == 0
     )
     plan = json.loads(capsys.readouterr().out)
-    assert plan["total_optimizer_steps"] == 16 and plan["completions_per_step"] == 32
-    assert (plan["prompts_per_step"], plan["generation_batches_per_epoch"], plan["warmup_steps"]) == (
+    assert (plan["total_optimizer_steps"], plan["warmup_steps"]) == (30, 3)  # warmup: ceil(0.1 x 30)
+    assert (plan["completions_per_step"], plan["prompts_per_step"], plan["generation_batches_per_epoch"]) == (
+        32,
         4,
         128,
-        2,
     )
 
 
