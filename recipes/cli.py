@@ -11,6 +11,7 @@ recipes launch [accelerate launch arguments]   # accelerate launch, exiting with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -31,6 +32,7 @@ RECIPES = {
     "sft_pipeline": "recipes.sft_pipeline",
     "dpo": "recipes.dpo",
     "grpo": "recipes.grpo",
+    "reward": "recipes.reward",
 }
 
 
@@ -212,6 +214,7 @@ def _own_plan(args: argparse.Namespace, cfg, recipe: Recipe, tokenizer) -> int:
 def _estimate(args, cfg, recipe: Recipe, plan: dict, topology, overrides: list[str]) -> dict | None:
     """Compute, time and memory estimate; skipped with a note when the model config cannot be read."""
     from recipes.core.launch.calibrate import calibrate
+    from recipes.core.model.lora import SEQUENCE_CLASSIFICATION
     from recipes.core.model.optimizer import EIGHT_BIT
     from recipes.core.model.shape import model_shape
     from recipes.core.plan.activations import Levers
@@ -231,6 +234,8 @@ def _estimate(args, cfg, recipe: Recipe, plan: dict, topology, overrides: list[s
             file=sys.stderr,
         )
         return None
+    if recipe.lora_task == SEQUENCE_CLASSIFICATION:  # a decoder under a classification head: no logits
+        shape = dataclasses.replace(shape, has_lm_head=False)
     seq_len = args.seq_len or getattr(cfg, recipe.length_field)
     if not seq_len:
         raise ConfigError("pass --seq-len (mean tokens per sequence) for the compute estimate")

@@ -29,6 +29,7 @@ from recipes.core.data.preferences import PairCollator, load_preference_data
 from recipes.core.distributed.fsdp import reshard
 from recipes.core.distributed.prepare import prepare
 from recipes.core.errors import run_recipe
+from recipes.core.evaluation.pairs import evaluate_pairs
 from recipes.core.launch.startup import setup_accelerator
 from recipes.core.losses.accumulation import backward_scale
 from recipes.core.losses.causal_lm import CausalLMLoss
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     def evaluate(step: int) -> None:
         if eval_loader is not None:
             run.records.log_eval(
-                step, evaluate_pairs(accelerator, model, eval_loader, losses_and_metrics), log
+                step, evaluate_pairs(accelerator, model, eval_loader, losses_and_metrics, METRICS), log
             )
 
     # ---------------------------------------------------------------- train
@@ -193,19 +194,6 @@ def check_config(cfg: DPOConfig) -> None:
             f"max_prompt_length ({cfg.max_prompt_length}) leaves no room for a completion within max_length "
             f"({cfg.max_length}); make max_prompt_length smaller than max_length"
         )
-
-
-@torch.no_grad()
-def evaluate_pairs(accelerator, model, loader, losses_and_metrics) -> dict[str, float]:
-    """Loss and METRICS averaged over every pair of the eval split; duplicates from uneven sharding dropped."""
-    model.eval()
-    rows = []
-    for batch in loader:
-        losses, metrics = losses_and_metrics(batch)
-        rows.append(accelerator.gather_for_metrics(torch.cat([losses[:, None].float(), metrics], dim=1)))
-    model.train()
-    means = torch.cat(rows).double().mean(dim=0).tolist()
-    return dict(zip(("eval_loss", *(f"eval_{name}" for name in METRICS)), means, strict=True))
 
 
 def plan_data(cfg: DPOConfig, tokenizer: Callable[[], Any]) -> tuple[Any, dict]:

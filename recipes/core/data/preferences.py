@@ -92,17 +92,23 @@ class PairReport:
 
 
 def load_preference_data(
-    cfg: Any, tokenizer: Any
+    cfg: Any, tokenizer: Any, numbers: tuple[str, ...] = ()
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, PairReport]:
     """Tokenised train and eval pairs (eval None without evaluation) and the report of how they were made.
-    Every check that reads the data happens here, before a model is loaded or output_dir is touched."""
+    Every check that reads the data happens here, before a model is loaded or output_dir is touched.
+    `numbers`: columns of one number per pair kept with the pairs where a split has them (a reward model's
+    margin)."""
     names = pair_columns(cfg.dataset_columns)
     loaded = load(cfg.dataset_name, cfg.dataset_config_name, cfg.dataset_num_proc)
     train, held_out = train_and_held_out(loaded, cfg.train_split, cfg.eval_split, cfg)
-    train_set, train_report = tokenize_pairs(train.first(cfg.max_train_samples), names, tokenizer, cfg)
+    train_set, train_report = tokenize_pairs(
+        train.first(cfg.max_train_samples), names, tokenizer, cfg, numbers
+    )
     eval_set = eval_report = None
     if held_out is not None:
-        eval_set, eval_report = tokenize_pairs(held_out.first(cfg.max_eval_samples), names, tokenizer, cfg)
+        eval_set, eval_report = tokenize_pairs(
+            held_out.first(cfg.max_eval_samples), names, tokenizer, cfg, numbers
+        )
     return train_set, eval_set, PairReport(train_report, eval_report)
 
 
@@ -145,9 +151,10 @@ def detect_form(split: Split, names: dict[str, str]) -> str:
 
 
 def tokenize_pairs(
-    split: Split, names: dict[str, str], tokenizer: Any, cfg: Any
+    split: Split, names: dict[str, str], tokenizer: Any, cfg: Any, numbers: tuple[str, ...] = ()
 ) -> tuple[datasets.Dataset, PairSplitReport]:
-    """A split's rows read in their form and tokenised; the pairs kept and what became of the rows."""
+    """A split's rows read in their form and tokenised; the pairs kept (with the `numbers` columns the split
+    has) and what became of the rows."""
     form = detect_form(split, names)
     if form == STANDARD:
         plain_text.require_eos(tokenizer)
@@ -159,6 +166,7 @@ def tokenize_pairs(
         "names": names,
         "max_prompt_length": cfg.max_prompt_length,
         "max_length": cfg.max_length,
+        "numbers": tuple(column for column in numbers if column in split.data.column_names),
     }
     tokenized = map_rows(
         split,
@@ -198,6 +206,7 @@ def tokenize_pair_batch(
     names: dict[str, str],
     max_prompt_length: int,
     max_length: int,
+    numbers: tuple[str, ...] = (),
 ) -> dict[str, list]:
     """datasets.map(batched=True) body: each row as a tokenised pair, or the reason it is dropped."""
     from jinja2 import TemplateError
@@ -206,6 +215,8 @@ def tokenize_pair_batch(
     for i, row in enumerate(indices):
         values = {field: batch[column][i] for field, column in names.items() if column in batch}
         prompt, chosen, rejected = read_pair(row, values, form, names)
+        for column in numbers:
+            out.setdefault(column, []).append(_number(row, batch[column][i], column))
         fields = {**_NO_PAIR, "dropped": _dropped(chosen, rejected)}
         if not fields["dropped"]:
             try:
@@ -276,6 +287,12 @@ def _string(row: int, value: Any, column: str, form: str) -> str:
             "write prompt, chosen and rejected as strings in every row (or as message lists in every row)",
         )
     return value
+
+
+def _number(row: int, value: Any, column: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RowError(row, column, f"{value!r} is not a number", f"give every row's {column} as a number")
+    return float(value)
 
 
 def _dropped(chosen: Any, rejected: Any) -> str:
@@ -365,6 +382,8 @@ class PairCollator:
             for pair in pairs
         ]
         batch = self.pad(sequences)
+        if "margin" in pairs[0]:  # a reward model's margin, one per pair
+            batch["margin"] = torch.tensor([pair["margin"] for pair in pairs], dtype=torch.float32)
         if REF_COLUMNS[0] in pairs[0]:
             values = [pair[column] for column in REF_COLUMNS for pair in pairs]
             batch["ref_logps"] = torch.tensor(values, dtype=torch.float32)
