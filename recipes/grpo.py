@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     def inputs_of(batch, completions: list[int]) -> dict[str, torch.Tensor]:
         prompts = [train_set[batch.prompt_rows[c // plan.num_generations]][IDS] for c in completions]
         ids = [batch.ids[c] for c in completions]
-        return completion_inputs(prompts, ids, tokenizer.pad_token_id, accelerator.device)
+        return completion_inputs(prompts, ids, rollouts.pad_token_id, accelerator.device)
 
     def logps_at_generation(batch, completions: list[int]) -> dict[str, torch.Tensor]:
         inputs, found = inputs_of(batch, completions), {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -429,3 +430,21 @@ def test_completion_logps_in_a_padded_batch_are_those_of_each_sequence_alone(mod
             assert inputs["completion_mask"][row].tolist() == [1] * len(completion) + [0] * (
                 5 - len(completion)
             )
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_end_of_sequence_token(
+    model_dir, prompt_data, tmp_path
+):
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(model)
+    assert AutoTokenizer.from_pretrained(model).pad_token_id is None
+    run = tmp_path / "run"
+    in_process("grpo", job_args(model, prompt_data, run, max_steps=2, save_steps=0))
+    assert [r["step"] for r in train_records(run)] == [1, 2]
+    eos = tokenizer.eos_token_id
+    for row in batches(run)[0]:  # a completion ends at its first end-of-sequence token, or is truncated
+        ids = row["completion_ids"]
+        assert eos not in ids[:-1] and row["truncated"] == (ids[-1] != eos) and len(ids) <= 8

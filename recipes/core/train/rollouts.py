@@ -123,6 +123,13 @@ class Rollouts:
     scale_rewards: str = "group"
     current: GenerationBatch | None = None
 
+    @property
+    def pad_token_id(self) -> int:
+        """What fills prompts and completions to a batch's width (masked out): the tokenizer's pad token, or
+        its end-of-sequence token where it has none."""
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
     def state_dict(self) -> dict:
         return {} if self.current is None else self.current.state_dict()
 
@@ -164,7 +171,7 @@ class Rollouts:
                 whole,
                 [prompt[IDS] for prompt in prompts],
                 self.sampling,
-                self.tokenizer.pad_token_id,
+                self.pad_token_id,
                 self.tokenizer.eos_token_id,
                 seeds=[completion_seed(self.seed, index, c) for c in mine],
             )
@@ -276,7 +283,7 @@ def evaluate_rewards(
         for start in range(0, len(prompts), batch_size):
             chunk = [prompt[IDS] for prompt in prompts[start : start + batch_size]]
             tokenizer = rollouts.tokenizer
-            ids += sample(whole, chunk, greedy, tokenizer.pad_token_id, tokenizer.eos_token_id).ids
+            ids += sample(whole, chunk, greedy, rollouts.pad_token_id, tokenizer.eos_token_id).ids
     scores = rollouts.score(eval_set, prompts, ids)
     total = total_rewards(rollouts.rewards, scores) if scores else []
     sums = [math.fsum(total)]
