@@ -48,8 +48,18 @@ FSDP2, ZERO3 = "accelerate_configs/fsdp2.yaml", "accelerate_configs/ds_zero3.yam
 
 
 def letter_e(prompts, completions, **_):
-    """A reward the tiny random model's completions spread over: the letters e in the completion."""
-    return [float(completion[0]["content"].count("e")) for completion in completions]
+    """A reward the tiny random model's completions spread over: the letters e in the completion (an
+    assistant turn after chat prompts, a string after text prompts)."""
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [float(text.count("e")) for text in texts]
+
+
+def seen_by_reward(prompts, completions, answer, **_):
+    """Records what a reward function is handed (prompt, completion, column) in a file beside the data."""
+    with open(os.environ["GRPO_SEEN"], "a") as f:
+        for row in zip(prompts, completions, answer, strict=True):
+            f.write(json.dumps(row) + "\n")
+    return [0.0] * len(completions)
 
 
 def explode(prompts, completions, **_):
@@ -448,3 +458,29 @@ def test_a_tokenizer_without_a_pad_token_pads_with_its_end_of_sequence_token(
     for row in batches(run)[0]:  # a completion ends at its first end-of-sequence token, or is truncated
         ids = row["completion_ids"]
         assert eos not in ids[:-1] and row["truncated"] == (ids[-1] != eos) and len(ids) <= 8
+
+
+def test_text_prompts_are_tokenised_as_they_are_and_reward_functions_get_strings_and_columns(
+    model_dir, tmp_path, monkeypatch
+):
+    rows = [{"prompt": f"Question {i}: what is {i} + 1?", "answer": str(i + 1)} for i in range(8)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    monkeypatch.setenv("GRPO_SEEN", str(tmp_path / "seen.jsonl"))
+    run = tmp_path / "run"
+    reward_funcs = "[test_grpo_recipe:letter_e, test_grpo_recipe:seen_by_reward]"
+    in_process(
+        "grpo",
+        job_args(
+            model_dir, data, run, eval_split="null", max_steps=1, warmup_steps=0, reward_funcs=reward_funcs
+        ),
+    )
+    seen = read_jsonl(tmp_path / "seen.jsonl")
+    recorded = batches(run)[0]
+    assert len(seen) == len(recorded) == 16
+    for (prompt, completion, answer), row in zip(seen, recorded, strict=True):
+        assert (prompt, answer) == (rows[row["prompt_row"]]["prompt"], rows[row["prompt_row"]]["answer"])
+        assert completion == row["completion"] and row["rewards"]["letter_e"] == completion.count("e")
+    record = load_plan(run)["data"]["train"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths = [len(tokenizer(row["prompt"])["input_ids"]) for row in rows]  # no chat template around them
+    assert record["chat"] is False and record["mean_tokens"] == sum(lengths) / len(lengths)
