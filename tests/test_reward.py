@@ -215,3 +215,66 @@ def test_a_margin_that_is_not_a_number_is_named_by_row(tiny_llama, tmp_path):
         DataError, match=r"line 4.*column 'margin': 'large' is not a number; give every row's"
     ):
         load_preference_data(cfg, AutoTokenizer.from_pretrained(tiny_llama), numbers=("margin",))
+
+
+# ---------------------------------------------------------------- a separable toy set, and use in GRPO
+def test_on_a_separable_toy_set_the_pair_accuracy_reaches_one(tiny_llama, tmp_path):
+    """Chosen replies are "yes." or "sure.", rejected ones "no." or "never.", in every combination: a reward
+    of the reply's word alone separates every pair, which a few steps learn, with the loss well down."""
+    replies = [(c, r) for c in ("yes.", "sure.") for r in ("no.", "never.")]
+    rows = [
+        {"prompt": f"Is {i} a number?", "chosen": replies[i % 4][0], "rejected": replies[i % 4][1]}
+        for i in range(16)
+    ]
+    data = write_jsonl(tmp_path / "toy.jsonl", rows)
+    out = tmp_path / "toy_run"
+    args = reward_args(tiny_llama, out, "--dataset_name", str(data), "--eval_split_size", "4")
+    in_process(
+        "reward", [*args, "--max_train_samples", "12", "--num_train_epochs", "4", "--learning_rate", "1e-2"]
+    )
+    first, last = eval_records(out)[0], eval_records(out)[-1]
+    assert last["eval_accuracy"] == 1.0
+    assert last["eval_loss"] < first["eval_loss"] / 4 and last["eval_margin"] > first["eval_margin"]
+
+
+def test_a_trained_reward_model_is_a_grpo_reward_function(runs):
+    """reward_funcs names it by directory; it scores prompt + completion as the recipe scored its pairs."""
+    from recipes.core.losses.rewards import load_reward_functions, score
+
+    run = runs["1proc"]
+    (reward,) = load_reward_functions([str(run / "final")])
+    prompts = [[{"role": "user", "content": "What is 2 + 2?"}]] * 2
+    completions = [[{"role": "assistant", "content": "4."}], [{"role": "assistant", "content": "5."}]]
+    (values,) = score([reward], prompts, completions, [[0], [0]], {})
+    model = AutoModelForSequenceClassification.from_pretrained(run / "final", dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    with torch.no_grad():
+        alone = [
+            model(
+                input_ids=torch.tensor(
+                    [tokenizer.apply_chat_template([*p, *c], tokenize=True, return_dict=True)["input_ids"]]
+                )
+            )
+            .logits[0, 0]
+            .item()
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+    # the same forward on the same tokens, batched with right padding: a score's rounding over forward_terms
+    config = model.config
+    for got, expected in zip(values, alone, strict=True):
+        assert abs(got - expected) <= float32_tolerance(forward_terms(config, 32), abs(expected) + 1.0)
+
+
+def test_a_classifier_with_more_than_one_output_is_refused_as_a_reward_model(tiny_llama, tmp_path):
+    from recipes.core.config import ConfigError
+    from recipes.core.losses.rewards import load_reward_functions
+
+    two = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=2)
+    two.save_pretrained(tmp_path / "two")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tmp_path / "two")
+    with pytest.raises(ConfigError) as err:
+        load_reward_functions([str(tmp_path / "two")])
+    assert str(err.value) == (
+        f"reward_funcs entry {str(tmp_path / 'two')!r} is a classifier with 2 outputs; a reward model has one "
+        "(a score): train one with recipes/reward.py, or name a function as module:function"
+    )

@@ -66,7 +66,9 @@ def test_functions_get_prompts_completions_and_columns_and_their_weighted_sum_is
         (
             ["my_rewards"],
             None,
-            "reward_funcs entry 'my_rewards' is not module:function; write e.g. my_rewards:exact_match",
+            "reward_funcs entry 'my_rewards' is not module:function, and as a reward model (an entry without a "
+            "colon) it names no directory or Hub model that loads; write a function as e.g. my_rewards:exact_match, "
+            "or name the directory of a reward model (recipes/reward.py's final/)",
         ),
         (
             ["broken_rewards:f"],

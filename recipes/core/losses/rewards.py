@@ -1,6 +1,7 @@
 """Reward functions named in a GRPO config, as TRL users write them.
 
-`reward_funcs: [module:function, ...]` names Python functions; each is called with keyword arguments,
+`reward_funcs: [module:function, ...]` names Python functions, and an entry without a colon a reward
+model (core/model/reward_model.py: a directory or Hub id of a one-output sequence classifier); each is called with keyword arguments,
 `f(prompts=..., completions=..., completion_ids=..., **columns)` (every other column of the prompt data,
 e.g. the reference answer), and returns one number per completion, or None where it does not apply (as
 in TRL, that function then adds nothing to that completion's reward). `reward_weights` weigh them (default
@@ -46,7 +47,20 @@ def load_reward_functions(
 
 def _load(name: str, weight: float) -> RewardFunction:
     module_name, colon, attribute = name.partition(":")
-    if not colon or not module_name or not attribute:
+    if not colon:  # a reward model: a local directory or a Hub id
+        from recipes.core.model.reward_model import RewardModel
+        from recipes.core.model.source import require_model
+
+        try:
+            require_model(name, field="it")
+        except ConfigError:
+            raise ConfigError(
+                f"reward_funcs entry {name!r} is not module:function, and as a reward model (an entry without "
+                "a colon) it names no directory or Hub model that loads; write a function as e.g. "
+                "my_rewards:exact_match, or name the directory of a reward model (recipes/reward.py's final/)"
+            ) from None
+        return RewardFunction(name, RewardModel(name), weight)
+    if not module_name or not attribute:
         raise ConfigError(
             f"reward_funcs entry {name!r} is not module:function; write e.g. my_rewards:exact_match"
         )
