@@ -51,6 +51,8 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
+        if torch.cuda.is_available() and next(self.model.parameters()).device.type == "cpu":
+            self.model.to(torch.cuda.current_device())  # loaded before the Accelerator chose this rank's GPU
         device = next(self.model.parameters()).device
         sequences = [self.ids(p, c) for p, c in zip(prompts, completions, strict=True)]
         scores: list[float] = []
