@@ -247,6 +247,24 @@ def test_max_steps_ending_before_one_epoch_while_epochs_are_set():
     assert check_recipe(recipe, 1, "r.yaml", keys_in_file={"max_steps"}, num_samples=100) == []
 
 
+def test_grpo_epochs_are_counted_in_prompts_of_whole_groups():
+    """A GRPO step trains micro 16 x GA 2 = 32 completions, 4 prompts of 8 generations: 512 prompts make 128
+    steps an epoch (counted as SFT samples they would make 16), so 100 warmup steps fit and 129 do not."""
+    from recipes.grpo import GRPOConfig
+
+    grpo = {
+        **dataclasses.asdict(GRPOConfig()),
+        "per_device_train_batch_size": 16,
+        "gradient_accumulation_steps": 2,
+    }
+    assert check_recipe({**grpo, "warmup_steps": 100}, 1, num_samples=512) == []
+    (finding,) = check_recipe({**grpo, "warmup_steps": 129}, 1, num_samples=512)
+    assert finding.key == "warmup_steps" and "training has only 128 steps" in finding.problem
+    # 3 generations do not divide a generation batch of 32 completions: the recipe's own refusal
+    (finding,) = check_recipe({**grpo, "num_generations": 3}, 1, num_samples=512)
+    assert finding.key == "num_generations" and "num_generations" in finding.problem
+
+
 # ---------------------------------------------------------------- files
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from types import SimpleNamespace
 
-from recipes.core.config import ON_NONFINITE_CHOICES, Problem
+from recipes.core.config import ON_NONFINITE_CHOICES, ConfigError, Problem
 from recipes.core.doctor.findings import Finding, findings
 from recipes.core.model import optimizer, quantization
+from recipes.core.plan.grpo import plan_for_grpo_config
 from recipes.core.plan.hardware import get_device
 from recipes.core.plan.steps import (
     batches_before_sharding,
@@ -46,7 +48,15 @@ def check_recipe(
         problem, _, fix = str(err).removeprefix("global_batch_size ").partition("; ")
         problems.append(("global_batch_size", problem, fix))
     steps_per_epoch = None
-    if num_samples is not None:
+    if num_samples is not None and "num_generations" in recipe:  # GRPO: prompts in groups of completions
+        try:
+            steps_per_epoch = plan_for_grpo_config(
+                SimpleNamespace(**recipe), num_samples, dp, ga
+            ).optimizer_steps_per_epoch
+        except ConfigError as err:  # the message the recipe stops with, split into problem and fix
+            problem, _, fix = str(err).partition("; ")
+            problems.append(("num_generations", problem, fix))
+    elif num_samples is not None:
         drop_last = recipe.get("dataloader_drop_last", False)
         batches = batches_before_sharding(num_samples, _micro(recipe), drop_last)
         steps_per_epoch = optimizer_steps_per_epoch(max(1, batches_per_rank(batches, dp)), ga)
