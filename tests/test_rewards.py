@@ -63,10 +63,10 @@ def test_functions_get_prompts_completions_and_columns_and_their_weighted_sum_is
 @pytest.mark.parametrize(
     "names, weights, message",
     [
-        (
-            ["my_rewards"],
+        (  # a path: a bare name would be asked of the Hub first
+            ["./my_rewards"],
             None,
-            "reward_funcs entry 'my_rewards' is not module:function, and as a reward model (an entry without a "
+            "reward_funcs entry './my_rewards' is not module:function, and as a reward model (an entry without a "
             "colon) it names no directory or Hub model that loads; write a function as e.g. my_rewards:exact_match, "
             "or name the directory of a reward model (recipes/reward.py's final/)",
         ),
