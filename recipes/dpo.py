@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
-from recipes.core.config import ConfigError, TrainingConfig, field, parse_config
+from recipes.core.config import TrainingConfig, field, parse_config
 from recipes.core.data.loading import make_train_loader
-from recipes.core.data.preferences import PairCollator, load_preference_data
+from recipes.core.data.preferences import PairCollator, check_lengths, load_preference_data
 from recipes.core.distributed.fsdp import reshard
 from recipes.core.distributed.prepare import prepare
 from recipes.core.errors import run_recipe
@@ -189,11 +189,7 @@ def main(argv: list[str] | None = None) -> None:
 def check_config(cfg: DPOConfig) -> None:
     """Loss and length settings that cannot train, refused before anything is loaded."""
     check_loss_config(cfg.beta, cfg.loss_type, cfg.label_smoothing)
-    if cfg.max_prompt_length >= cfg.max_length:
-        raise ConfigError(
-            f"max_prompt_length ({cfg.max_prompt_length}) leaves no room for a completion within max_length "
-            f"({cfg.max_length}); make max_prompt_length smaller than max_length"
-        )
+    check_lengths(cfg.max_prompt_length, cfg.max_length)
 
 
 def plan_data(cfg: DPOConfig, tokenizer: Callable[[], Any]) -> tuple[Any, dict]:

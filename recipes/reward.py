@@ -24,7 +24,7 @@ from transformers import AutoModelForSequenceClassification, get_linear_schedule
 
 from recipes.core.config import ConfigError, TrainingConfig, field, parse_config
 from recipes.core.data.loading import make_train_loader
-from recipes.core.data.preferences import PairCollator, load_preference_data
+from recipes.core.data.preferences import PairCollator, check_lengths, load_preference_data
 from recipes.core.distributed.prepare import prepare
 from recipes.core.errors import run_recipe
 from recipes.core.evaluation.pairs import evaluate_pairs
@@ -65,7 +65,7 @@ class RewardConfig(TrainingConfig):
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(RewardConfig, argv)
-    check_config(cfg)
+    check_lengths(cfg.max_prompt_length, cfg.max_length)
 
     # ---------------------------------------------------------------- compute
     accelerator, ga = setup_accelerator(cfg)  # the doctor's checks first: a bad combination fails in seconds
@@ -155,15 +155,6 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.end_training()
 
 
-def check_config(cfg: RewardConfig) -> None:
-    """Length settings that cannot train, refused before anything is loaded."""
-    if cfg.max_prompt_length >= cfg.max_length:
-        raise ConfigError(
-            f"max_prompt_length ({cfg.max_prompt_length}) leaves no room for a completion within max_length "
-            f"({cfg.max_length}); make max_prompt_length smaller than max_length"
-        )
-
-
 def padding_id(tokenizer: Any) -> int:
     """The token the batches are padded with, which the model's config names too: transformers reads a
     sequence's reward at its last token that is not this one. The tokenizer's pad token, else its EOS."""
@@ -178,7 +169,7 @@ def padding_id(tokenizer: Any) -> int:
 
 def plan_data(cfg: RewardConfig, tokenizer: Callable[[], Any]) -> tuple[Any, dict]:
     """The train pairs and their data record, exactly as the run loads them (for `recipes plan`)."""
-    check_config(cfg)
+    check_lengths(cfg.max_prompt_length, cfg.max_length)
     train_set, _, data = load_preference_data(cfg, tokenizer(), numbers=(MARGIN,))
     return train_set, data.to_dict()
 

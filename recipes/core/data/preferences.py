@@ -112,6 +112,15 @@ def load_preference_data(
     return train_set, eval_set, PairReport(train_report, eval_report)
 
 
+def check_lengths(max_prompt_length: int, max_length: int) -> None:
+    """Refuse, before anything is loaded, length settings that leave a completion no token to train on."""
+    if max_prompt_length >= max_length:
+        raise ConfigError(
+            f"max_prompt_length ({max_prompt_length}) leaves no room for a completion within max_length "
+            f"({max_length}); make max_prompt_length smaller than max_length"
+        )
+
+
 def pair_columns(columns: dict[str, str]) -> dict[str, str]:
     """The dataset column of prompt, chosen and rejected: `columns` where it names one."""
     unknown = sorted(set(columns) - set(FIELDS))
