@@ -76,7 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     plan.add_argument("--utilization", type=float, help="fraction of dense peak FLOP/s reached (default 0.4)")
     plan.add_argument(
-        "--seq-len", type=float, help="mean tokens per sequence processed (default: max_seq_length)"
+        "--seq-len",
+        type=float,
+        help="mean tokens per sequence processed (default: max_seq_length); GRPO: per prompt",
+    )
+    plan.add_argument(
+        "--completion-len",
+        type=float,
+        help="GRPO: mean tokens per completion (default: max_completion_length, an upper bound)",
     )
     plan.add_argument("--calibrate", type=int, metavar="K", help="time K real steps here and extrapolate")
     plan.add_argument("--plot", metavar="FILE", help="also draw the LR schedule of the plan into FILE (PNG)")
@@ -150,7 +157,7 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     tokenizer = planning_tokenizer(cfg)
     data = None
     if recipe.step_plan is not None:
-        return _own_plan(args, cfg, recipe, tokenizer)
+        return _own_plan(args, cfg, recipe, tokenizer, overrides)
     if args.num_samples is not None:
         num_samples, tokens_per_sample = args.num_samples, args.tokens_per_sample
     else:  # the samples, tokens and data record exactly as the run will count them
@@ -189,36 +196,75 @@ def _plan(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _own_plan(args: argparse.Namespace, cfg, recipe: Recipe, tokenizer) -> int:
-    """The plan of a recipe that plans its own steps (GRPO); no compute estimate yet."""
+def _own_plan(args: argparse.Namespace, cfg, recipe: Recipe, tokenizer, overrides: list[str]) -> int:
+    """The plan of a recipe that plans its own steps (GRPO), with its estimate of how a step splits
+    between sampling and training."""
+    from recipes.core.data.prompts import IDS
     from recipes.core.doctor.topology import read_topology
 
-    data = None
+    topology = read_topology(args.accelerate_config, args.deepspeed_config)
+    data = prompt_len = None
     if args.num_samples is not None:
         num_samples = args.num_samples
     else:
         train_set, data = recipe.plan_data(cfg, tokenizer)
         num_samples = len(train_set)
-    world_size = args.num_processes or read_topology(args.accelerate_config, args.deepspeed_config).world_size
-    plan = recipe.step_plan(cfg, num_samples, world_size)
+        prompt_len = sum(map(len, train_set[IDS])) / num_samples  # as kept: max_prompt_length's last tokens
+    plan = recipe.step_plan(cfg, num_samples, args.num_processes or topology.world_size)
+    estimate = None
+    settings = _estimate_settings(args, cfg, topology)
+    if settings is not None:
+        from recipes.core.plan.estimate import estimate_grpo_run
+
+        prompt_source = "the data's mean"
+        if prompt_len is None or args.seq_len:
+            prompt_len = args.seq_len or cfg.max_prompt_length
+            prompt_source = "--seq-len" if args.seq_len else "max_prompt_length, an upper bound (--seq-len)"
+        estimate = estimate_grpo_run(
+            {**plan.to_dict(), **recipe.planned_parameters(cfg, tokenizer)},  # LoRA: trainable adapters only
+            prompt_len=prompt_len,
+            completion_len=args.completion_len or cfg.max_completion_length,
+            old_logps=plan.needs_old_logps,
+            reference=recipe.workload(cfg).reference,
+            **settings,
+        )
+        estimate["prompt_len_source"] = prompt_source
+        estimate["completion_len_source"] = (
+            "--completion-len"
+            if args.completion_len
+            else "max_completion_length, an upper bound (--completion-len)"
+        )
+        if args.calibrate:
+            from recipes.core.launch.calibrate import calibrate_grpo
+
+            estimate.update(
+                calibrate_grpo(
+                    recipe.script,
+                    args.config,
+                    overrides,
+                    args.calibrate,
+                    plan.to_dict(),
+                    accelerate_config=args.accelerate_config,
+                )
+            )
     if args.json:
-        print(json.dumps({**plan.to_dict(), **({"data": data} if data else {})}))
+        extras = {"data": data, "estimate": estimate}
+        print(json.dumps({**plan.to_dict(), **{key: value for key, value in extras.items() if value}}))
     else:
         print(plan.summary() + "\n\n" + plan_table(plan.to_dict()))
-    print(
-        f"note: recipes plan has no compute, time or memory estimate for {recipe.name} yet", file=sys.stderr
-    )
+        if estimate:
+            from recipes.core.plan.estimate import grpo_estimate_table
+
+            print("\n" + grpo_estimate_table(estimate))
     return 0
 
 
-def _estimate(args, cfg, recipe: Recipe, plan: dict, topology, overrides: list[str]) -> dict | None:
-    """Compute, time and memory estimate; skipped with a note when the model config cannot be read."""
-    from recipes.core.launch.calibrate import calibrate
-    from recipes.core.model.lora import SEQUENCE_CLASSIFICATION
+def _estimate_settings(args: argparse.Namespace, cfg, topology) -> dict | None:
+    """The model's shape and what the topology and levers give every estimate (estimate_run's keywords);
+    None, with a note, when the model config cannot be read and nothing asked for the estimate."""
     from recipes.core.model.optimizer import EIGHT_BIT
     from recipes.core.model.shape import model_shape
     from recipes.core.plan.activations import Levers
-    from recipes.core.plan.estimate import estimate_run
     from recipes.core.plan.hardware import get_device
     from recipes.core.plan.model_states import FSDP2Layout, Quantization
     from recipes.core.plan.wall_clock import DEFAULT_UTILIZATION
@@ -234,35 +280,42 @@ def _estimate(args, cfg, recipe: Recipe, plan: dict, topology, overrides: list[s
             file=sys.stderr,
         )
         return None
+    fsdp = topology.fsdp_shard_size
+    return {
+        "shape": shape,
+        "precision": topology.deepspeed_precision
+        or {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision),
+        "zero_stage": topology.zero_stage,
+        "offload_optimizer": topology.offload_optimizer,
+        "offload_param": topology.offload_param,
+        "device": get_device(args.gpu) if args.gpu else None,
+        "utilization": args.utilization or DEFAULT_UTILIZATION,
+        "levers": Levers(cfg.gradient_checkpointing, getattr(cfg, "loss_chunk_tokens", 0)),
+        "autocast": topology.deepspeed_config is None and topology.zero_stage == 0 and fsdp is None,
+        "fsdp": None
+        if fsdp is None
+        else FSDP2Layout(fsdp, topology.fsdp_offload, topology.fsdp_reshard_after_forward),
+        "quantization": Quantization.of_config(vars(cfg)),
+        "eight_bit_states": cfg.optim in EIGHT_BIT,
+    }
+
+
+def _estimate(args, cfg, recipe: Recipe, plan: dict, topology, overrides: list[str]) -> dict | None:
+    """Compute, time and memory estimate; skipped with a note when the model config cannot be read."""
+    from recipes.core.launch.calibrate import calibrate
+    from recipes.core.model.lora import SEQUENCE_CLASSIFICATION
+    from recipes.core.plan.estimate import estimate_run
+
+    settings = _estimate_settings(args, cfg, topology)
+    if settings is None:
+        return None
     if recipe.lora_task == SEQUENCE_CLASSIFICATION:  # a decoder under a classification head: no logits
-        shape = dataclasses.replace(shape, has_lm_head=False)
+        settings["shape"] = dataclasses.replace(settings["shape"], has_lm_head=False)
     seq_len = args.seq_len or getattr(cfg, recipe.length_field)
     if not seq_len:
         raise ConfigError("pass --seq-len (mean tokens per sequence) for the compute estimate")
-    estimate = estimate_run(
-        plan,
-        shape,
-        topology.deepspeed_precision or {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision),
-        seq_len,
-        zero_stage=topology.zero_stage,
-        offload_optimizer=topology.offload_optimizer,
-        offload_param=topology.offload_param,
-        device=get_device(args.gpu) if args.gpu else None,
-        utilization=args.utilization or DEFAULT_UTILIZATION,
-        levers=Levers(cfg.gradient_checkpointing, getattr(cfg, "loss_chunk_tokens", 0)),
-        autocast=topology.deepspeed_config is None
-        and topology.zero_stage == 0
-        and topology.fsdp_shard_size is None,
-        fsdp=None
-        if topology.fsdp_shard_size is None
-        else FSDP2Layout(
-            topology.fsdp_shard_size, topology.fsdp_offload, topology.fsdp_reshard_after_forward
-        ),
-        # Preference tuning trains two sequences per pair and runs a reference model.
-        workload=recipe.workload(cfg),
-        quantization=Quantization.of_config(vars(cfg)),
-        eight_bit_states=cfg.optim in EIGHT_BIT,
-    )
+    # Preference tuning trains two sequences per pair and runs a reference model.
+    estimate = estimate_run(plan, seq_len=seq_len, workload=recipe.workload(cfg), **settings)
     estimate["seq_len_source"] = (
         "--seq-len" if args.seq_len else f"{recipe.length_field}, an upper bound (--seq-len for the mean)"
     )

@@ -51,6 +51,7 @@ from recipes.core.model.source import load_tokenizer, require_model
 from recipes.core.output.checkpoint_io import accelerate_io
 from recipes.core.output.final_model import save_final_model
 from recipes.core.plan.grpo import plan_for_grpo_config
+from recipes.core.plan.workload import Workload
 from recipes.core.train.recipe import Recipe
 from recipes.core.train.rollouts import (
     Rollouts,
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         scale_rewards=cfg.scale_rewards,
     )
     # logp_old is the sampling policy's wherever the weights moved since sampling; else the ratio is 1.
-    needs_old = plan.num_iterations > 1 or plan.steps_per_generation > ga
+    needs_old = plan.needs_old_logps
     clipping = Clipping(cfg.epsilon, cfg.epsilon_high)
 
     def inputs_of(batch, completions: list[int]) -> dict[str, torch.Tensor]:
@@ -258,6 +259,14 @@ def check_config(cfg: GRPOConfig) -> None:
             raise ConfigError(f"{name} is {value!r}; use one of {', '.join(choices)}")
 
 
+def reference_kind(cfg: GRPOConfig) -> str | None:
+    """What token_reference compares to: nothing (beta 0), the policy with its adapter disabled, or a
+    frozen copy."""
+    if not cfg.beta:
+        return None
+    return "adapter" if cfg.use_peft and not cfg.ref_model_name_or_path else "copy"
+
+
 def plan_data(cfg: GRPOConfig, tokenizer: Callable[[], Any]) -> tuple[Any, dict]:
     """The train prompts and their data record, exactly as the run loads them (for `recipes plan`)."""
     check_config(cfg)
@@ -274,6 +283,7 @@ RECIPE = Recipe(
     length_field="max_completion_length",
     lora_task=lora.CAUSAL_LM,
     step_plan=lambda cfg, prompts, world_size: plan_for_grpo_config(cfg, prompts, world_size),
+    workload=lambda cfg: Workload(1, reference_kind(cfg)),
 )
 
 if __name__ == "__main__":

@@ -57,6 +57,79 @@ def calibrate(
     env: dict | None = None,
 ) -> dict:
     """Run `steps` + 1 optimizer steps of `script` and predict the step time of `plan`."""
+    records, calibration_plan = _calibration_run(
+        script, recipe_config, overrides, steps, accelerate_config, env
+    )
+    step_times = [r["step_time"] for r in records]
+    seconds = extrapolate(step_times, calibration_plan, plan)
+    return {
+        "calibration_steps": steps,
+        "warmup_step_seconds": step_times[0],
+        "seconds_per_step": sum(step_times[1:]) / (len(step_times) - 1),
+        "calibrated_wall_clock_seconds": seconds,
+        "method": "first step once + mean steady time per micro-batch x remaining micro-batches per rank",
+    }
+
+
+def calibrate_grpo(
+    script: str,
+    recipe_config: str,
+    overrides: list[str],
+    steps: int,
+    plan: dict,
+    accelerate_config: str | None = None,
+    env: dict | None = None,
+) -> dict:
+    """Run `steps` + 1 optimizer steps of the GRPO recipe and predict `plan`'s step time from the measured
+    generation time per generation batch and training time per optimizer step (the run's own records)."""
+    records, _ = _calibration_run(script, recipe_config, overrides, steps, accelerate_config, env)
+    generation = [r["generation_time"] for r in records if r["generation_time"] > 0]
+    training = [r["training_time"] for r in records]
+    return {
+        "calibration_steps": steps,
+        "measured_generation_seconds": generation,
+        "measured_training_seconds": training,
+        **grpo_extrapolation(generation, training, plan["generation_batches"], plan["total_optimizer_steps"]),
+        "method": "first generation batch and step once + the mean of the others for every other one",
+    }
+
+
+def grpo_extrapolation(
+    generation_times: list[float], training_times: list[float], generation_batches: int, steps: int
+) -> dict:
+    """Seconds of a GRPO run from measured seconds per generation batch and per optimizer step: the first
+    of each (warm-up) once, then the mean of the others (or the first, when it is the only one) for every
+    other generation batch and step."""
+    if not generation_times or not training_times:
+        raise ValueError("calibration needs at least one generation batch and one optimizer step")
+
+    def steady(times: list[float]) -> float:
+        return sum(times[1:]) / (len(times) - 1) if len(times) > 1 else times[0]
+
+    per_batch, per_step = steady(generation_times), steady(training_times)
+    seconds = (
+        generation_times[0]
+        + per_batch * max(generation_batches - 1, 0)
+        + training_times[0]
+        + per_step * max(steps - 1, 0)
+    )
+    return {
+        "calibrated_generation_seconds": per_batch,
+        "calibrated_training_seconds": per_step,
+        "calibrated_wall_clock_seconds": seconds,
+    }
+
+
+def _calibration_run(
+    script: str,
+    recipe_config: str,
+    overrides: list[str],
+    steps: int,
+    accelerate_config: str | None,
+    env: dict | None,
+) -> tuple[list[dict], dict]:
+    """The step records (in step order) and plan.json of `steps` + 1 optimizer steps run as for real, with
+    evaluation off, in a throwaway output_dir."""
     if steps < 1:
         raise ValueError(f"--calibrate needs at least 1 step to measure after the warm-up step, got {steps}")
     with tempfile.TemporaryDirectory(prefix="calibrate_") as out:
@@ -80,13 +153,4 @@ def calibrate(
                 f"calibration run failed ({' '.join(cmd)}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
             )
         records = sorted((r for r in read_metrics(out) if "step_time" in r), key=lambda r: r["step"])
-        calibration_plan = json.loads((Path(out) / "plan.json").read_text())
-    step_times = [r["step_time"] for r in records]
-    seconds = extrapolate(step_times, calibration_plan, plan)
-    return {
-        "calibration_steps": steps,
-        "warmup_step_seconds": step_times[0],
-        "seconds_per_step": sum(step_times[1:]) / (len(step_times) - 1),
-        "calibrated_wall_clock_seconds": seconds,
-        "method": "first step once + mean steady time per micro-batch x remaining micro-batches per rank",
-    }
+        return records, json.loads((Path(out) / "plan.json").read_text())

@@ -43,4 +43,5 @@ def shape_from_config(config, trust_remote_code: bool = False) -> ModelShape:
         attention_dim=heads * head_dim,
         vocab_size=text.vocab_size,
         has_lm_head=head is not None,
+        key_value_dim=(getattr(text, "num_key_value_heads", None) or heads) * head_dim,
     )

@@ -69,6 +69,12 @@ class GRPOPlan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def needs_old_logps(self) -> bool:
+        """Whether completions are trained after the weights moved since sampling (more than one pass, or
+        more than one optimizer step per generation batch), so the importance ratio needs logp_old."""
+        return self.num_iterations > 1 or self.steps_per_generation > self.gradient_accumulation_steps
+
     def lr_at(self, step: int) -> float:
         return linear_warmup_decay_lr(step, self.learning_rate, self.warmup_steps, self.total_optimizer_steps)
 

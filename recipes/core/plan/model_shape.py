@@ -15,6 +15,11 @@ class ModelShape:
     attention_dim: int  # query heads x head dim
     vocab_size: int
     has_lm_head: bool = True  # False for encoders: no vocabulary-sized logits to keep
+    key_value_dim: int | None = None  # key/value heads x head dim (grouped-query); None: attention_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.attention_dim if self.key_value_dim is None else self.key_value_dim
 
     @property
     def non_embedding_params(self) -> int:
