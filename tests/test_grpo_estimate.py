@@ -180,7 +180,9 @@ def test_recipes_plan_prints_the_default_jobs_split_from_its_prompts_and_complet
     )
     out = capsys.readouterr().out
     assert "completion 9 (--completion-len)" in out
-    rows = {line.split("  ", 1)[0]: line.split("  ", 1)[1].strip() for line in out.splitlines() if "  " in line}
+    rows = {
+        line.split("  ", 1)[0]: line.split("  ", 1)[1].strip() for line in out.splitlines() if "  " in line
+    }
     assert rows["sampling"] == "- (CPU has no memory bandwidth in the table; use --calibrate)"
 
 

@@ -294,15 +294,22 @@ def test_sharded_weights_are_gathered_for_generation_and_train_as_one_process(
     """Under FSDP2 and ZeRO-3 each rank holds half of every parameter: generation runs on the weights
     gathered once per generation batch (with the engines' per-module hooks held off), and the shards train
     as one process does (reduce-scatter instead of local sums)."""
-    output = tmp_path / "run"
-    result = launch(
-        topology, "grpo", job_args(model_dir, prompt_data, output), env={"PYTHONPATH": python_path()}
-    )
+    output, gathers = tmp_path / "run", tmp_path / "gathers.jsonl"
+    # gather_spy.letter_e is letter_e, from a module that counts each rank's all-gathers (see its docstring).
+    args = job_args(model_dir, prompt_data, output, reward_funcs="gather_spy:letter_e")
+    result = launch(topology, "grpo", args, env={"PYTHONPATH": python_path(), "GRPO_GATHERS": str(gathers)})
     if topology == FSDP2:
         assert "FSDP2: parameters sharded over 2 processes" in result.stdout + result.stderr
     else:
         assert json.loads((output / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     assert_trains_as_one_process(output, one_process)
+    # Once per generation batch: each rank gathers when the weights are made whole (3 generation batches, and
+    # 2 evaluations: before the first step and after the last), then samples its 8 tokens per completion
+    # (in 1 or 2 chunks at evaluation) without one all-gather.
+    records = read_jsonl(gathers)
+    assert sorted(r["rank"] for r in records) == [0] * 5 + [1] * 5
+    assert all(r["entering"] > 0 for r in records), records
+    assert all(r["sampling"] and not any(r["sampling"]) for r in records), records
 
 
 # ---------------------------------------------------------------- errors
