@@ -174,6 +174,34 @@ def test_a_first_pass_has_ratio_one_and_its_loss_is_the_closed_form(one_process)
         assert record["reward"] == sum(r["reward"] for r in rows) / 8
 
 
+def test_lora_in_bf16_takes_the_planned_steps_and_its_first_passes_have_the_closed_form_loss(
+    model_dir, prompt_data, tmp_path
+):
+    """bf16 autocast with LoRA adapters: the plan and schedule are the fp32 run's; a step that samples its
+    generation batch still has ratio exactly 1 (logp_old is logp itself, detached), so its loss is the
+    closed form to float32 summation; only the adapters train and final/ holds them alone."""
+    run = tmp_path / "run"
+    overrides = dict(mixed_precision="bf16", use_peft=True, max_steps=3, save_steps=0)
+    in_process("grpo", job_args(model_dir, prompt_data, run, **overrides))
+    records = train_records(run)
+    assert [r["step"] for r in records] == [1, 2, 3] and load_plan(run)["total_optimizer_steps"] == 3
+    for step in (1, 3):
+        record, rows = records[step - 1], batches(run)[step // 2][:8]
+        lengths = [len(r["completion_ids"]) for r in rows]
+        assert record["clip_fraction"] == 0.0 and record["completion_tokens"] == sum(lengths)
+        expected = -math.fsum(r["advantage"] * n for r, n in zip(rows, lengths, strict=True)) / sum(lengths)
+        scale = max(abs(r["advantage"]) for r in rows)
+        assert abs(record["loss"] - expected) <= float32_tolerance(sum(lengths), scale)
+    adapter = load_file(run / "final" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name for name in adapter)
+    plan = load_plan(run)
+    assert sum(t.numel() for t in adapter.values()) == plan["trainable_parameters"] < plan["total_parameters"]
+    assert any(
+        t.abs().max() > 0 for name, t in adapter.items() if "lora_B" in name
+    )  # B starts at 0: it trained
+    assert not (run / "final" / "model.safetensors").exists()
+
+
 def test_an_off_policy_steps_loss_is_the_clipped_surrogate_from_the_weights_it_sampled_with(
     one_process, model_dir, prompt_data
 ):

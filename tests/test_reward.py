@@ -51,6 +51,8 @@ RUNS = {  # name: (accelerate config, or None to run in this process; extra argu
     "1proc": (None, []),
     "big_batch": (None, ["--per_device_train_batch_size", "8"]),
     "ddp": (TWO_PROCESSES, []),
+    "zero3": ("accelerate_configs/ds_zero3.yaml", []),
+    "fsdp2": ("accelerate_configs/fsdp2.yaml", []),
 }
 
 
@@ -177,8 +179,11 @@ def test_accumulation_equals_one_big_batch_of_pairs_on_one_process(runs, tiny_ll
 
 
 @pytest.mark.slow
-def test_accumulation_and_data_parallelism_equal_one_big_batch_of_pairs(runs, tiny_llama):
-    assert_one_big_batch(runs["ddp"], runs["big_batch"], tiny_llama)
+@pytest.mark.parametrize("topology", ["ddp", "zero3", "fsdp2"])
+def test_accumulation_and_data_parallelism_equal_one_big_batch_of_pairs(runs, tiny_llama, topology):
+    """On 2 processes, DDP, ZeRO-3 and FSDP2 (each rank holding half of every parameter, the new score head
+    included) train the pairs as one process trains one big batch."""
+    assert_one_big_batch(runs[topology], runs["big_batch"], tiny_llama)
 
 
 # ---------------------------------------------------------------- the margin column
