@@ -37,6 +37,7 @@ SECTIONS = (
     "model_flops",
     "levers",
     "qlora",
+    "grpo",
 )
 
 
@@ -168,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             REPO / ".cache/bench/long_chat", REPO / job.dataset, job.model, tokens=1024, count=8
         )
         step("qlora", lambda: qlora.qlora(job, model, data, 512, 3))
+    if "grpo" in chosen:
+        from bench import grpo
+
+        step("grpo", lambda: grpo.grpo(steps=4))
     print(render_table(results))
     print(f"results: {args.out}", file=sys.stderr)
     return 0

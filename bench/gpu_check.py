@@ -1,6 +1,8 @@
 """The GPU check: bf16 exactness of the levers and of FSDP2 (fsdp2.yaml on every GPU) on CUDA, then
-throughput, MFU and peak memory of 0.5B- and 1.5B-shaped models with every lever on. Started by bench/gpu_check.sh (which installs what is missing
-from wheels carried next to it); `--dry-run` runs the same steps on tiny shapes on the CPU.
+throughput, MFU and peak memory of 0.5B- and 1.5B-shaped models with every lever on, the QLoRA rows
+(bench/qlora.py) and a GRPO row (sampling and step time) on the 0.5B shape. Started by
+bench/gpu_check.sh (which installs what is missing from wheels carried next to it); `--dry-run` runs the
+same steps on tiny shapes on the CPU.
 
     python -m bench.gpu_check --out bench/results/h200.json
     python -m bench.gpu_check --dry-run --out /tmp/gpu_check_dry.json
@@ -271,6 +273,55 @@ def throughput(
     }
 
 
+def qlora_rows(model: Path, data: Path, seq_len: int, steps: int) -> dict:
+    """bench/qlora.py's runs on this device (LoRA fp32 and bf16, QLoRA nf4, full training with 8-bit
+    AdamW), each its loop's peak memory and tokens/s next to `recipes plan`'s estimate."""
+    from bench.job import Job
+    from bench.qlora import qlora
+
+    return qlora(Job(), model, data, seq_len, steps)
+
+
+def grpo_row(model: Path, work: Path, steps: int, completion_length: int) -> dict:
+    """The GRPO recipe's default job on `model` in bf16 on this device (random weights: what is measured
+    is speed, not learning): seconds per step, sampling seconds per generation batch and generated
+    tokens/s, medians over the steps after the first."""
+    from bench.grpo import CONFIG, _median_after_first
+    from bench.job import one_process_config, run, thread_env
+    from recipes.core.launch.command import free_port, launch_command
+    from recipes.core.output.records import read_metrics
+
+    out = work / "grpo"
+    args = [
+        "--config",
+        CONFIG,
+        "--model_name_or_path",
+        str(model),
+        "--max_steps",
+        str(steps),
+        "--eval_split",
+        "null",
+        "--max_completion_length",
+        str(completion_length),
+        "--mixed_precision",
+        "bf16",
+        "--output_dir",
+        str(out),
+    ]
+    run(launch_command("recipes/grpo.py", args, one_process_config(), 1, port=free_port()), thread_env(1))
+    records = [r for r in read_metrics(out) if "loss" in r]
+    sampled = [r for r in records if r["generation_time"] > 0]
+    return {
+        "steps": len(records),
+        "max_completion_length": completion_length,
+        "step_seconds": _median_after_first([r["step_time"] for r in records]),
+        "generation_seconds": _median_after_first([r["generation_time"] for r in sampled]),
+        "training_seconds": _median_after_first([r["training_time"] for r in records]),
+        "generated_tokens_per_second": _median_after_first([r["generated_tokens_per_s"] for r in sampled]),
+        "completion_tokens_per_step": _median_after_first([r["completion_tokens"] for r in records]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.gpu_check",
@@ -322,6 +373,14 @@ def main(argv: list[str] | None = None) -> int:
                 device_name=args.gpu,
             )
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # kept after every model
+        qlora_model = work / ("tiny" if args.dry_run else "Qwen2.5-0.5B")
+        print("[gpu_check] qlora", file=sys.stderr, flush=True)
+        result["qlora"] = qlora_rows(qlora_model, data, 128 if args.dry_run else 1024, steps=3)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print("[gpu_check] grpo", file=sys.stderr, flush=True)
+        result["grpo"] = grpo_row(
+            qlora_model, work, steps=3 if args.dry_run else 6, completion_length=16 if args.dry_run else 128
+        )
     result["seconds"] = math.ceil(time.perf_counter() - started)
     result["passed"] = all(check["passed"] for check in result["exactness"].values())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

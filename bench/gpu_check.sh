@@ -3,7 +3,9 @@
 # installs what the machine lacks from wheels carried in .whl/ (e.g. datasets, deepspeed, gguf), checks the
 # levers' exactness in bf16 on CUDA and FSDP2 (accelerate_configs/fsdp2.yaml on every GPU, resumed from a
 # checkpoint) against the unsharded run, and measures tokens/s, MFU and peak memory of 0.5B- and 1.5B-shaped
-# models (random init) with packing, the chunked loss, activation checkpointing and compilation.
+# models (random init) with packing, the chunked loss, activation checkpointing and compilation; then the
+# QLoRA rows (LoRA fp32/bf16, QLoRA nf4, 8-bit AdamW: peak memory next to the plan's estimate; carry the
+# bitsandbytes and peft wheels where the image lacks them) and a GRPO row (sampling and step time).
 #   bash bench/gpu_check.sh H200-SXM          # writes bench/results/h200-sxm.json
 #   bash bench/gpu_check.sh --dry-run         # the same steps on tiny shapes on this machine's CPU
 # Needs the default model's tokenizer in .cache/models (`recipes prepare`), carried with the repository.

@@ -108,6 +108,7 @@ def render_table(results: dict) -> str:
             rows.append((f"MFU on {flops['device']}, recipe padded and packed", mfus, "reported"))
     rows += _lever_rows(results.get("levers"))
     rows += _qlora_rows(results.get("qlora"))
+    rows += _grpo_rows(results.get("grpo"))
     lines = [
         f"Measured on {machine['description']} ({results['date']}), {results['repeats']} repetitions.",
         "",
@@ -155,6 +156,25 @@ def _lever_rows(levers: dict | None) -> list[tuple[str, str, str]]:
         ("torch.compile speed, bf16 with both levers", f"{levers['compile_speedup']:.2f}x", "reported")
     )
     return rows
+
+
+def _grpo_rows(grpo: dict | None) -> list[tuple[str, str, str]]:
+    if not grpo:
+        return []
+    ours, theirs = grpo["recipe"], grpo["trl"]
+    return [
+        (
+            f"GRPO default job, TRL {grpo['trl_version']} GRPOTrainer / recipe, seconds per step",
+            f"{grpo['trl_step_seconds_over_recipe']:.2f}x ({theirs['step_seconds']:.1f} s vs {ours['step_seconds']:.1f} s)",
+            "reported",
+        ),
+        (
+            "GRPO sampling per generation batch, TRL / recipe; generated tokens/s, TRL vs recipe",
+            f"{grpo['trl_generation_seconds_over_recipe']:.2f}x; {theirs['generated_tokens_per_second']:.0f} vs "
+            f"{ours['generated_tokens_per_second']:.0f}",
+            "reported",
+        ),
+    ]
 
 
 def _qlora_rows(qlora: dict | None) -> list[tuple[str, str, str]]:
