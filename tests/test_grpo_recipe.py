@@ -44,7 +44,11 @@ from recipes.data.generators.arithmetic import ARITHMETIC_DIR, write_arithmetic_
 from recipes.rewards import correct_answer, number_only
 
 TESTS = Path(__file__).resolve().parent
-FSDP2, ZERO3 = "accelerate_configs/fsdp2.yaml", "accelerate_configs/ds_zero3.yaml"
+FSDP2, ZERO2, ZERO3 = (
+    "accelerate_configs/fsdp2.yaml",
+    "accelerate_configs/ds_zero2.yaml",
+    "accelerate_configs/ds_zero3.yaml",
+)
 
 
 def letter_e(prompts, completions, **_):
@@ -312,6 +316,16 @@ def assert_trains_as_one_process(ours_dir: Path, one_process: Path) -> None:
 def test_two_ddp_processes_sample_the_same_completions_and_train_the_same_weights(one_process, two_processes):
     assert load_plan(two_processes)["gradient_accumulation_steps"] == 1
     assert_trains_as_one_process(two_processes, one_process)
+
+
+@pytest.mark.slow
+def test_zero2_trains_as_one_process(one_process, model_dir, prompt_data, tmp_path):
+    """ZeRO-2 keeps whole weights on every rank (sampling needs no gather) and partitions the gradients and
+    Adam states: the same completions and, to rounding, the same weights as one process."""
+    output = tmp_path / "run"
+    launch(ZERO2, "grpo", job_args(model_dir, prompt_data, output), env={"PYTHONPATH": python_path()})
+    assert json.loads((output / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
+    assert_trains_as_one_process(output, one_process)
 
 
 @pytest.mark.slow
