@@ -2,11 +2,6 @@
 model of bench/levers.py: LoRA in fp32 and bf16, QLoRA (NF4) and full training with 8-bit AdamW, each a
 recipe run's loop peak memory and throughput next to `recipes plan`'s memory estimate of the same run.
 
-Two peaks per run: the resident set (what the machine gives the process: on a CPU it also holds what the
-allocator kept of freed blocks) and the live tensors at the memory census's peak point (memory_census:
-the bytes of every tensor alive at the end of the census step's forward, where activations are highest),
-which is what the estimate models, as a GPU's max_memory_allocated is.
-
     python -m bench --sections qlora
 """
 
@@ -29,7 +24,6 @@ def qlora(job, model: Path, data: Path, seq_len: int, steps: int) -> dict:
     from bench.job import one_process_config, run_recipe
     from bench.sections import planned_memory
     from recipes.core.model.shape import model_shape
-    from recipes.core.train.memory_census import CATEGORIES
 
     shape = model_shape(str(model))
     runs = {}
@@ -39,8 +33,7 @@ def qlora(job, model: Path, data: Path, seq_len: int, steps: int) -> dict:
             model=str(model), dataset=str(data), samples=steps, micro_batch=1, gradient_accumulation=1,
             max_seq_length=seq_len, **fields,
         )  # fmt: skip
-        result = run_recipe(configured, extra=("--memory_census", "true"))
-        live = max(sum(at[c][0] for c in CATEGORIES) for at in result["memory_census"].values())
+        result = run_recipe(configured)
         steady = result["step_times"][1:] or result["step_times"]  # the first step warms up
         estimate = planned_memory(configured, one_process_config())["total"]
         peak = result["peak_memory_mib_per_process"][0] * 2**20
@@ -52,8 +45,6 @@ def qlora(job, model: Path, data: Path, seq_len: int, steps: int) -> dict:
             / statistics.median(steady),
             "plan_estimate_bytes": estimate,
             "estimate_over_measured": estimate / peak,
-            "live_tensor_peak_bytes": live,
-            "estimate_over_live_tensors": estimate / live,
         }
     return {
         "model": {"parameters": shape.total_params, "shape": "Qwen2.5-0.5B"},

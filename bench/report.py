@@ -183,10 +183,8 @@ def _qlora_rows(qlora: dict | None) -> list[tuple[str, str, str]]:
     model = f"{qlora['model']['parameters'] / 1e6:.0f}M-parameter {qlora['model']['shape']}-shaped model"
     return [
         (
-            f"{model}, {qlora['seq_len']} tokens, {name}: peak resident set, live tensors, tokens/s, plan "
-            "estimate / live tensors",
-            f"{_gib(run['peak_memory_bytes'])}, {_gib(run['live_tensor_peak_bytes'])}, "
-            f"{run['tokens_per_second']:.0f}, {run['estimate_over_live_tensors']:.2f}",
+            f"{model}, {qlora['seq_len']} tokens, {name}: peak memory, tokens/s, plan estimate / peak",
+            f"{_gib(run['peak_memory_bytes'])}, {run['tokens_per_second']:.0f}, {run['estimate_over_measured']:.2f}",
             "estimate within 25%",
         )
         for name, run in qlora["runs"].items()
