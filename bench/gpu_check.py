@@ -284,8 +284,9 @@ def qlora_rows(model: Path, data: Path, seq_len: int, steps: int) -> dict:
 
 def grpo_row(model: Path, work: Path, steps: int, completion_length: int) -> dict:
     """The GRPO recipe's default job on `model` in bf16 on this device (random weights: what is measured
-    is speed, not learning): seconds per step, sampling seconds per generation batch and generated
-    tokens/s, medians over the steps after the first."""
+    is speed, not learning): seconds per step, generation seconds per generation batch (sampling and
+    scoring), training seconds and generated tokens/s of sampling, medians over the steps after the
+    first."""
     from bench.grpo import CONFIG, _median_after_first
     from bench.job import one_process_config, run, thread_env
     from recipes.core.launch.command import free_port, launch_command

@@ -33,19 +33,21 @@ def ours(steps: int) -> dict:
         args = ["--config", CONFIG, "--max_steps", str(steps), "--eval_split", "null", "--output_dir", out]
         run(launch_command("recipes/grpo.py", args, one_process_config(), 1, port=free_port()), thread_env(1))
         steps_run = [r for r in read_metrics(out) if "loss" in r]
-    # Each step here samples its own generation batch (steps_per_generation = GA): its sampling time is
-    # generation_batch tokens / generated_tokens_per_s; generation_time adds scoring and logp passes.
+    # Each step here samples its own generation batch (steps_per_generation = GA): its sampling time is its
+    # completion tokens / generated_tokens_per_s (generation_time adds scoring and the logp passes).
     sampled = [r for r in steps_run if r["generation_time"] > 0]
     return {
         "step_seconds": _median_after_first([r["step_time"] for r in steps_run]),
-        "generation_seconds": _median_after_first([r["generation_time"] for r in sampled]),
+        "generation_seconds": _median_after_first(
+            [r["completion_tokens"] / r["generated_tokens_per_s"] for r in sampled]
+        ),
         "training_seconds": _median_after_first([r["training_time"] for r in steps_run]),
         "generated_tokens_per_second": _median_after_first([r["generated_tokens_per_s"] for r in sampled]),
         "steps": len(steps_run),
     }
 
 
-def trl(steps: int) -> dict:
+def trl_trainer(steps: int) -> dict:
     """TRL's GRPOTrainer on the same job, in a process of its own."""
     with tempfile.TemporaryDirectory(prefix="bench_trl_grpo_") as out:
         result = Path(out) / "trl.json"
@@ -75,7 +77,7 @@ def grpo(steps: int) -> dict:
         raise SystemExit("the grpo section compares with TRL: pip install trl (the recipes do not need it)")
     import trl
 
-    recipe, theirs = ours(steps), trl(steps)
+    recipe, theirs = ours(steps), trl_trainer(steps)
     return {
         "config": CONFIG,
         "trl_version": trl.__version__,

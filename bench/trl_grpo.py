@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             output_dir=out,
             use_cpu=True,
             bf16=False,
+            # TRL turns activation checkpointing on by default (which also turns the model's KV cache off for
+            # sampling); the recipe's job runs without it
+            gradient_checkpointing=ours.get("gradient_checkpointing", False),
             per_device_train_batch_size=ours["per_device_train_batch_size"],
             gradient_accumulation_steps=ours["gradient_accumulation_steps"],
             num_generations=ours["num_generations"],
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             scale_rewards=ours["scale_rewards"],
             reward_weights=ours["reward_weights"],
             learning_rate=ours["learning_rate"],
-            warmup_ratio=ours["warmup_ratio"],
+            warmup_steps=ours["warmup_ratio"],  # a float in [0, 1): a ratio of the steps
             max_grad_norm=ours["max_grad_norm"],
             lr_scheduler_type="linear",
             max_steps=args.steps,
