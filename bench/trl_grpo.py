@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             output_dir=out,
             use_cpu=True,
             bf16=False,
-            # TRL turns activation checkpointing on by default (which also turns the model's KV cache off for
-            # sampling); the recipe's job runs without it
+            # TRL turns activation checkpointing on by default; the recipe's job runs without it
             gradient_checkpointing=ours.get("gradient_checkpointing", False),
             per_device_train_batch_size=ours["per_device_train_batch_size"],
             gradient_accumulation_steps=ours["gradient_accumulation_steps"],
