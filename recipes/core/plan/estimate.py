@@ -80,8 +80,7 @@ def estimate_run(
         quantization=quantization,
         eight_bit_states=eight_bit_states,
     )
-    formula = FSDP2_MEMORY_FORMULA if fsdp else MEMORY_FORMULA
-    formula += (QUANTIZED_FORMULA if quantization else "") + (EIGHT_BIT_FORMULA if eight_bit_states else "")
+    formula = _memory_formula(fsdp, quantization, eight_bit_states)
     sharding = fsdp.describe(plan["world_size"]) if fsdp else zero.describe()
     out = {
         "model_params": shape.total_params,
@@ -105,11 +104,7 @@ def estimate_run(
         "activation_formula": ACTIVATION_FORMULA,
     }
     if device is not None:
-        peak = device.peak_flops.get(precision)
-        if peak is None:
-            raise ValueError(
-                f"{device.name} has no {precision} peak in the accelerator table; choose another --gpu"
-            )
+        peak = _peak_flops(device, precision)
         seconds = wall_clock_seconds(flops, plan["world_size"], peak, utilization)
         fits = memory.total <= device.memory_bytes
         out.update(
@@ -214,17 +209,11 @@ def estimate_grpo_run(
         "weights_gathered": sharded,
         "quantization": quantization.describe() if quantization else None,
         "optimizer_states": "8-bit" if eight_bit_states else "fp32",
-        "memory_formula": (FSDP2_MEMORY_FORMULA if fsdp else MEMORY_FORMULA)
-        + (QUANTIZED_FORMULA if quantization else "")
-        + (EIGHT_BIT_FORMULA if eight_bit_states else ""),
+        "memory_formula": _memory_formula(fsdp, quantization, eight_bit_states),
         "activation_formula": ACTIVATION_FORMULA,
     }
     if device is not None:
-        peak = device.peak_flops.get(precision)
-        if peak is None:
-            raise ValueError(
-                f"{device.name} has no {precision} peak in the accelerator table; choose another --gpu"
-            )
+        peak = _peak_flops(device, precision)
         decode_bytes = decode_bytes_per_token(run, shape, weights, held, kv)
         seconds = rollout_seconds(run, flops, decode_bytes, peak, device.memory_bandwidth, utilization)
         # Sampling holds the states (not the gradients' activations) plus its cache and gathered weights.
@@ -389,6 +378,25 @@ def estimate_table(est: dict) -> str:
         )
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _memory_formula(fsdp, quantization, eight_bit_states: bool) -> str:
+    """The memory formula of the layout (ZeRO or FSDP2), plus the quantised base's and 8-bit states' terms."""
+    formula = FSDP2_MEMORY_FORMULA if fsdp else MEMORY_FORMULA
+    return (
+        formula
+        + (QUANTIZED_FORMULA if quantization else "")
+        + (EIGHT_BIT_FORMULA if eight_bit_states else "")
+    )
+
+
+def _peak_flops(device, precision: str) -> float:
+    peak = device.peak_flops.get(precision)
+    if peak is None:
+        raise ValueError(
+            f"{device.name} has no {precision} peak in the accelerator table; choose another --gpu"
+        )
+    return peak
 
 
 def _gb(value: float) -> str:
