@@ -63,6 +63,7 @@ RUNS = {  # name: (accelerate config or None for this process, extra arguments)
         [*LORA, "--load_in_8bit", "true", "--per_device_train_batch_size", "8", "--save_steps", "0"],
     ),
     "full_8bit_adam": (None, ["--optim", "adamw_8bit"]),
+    "full_8bit_adam_ddp": (TWO_PROCESSES, ["--optim", "adamw_8bit"]),
 }
 
 
@@ -288,6 +289,46 @@ def test_adamw_8bit_trains_every_weight_with_8bit_states_for_large_tensors_and_r
     assert_same_records(resumed, run)
     a, b = (load_file(str(r / "final" / "model.safetensors")) for r in (resumed, run))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_adamw_8bit_on_two_ddp_processes_keeps_the_states_and_losses_of_one_process(runs):
+    """DDP hands each rank's optimizer the same all-reduced gradient, the one-process gradient summed in
+    another order, so the 8-bit states hold the same codes: quantisation maps a value within rounding of the
+    other run's to the same code or, across a code boundary, to its neighbour; each block's scale (its
+    largest magnitude) differs by rounding only. A rare neighbouring code moves one weight's update by a
+    fraction of the LR, far inside the rounding bounds the losses and weights are held to."""
+    one, ddp = runs["full_8bit_adam"], runs["full_8bit_adam_ddp"]
+    records, sums = train_records(one), run_sums(one)
+    weights_one, weights_ddp = load_weights(one / "final"), load_weights(ddp / "final")
+    n_weights = sum(t.numel() for t in weights_one.values())
+    assert [r["tokens"] for r in train_records(ddp)] == [r["tokens"] for r in records]
+    for a, b in zip(train_records(ddp), records, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= step_loss_tolerance(b, records, sums, n_weights), (a, b)
+    assert weight_distance(weights_ddp, weights_one) <= adam_tolerance(
+        sums.gradient, [r["lr"] for r in records], n_weights
+    )
+    for step in (4, 8):
+        states = [
+            torch.load(run / f"checkpoint-{step}" / "optimizer.bin", weights_only=True)["state"]
+            for run in (one, ddp)
+        ]
+        assert states[0].keys() == states[1].keys()
+        big = [
+            k
+            for k, s in states[0].items()
+            if s["__bnb_optimizer_quant_state__"]["state1"].numel() == 400 * 32
+        ]
+        assert len(big) == 2  # the embedding and the LM head; the rest keep 32-bit states (see above)
+        for k in big:
+            a, b = (s[k]["__bnb_optimizer_quant_state__"] for s in states)
+            for codes, scale, power in (("state1", "absmax1", 1), ("state2", "absmax2", 2)):
+                assert a[codes].dtype == b[codes].dtype == torch.uint8
+                assert (a[codes].int() - b[codes].int()).abs().max() <= 1
+                # a block's scale is its largest state, a running mean of gradients (squared, for the
+                # second state, which doubles their relative rounding)
+                gap = (a[scale] - b[scale]).abs()
+                assert (gap <= power * float32_tolerance(sums.gradient, 1.0) * a[scale]).all(), gap.max()
 
 
 def test_bitsandbytes_optimizers_are_built_under_their_trainingarguments_names():
