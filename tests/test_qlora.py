@@ -35,10 +35,12 @@ from helpers import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from recipes.core.config import ConfigError
+from recipes.core.config import ConfigError, parse_config
 from recipes.core.doctor.diagnose import diagnose, preflight
 from recipes.core.doctor.findings import DoctorError
 from recipes.core.model.optimizer import make_optimizer
+from recipes.core.model.pretrained import load_pretrained
+from recipes.core.model.quantization import bits_and_bytes_config
 from recipes.sft import SFTConfig
 
 LORA = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0"]
@@ -133,6 +135,30 @@ def test_qlora_trains_the_adapters_on_a_frozen_4bit_base_and_counts_its_paramete
     counts = ("trainable_parameters", "total_parameters")
     assert [load_plan(run)[k] for k in counts] == [load_plan(plain)[k] for k in counts]
     assert load_plan(run)["trainable_parameters"] == sum(v.numel() for v in saved.values())
+
+
+def mapped(path: Path) -> bool:
+    """Whether this process has `path` memory-mapped (Linux's /proc/self/maps)."""
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+@pytest.mark.parametrize("bits", ["--load_in_4bit", "--load_in_8bit"])
+def test_a_quantised_base_loaded_on_a_cpu_keeps_no_map_of_the_checkpoint(tiny_llama, bits):
+    """Loaded as transformers loads it, the unquantised weights are views of the memory-mapped checkpoint,
+    which keeps the map (and every page of it quantisation read) alive; the recipes' loading gives them
+    memory of their own, with the same values, so the map goes."""
+    checkpoint = tiny_llama / "model.safetensors"
+    cfg = parse_config(SFTConfig, job_args(tiny_llama, tiny_llama / "unused", *LORA, bits, "true"))
+    model = load_pretrained(AutoModelForCausalLM, cfg)
+    assert not mapped(checkpoint)
+    plain = load_file(str(checkpoint))
+    kept = {k: v for k, v in model.state_dict().items() if v.dtype == torch.float32 and k in plain}
+    assert "model.embed_tokens.weight" in kept and "model.norm.weight" in kept
+    assert all(torch.equal(v, plain[k]) for k, v in kept.items())
+    config = bits_and_bytes_config(cfg)
+    direct = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, quantization_config=config)
+    assert mapped(checkpoint)  # what the recipes undo
+    del direct
 
 
 # -------------------------------------------------------------------- exactness where it is exact

@@ -73,6 +73,8 @@ def load_pretrained(
     if on_loaded is not None:
         on_loaded()
     if quantization_config is not None:
+        if not torch.cuda.is_available():
+            quantization.release_checkpoint_map(model)
         model = quantization.prepare_quantized(model)
     if cfg.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:

@@ -109,5 +109,24 @@ def prepare_quantized(model: Any) -> Any:
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
+def release_checkpoint_map(model: Any) -> None:
+    """Give the weights that stay unquantised (embeddings, norms, a tied head) memory of their own, once
+    a quantised model has loaded on a CPU. There they are views of the memory-mapped checkpoint, and the
+    map keeps every page of it that quantisation read resident as long as one view lives: the full-
+    precision matrices, 4 bytes per quantised weight in an fp32 checkpoint, counted in the process's
+    resident set for the whole run. On a GPU the weights are copied to the device while loading."""
+    import bitsandbytes as bnb
+    import torch
+
+    quantised = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+    with torch.no_grad():
+        for param in model.parameters():  # a tied weight once
+            if not isinstance(param, quantised):
+                param.data = param.data.clone()
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.clone()
+
+
 def _without_int8_cast_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
