@@ -18,4 +18,7 @@ if [ ! -f "$stamp" ]; then
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
+# On a machine without a GPU, DeepSpeed compiles its CPU collectives op the first time a run starts its
+# process group (about 30 s on 2 cores), then reuses it from ~/.cache/torch_extensions: build it here.
+.venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 .venv/bin/recipes prepare
