@@ -17,6 +17,7 @@ from helpers import (
     PIPELINE_CONFIG,
     SFT_CONFIG,
     TWO_PROCESSES,
+    WARM_LAUNCHES,
     classify_args,
     in_process,
     job_args,
@@ -81,6 +82,16 @@ def pytest_runtest_setup(item):
 def pytest_runtest_call(item):
     with _no_processes_unless_slow(item):
         yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    WARM_LAUNCHES.end_all()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if WARM_LAUNCHES.counts:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(WARM_LAUNCHES.counts.items()))
+        terminalreporter.write_line(f"warm launches (tests/helpers.py WarmLaunches): {counts}")
 
 
 @pytest.fixture(scope="session")
