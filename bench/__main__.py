@@ -68,6 +68,8 @@ def machine(device: str) -> dict:
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
         "deepspeed": deepspeed.__version__,
+        # glibc's allocator settings change a CPU process's resident set (freed blocks kept or returned)
+        "allocator_environment": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
 
 
