@@ -136,7 +136,7 @@ class WarmLaunches:
     stay up, fewer where the machine has less than `spare` bytes available, the least recently used
     ending first."""
 
-    def __init__(self, keep: int = 8, spare: int = 6 * 2**30):
+    def __init__(self, keep: int = 12, spare: int = 8 * 2**30):
         self.keep, self.spare, self.launches = keep, spare, {}  # key: [launcher, queue, next job, world]
         self.counts = collections.Counter()  # jobs, launches started, and why launches ended early
 
