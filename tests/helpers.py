@@ -5,6 +5,7 @@ and readers and comparisons of what a run leaves behind."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import dataclasses
 import importlib
@@ -188,10 +189,10 @@ class WarmLaunches:
         config = key[0]
         world = yaml.safe_load(Path(config).read_text())["num_processes"]
         cmd = launch_command(str(REPO / "tests" / "launch_pool.py"), [str(queue)], config, port=free_port())
-        log = open(queue / "launcher.log", "w")  # noqa: SIM115 - the launcher writes to it while it runs
-        launcher = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with open(queue / "launcher.log", "w") as log:  # the launcher keeps its own descriptor
+            launcher = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.launches[key] = [launcher, queue, 0, world]
 
     def _end(self, key) -> str:
@@ -199,11 +200,13 @@ class WarmLaunches:
         launcher, queue, n, _ = self.launches.pop(key)
         if launcher.poll() is None:
             (queue / f"{n}.json").write_text("null")
-            try:
-                launcher.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(launcher.pid, signal.SIGKILL)
-                launcher.wait()
+            # a launcher stops its processes on SIGTERM (and kills those that do not stop)
+            for stop in (None, signal.SIGTERM, signal.SIGKILL):
+                if stop is not None:
+                    os.killpg(launcher.pid, stop)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    launcher.wait(timeout=60)
+                    break
         log = (queue / "launcher.log").read_text(errors="replace")
         shutil.rmtree(queue, ignore_errors=True)
         return log[-8000:]
