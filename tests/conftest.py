@@ -91,7 +91,7 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_terminal_summary(terminalreporter):
     if WARM_LAUNCHES.counts:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(WARM_LAUNCHES.counts.items()))
-        terminalreporter.write_line(f"warm launches (tests/helpers.py WarmLaunches): {counts}")
+        terminalreporter.write_line(f"warm launches (tests/launch_pool.py): {counts}")
 
 
 @pytest.fixture(scope="session")

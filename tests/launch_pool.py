@@ -1,32 +1,42 @@
-"""The processes of a warm launch (helpers.launch): started once by a real `accelerate launch` of one
-accelerate config, they run the recipe jobs the tests hand them, one after another, each as
-`python recipes/<name>.py <args>` runs it in a process of that launch (its `run_recipe`, its argv, its
-exit status), so that a job costs its own work and not a launcher's and every process's imports.
+"""Warm launches for the tests (helpers.launch), both sides of them in one place.
+
+WarmLaunches, in the test process, keeps one real `accelerate launch` of this module per accelerate config
+and environment, and hands it jobs. `main` is what that launch's processes run: the jobs one after another,
+each as `python recipes/<name>.py <args>` runs it in a process of that launch (its `run_recipe`, its argv,
+its exit status), so that a job costs its own work and not a launcher's and every process's imports.
 
 Job n is the file `<queue>/<n>.json`: `[script, args]`, or null to stop. Every process runs it, writes
 its output to `<n>.rank<r>.out` and `.err`, then its exit status to `<n>.rank<r>.status`. Between jobs
 the process group stays up (the recipes' `end_training` would take it down, and a second group started
 in the same processes on the same store would meet the first one's keys) and Accelerate's process-wide
 state is reset, as helpers.in_process does for one process; runs made this way equal separate launches
-bit for bit (the DDP, ZeRO-3 and FSDP2 jobs of the shared job were checked so).
+bit for bit (tests/test_warm_launches.py, on DDP and ZeRO-3; FSDP2 was checked by hand).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import importlib
 import json
 import os
+import re
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import torch.distributed
+import yaml
 from accelerate.state import AcceleratorState, GradientState
 
 from recipes.core.errors import run_recipe
+from recipes.core.launch.command import free_port, launch_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,6 +97,103 @@ def main() -> None:
         n += 1
     if torch.distributed.is_initialized():
         destroy()
+
+
+class WarmLaunches:
+    """The test process's side: one launch per accelerate config and environment, whose processes run
+    job after job, so that a job does not pay a launcher's and every process's imports (about 6 of a tiny
+    job's 8 seconds on 2 cores). A job that fails ends its launch (the next job starts a new one). An idle
+    launch of 2 processes holds about 1.3 GiB: at most `keep` stay up, fewer where the machine has less
+    than `spare` bytes available, the least recently used ending first."""
+
+    def __init__(self, keep: int = 12, spare: int = 8 * 2**30):
+        self.keep, self.spare, self.launches = keep, spare, {}  # key: [launcher, queue, next job, world]
+        self.counts = collections.Counter()  # jobs, launches started, and why launches ended early
+
+    def run(self, config: str, script: str, args: list[str], env: dict, timeout: float):
+        key = (config, tuple(sorted((k, v) for k, v in env.items() if k != "PYTEST_CURRENT_TEST")))
+        if key not in self.launches:
+            self._start(key, env)
+        self.counts["jobs"] += 1
+        self.launches[key] = self.launches.pop(key)  # most recently used last
+        launcher, queue, n, world = self.launches[key]
+        self.launches[key][2] = n + 1
+        (queue / f"{n}.tmp").write_text(json.dumps([script, args]))
+        (queue / f"{n}.tmp").rename(queue / f"{n}.json")
+        statuses = [queue / f"{n}.rank{r}.status" for r in range(world)]
+        deadline = time.monotonic() + timeout
+        while not all(s.exists() for s in statuses):
+            failed = any(s.exists() and s.read_text() != "0" for s in statuses)
+            if failed or launcher.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        codes = [int(s.read_text()) if s.exists() else None for s in statuses]
+        output = {
+            kind: "".join(
+                (queue / f"{n}.rank{r}.{kind}").read_text(errors="replace")
+                for r in range(world)
+                if (queue / f"{n}.rank{r}.{kind}").exists()
+            )
+            for kind in ("out", "err")
+        }
+        returncode = max((c for c in codes if c is not None), default=1)
+        if codes != [0] * world:
+            returncode = returncode or 1
+            self.counts["ended by a failed job"] += 1
+            output["err"] += self._end(key)
+        return subprocess.CompletedProcess(
+            [config, script, *args], returncode, stdout=output["out"], stderr=output["err"]
+        )
+
+    def _start(self, key, env: dict) -> None:
+        while self.launches and (len(self.launches) >= self.keep or available_memory() < self.spare):
+            self.counts[
+                f"ended to keep at most {self.keep}"
+                if len(self.launches) >= self.keep
+                else "ended for memory"
+            ] += 1
+            self._end(next(iter(self.launches)))
+        self.counts["launches"] += 1
+        queue = Path(tempfile.mkdtemp(prefix="warm_launch_"))
+        config = key[0]
+        world = yaml.safe_load(Path(config).read_text())["num_processes"]
+        cmd = launch_command(str(REPO / "tests" / "launch_pool.py"), [str(queue)], config, port=free_port())
+        with open(queue / "launcher.log", "w") as log:  # the launcher keeps its own descriptor
+            launcher = subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.launches[key] = [launcher, queue, 0, world]
+
+    def _end(self, key) -> str:
+        """Stop a launch (a null job, then its process group is killed if it does not exit); its log."""
+        launcher, queue, n, _ = self.launches.pop(key)
+        if launcher.poll() is None:
+            (queue / f"{n}.json").write_text("null")
+            # a launcher stops its processes on SIGTERM (and kills those that do not stop)
+            for stop in (None, signal.SIGTERM, signal.SIGKILL):
+                if stop is not None:
+                    os.killpg(launcher.pid, stop)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    launcher.wait(timeout=60)
+                    break
+        log = (queue / "launcher.log").read_text(errors="replace")
+        shutil.rmtree(queue, ignore_errors=True)
+        return log[-8000:]
+
+    def end_all(self) -> None:
+        for key in list(self.launches):
+            self._end(key)
+
+
+WARM_LAUNCHES = WarmLaunches()
+
+
+def available_memory() -> int:
+    """The bytes Linux says a new process could take without swapping (MemAvailable); unbounded elsewhere."""
+    try:
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return 2**62
 
 
 if __name__ == "__main__":
