@@ -5,8 +5,9 @@ and environment, and hands it jobs. `main` is what that launch's processes run: 
 each as `python recipes/<name>.py <args>` runs it in a process of that launch (its `run_recipe`, its argv,
 its exit status), so that a job costs its own work and not a launcher's and every process's imports.
 
-Job n is the file `<queue>/<n>.json`: `[script, args]`, or null to stop. Every process runs it, writes
-its output to `<n>.rank<r>.out` and `.err`, then its exit status to `<n>.rank<r>.status`. Between jobs
+Job n is the file `<queue>/<n>.json`: `[script, args]`, or null to stop; a byte in the pipe
+`<queue>/wake.rank<r>` wakes process r to read it, so that an idle launch takes no CPU. Every process runs
+it, writes its output to `<n>.rank<r>.out` and `.err`, then its exit status to `<n>.rank<r>.status`. Between jobs
 the process group stays up (the recipes' `end_training` would take it down, and a second group started
 in the same processes on the same store would meet the first one's keys) and Accelerate's process-wide
 state is reset, as helpers.in_process does for one process; runs made this way equal separate launches
@@ -22,6 +23,7 @@ import importlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -80,11 +82,16 @@ def main() -> None:
     queue, rank = Path(sys.argv[1]), int(os.environ["RANK"])
     destroy = torch.distributed.destroy_process_group
     torch.distributed.destroy_process_group = lambda group=None: None
+    # Opened for writing too, so that the pipe always has a writer and select waits for a byte (a pipe
+    # whose last writer closed it would read as ready forever).
+    wake = os.open(queue / f"wake.rank{rank}", os.O_RDWR | os.O_NONBLOCK)
     n = 0
     while True:
         job = queue / f"{n}.json"
         while not job.exists():
-            time.sleep(0.02)
+            select.select([wake], [], [], 1.0)  # the timeout only bounds a wake-up that went missing
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake, 4096)
         spec = json.loads(job.read_text())
         if spec is None:
             break
@@ -111,7 +118,7 @@ class WarmLaunches:
         self.counts = collections.Counter()  # jobs, launches started, and why launches ended early
 
     def run(self, config: str, script: str, args: list[str], env: dict, timeout: float):
-        key = (config, tuple(sorted((k, v) for k, v in env.items() if k != "PYTEST_CURRENT_TEST")))
+        key = (config, tuple(sorted((k, v) for k, v in env.items() if not private(k))))
         if key not in self.launches:
             self._start(key, env)
         self.counts["jobs"] += 1
@@ -120,6 +127,7 @@ class WarmLaunches:
         self.launches[key][2] = n + 1
         (queue / f"{n}.tmp").write_text(json.dumps([script, args]))
         (queue / f"{n}.tmp").rename(queue / f"{n}.json")
+        wake(queue, world)
         statuses = [queue / f"{n}.rank{r}.status" for r in range(world)]
         deadline = time.monotonic() + timeout
         while not all(s.exists() for s in statuses):
@@ -157,6 +165,8 @@ class WarmLaunches:
         queue = Path(tempfile.mkdtemp(prefix="warm_launch_"))
         config = key[0]
         world = yaml.safe_load(Path(config).read_text())["num_processes"]
+        for rank in range(world):
+            os.mkfifo(queue / f"wake.rank{rank}")
         cmd = launch_command(str(REPO / "tests" / "launch_pool.py"), [str(queue)], config, port=free_port())
         with open(queue / "launcher.log", "w") as log:  # the launcher keeps its own descriptor
             launcher = subprocess.Popen(
@@ -166,9 +176,10 @@ class WarmLaunches:
 
     def _end(self, key) -> str:
         """Stop a launch (a null job, then its process group is killed if it does not exit); its log."""
-        launcher, queue, n, _ = self.launches.pop(key)
+        launcher, queue, n, world = self.launches.pop(key)
         if launcher.poll() is None:
             (queue / f"{n}.json").write_text("null")
+            wake(queue, world)
             # a launcher stops its processes on SIGTERM (and kills those that do not stop)
             for stop in (None, signal.SIGTERM, signal.SIGKILL):
                 if stop is not None:
@@ -186,6 +197,27 @@ class WarmLaunches:
 
 
 WARM_LAUNCHES = WarmLaunches()
+
+
+def wake(queue: Path, world: int) -> None:
+    """Wake every process of a launch to read its next job; one that has not opened its pipe yet reads
+    the job when it does."""
+    for rank in range(world):
+        try:
+            fd = os.open(queue / f"wake.rank{rank}", os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # no reader yet (ENXIO)
+            continue
+        with contextlib.suppress(BlockingIOError):  # a full pipe already holds a wake-up
+            os.write(fd, b"1")
+        os.close(fd)
+
+
+def private(variable: str) -> bool:
+    """Variables that change in the test process without concerning the recipes: pytest's current test,
+    and names starting with _ that a library sets for itself (torch's compiler sets
+    _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR once a test compiles): a new launch for each would end the warm
+    ones."""
+    return variable == "PYTEST_CURRENT_TEST" or variable.startswith("_")
 
 
 def available_memory() -> int:
