@@ -137,7 +137,13 @@ def test_zero_run_resumed_from_its_second_epoch_checkpoint_equals_the_uninterrup
     assert (state["epoch"], state["batches_in_epoch"]) == (1, 2 * 2)  # 2 windows of GA 2 on each rank
     assert_loads_without_unpickling_objects(checkpoint, deepspeed=True)
     out = resume_copy(reference(name), RESUMED_AT, tmp_path / "run")
-    args = [*reference.args(name), "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
+    args = [
+        *reference.args(name, resume=True),
+        "--output_dir",
+        str(out),
+        "--resume_from_checkpoint",
+        "latest",
+    ]
     output = launch(f"accelerate_configs/ds_{name}.yaml", "sft", args).stdout
     assert (
         f"resumed from {out / f'checkpoint-{RESUMED_AT}'}: step {RESUMED_AT}, epoch 1, 4 micro-batches"
@@ -165,7 +171,13 @@ def test_a_checkpoint_write_that_never_finished_is_skipped_and_resume_takes_the_
     shutil.copytree(out / f"checkpoint-{JOB_SAVE_STEPS}", interrupted)
     (interrupted / MARKER).unlink()
     (interrupted / "trainer_state.json").write_text(json.dumps({"step": 2 * JOB_SAVE_STEPS}))
-    args = [*reference.args(name), "--output_dir", str(out), "--save_total_limit", str(SAVE_TOTAL_LIMIT)]
+    args = [
+        *reference.args(name, resume=True),
+        "--output_dir",
+        str(out),
+        "--save_total_limit",
+        str(SAVE_TOTAL_LIMIT),
+    ]
     args += ["--resume_from_checkpoint", "latest"]
     if name == "1proc":
         capsys.readouterr()

@@ -43,7 +43,6 @@ from recipes.core.model.generation import Sampling, sample
 from recipes.data.generators.arithmetic import ARITHMETIC_DIR, write_arithmetic_dataset
 from recipes.rewards import correct_answer, number_only
 
-TESTS = Path(__file__).resolve().parent
 FSDP2, ZERO2, ZERO3 = (
     "accelerate_configs/fsdp2.yaml",
     "accelerate_configs/ds_zero2.yaml",
@@ -272,16 +271,11 @@ def test_seeded_samples_do_not_depend_on_the_batch_they_are_drawn_in(model_dir):
 
 
 # ---------------------------------------------------------------- two processes
-def python_path() -> str:
-    """PYTHONPATH for a launched run: this module holds the reward function the job names."""
-    return os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-
-
 @pytest.fixture(scope="module")
 def two_processes(model_dir, prompt_data, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("grpo_two") / "run"
     args = job_args(model_dir, prompt_data, output)
-    result = launch(TWO_PROCESSES, "grpo", args, env={"PYTHONPATH": python_path()})
+    result = launch(TWO_PROCESSES, "grpo", args)  # helpers.launch puts this module (the reward) on the path
     assert "world size 2" in result.stdout + result.stderr
     return output
 
@@ -323,7 +317,7 @@ def test_zero2_trains_as_one_process(one_process, model_dir, prompt_data, tmp_pa
     """ZeRO-2 keeps whole weights on every rank (sampling needs no gather) and partitions the gradients and
     Adam states: the same completions and, to rounding, the same weights as one process."""
     output = tmp_path / "run"
-    launch(ZERO2, "grpo", job_args(model_dir, prompt_data, output), env={"PYTHONPATH": python_path()})
+    launch(ZERO2, "grpo", job_args(model_dir, prompt_data, output))
     assert json.loads((output / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
     assert_trains_as_one_process(output, one_process)
 
@@ -339,7 +333,7 @@ def test_sharded_weights_are_gathered_for_generation_and_train_as_one_process(
     output, gathers = tmp_path / "run", tmp_path / "gathers.jsonl"
     # gather_spy.letter_e is letter_e, from a module that counts each rank's all-gathers (see its docstring).
     args = job_args(model_dir, prompt_data, output, reward_funcs="gather_spy:letter_e")
-    result = launch(topology, "grpo", args, env={"PYTHONPATH": python_path(), "GRPO_GATHERS": str(gathers)})
+    result = launch(topology, "grpo", args, env={"GRPO_GATHERS": str(gathers)})
     if topology == FSDP2:
         assert "FSDP2: parameters sharded over 2 processes" in result.stdout + result.stderr
     else:
