@@ -93,8 +93,9 @@ def launch(
     warm: bool = True,
 ) -> subprocess.CompletedProcess | subprocess.Popen:
     """Run a recipe through the real `accelerate launch` (plain python without a config) on `port`, by
-    default a free one, with the tests folder on its path; `launch_args` go to `accelerate launch` (e.g. a machine rank). With `exit_status`,
-    through `recipes launch`, which is accelerate launch exiting with the recipe's own status.
+    default a free one, with the tests folder on its path; `launch_args` go to `accelerate launch` (e.g. a
+    machine rank). With `exit_status`, through `recipes launch`, which is accelerate launch exiting with the
+    recipe's own status.
 
     With `log`, start it in a session of its own with its output going to `log` and return the running
     launcher, for a test that signals its processes; otherwise wait and return the finished process

@@ -7,11 +7,11 @@ its exit status), so that a job costs its own work and not a launcher's and ever
 
 Job n is the file `<queue>/<n>.json`: `[script, args]`, or null to stop; a byte in the pipe
 `<queue>/wake.rank<r>` wakes process r to read it, so that an idle launch takes no CPU. Every process runs
-it, writes its output to `<n>.rank<r>.out` and `.err`, then its exit status to `<n>.rank<r>.status`. Between jobs
-the process group stays up (the recipes' `end_training` would take it down, and a second group started
-in the same processes on the same store would meet the first one's keys) and Accelerate's process-wide
-state is reset, as helpers.in_process does for one process; runs made this way equal separate launches
-bit for bit (tests/test_warm_launches.py, on DDP and ZeRO-3; FSDP2 was checked by hand).
+it, writes its output to `<n>.rank<r>.out` and `.err`, then its exit status to `<n>.rank<r>.status`.
+Between jobs the process group stays up (the recipes' `end_training` would take it down, and a second
+group started in the same processes on the same store would meet the first one's keys) and Accelerate's
+process-wide state is reset, as helpers.in_process does for one process; runs made this way equal
+separate launches bit for bit (tests/test_warm_launches.py, on DDP and ZeRO-3; FSDP2 was checked by hand).
 """
 
 from __future__ import annotations
