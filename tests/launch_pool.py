@@ -118,7 +118,7 @@ class WarmLaunches:
         self.counts = collections.Counter()  # jobs, launches started, and why launches ended early
 
     def run(self, config: str, script: str, args: list[str], env: dict, timeout: float):
-        key = (config, tuple(sorted((k, v) for k, v in env.items() if not private(k))))
+        key = launch_key(config, env)
         if key not in self.launches:
             self._start(key, env)
         self.counts["jobs"] += 1
@@ -212,12 +212,13 @@ def wake(queue: Path, world: int) -> None:
         os.close(fd)
 
 
-def private(variable: str) -> bool:
-    """Variables that change in the test process without concerning the recipes: pytest's current test,
-    and names starting with _ that a library sets for itself (torch's compiler sets
-    _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR once a test compiles): a new launch for each would end the warm
-    ones."""
-    return variable == "PYTEST_CURRENT_TEST" or variable.startswith("_")
+def launch_key(config: str, env: dict) -> tuple:
+    """Which warm launch a job runs in: its accelerate config and environment, less the variables that
+    change in the test process without concerning the recipes: pytest's current test, and names starting
+    with _ that a library sets for itself (torch's compiler sets _TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR
+    once a test compiles), which would otherwise start a second launch of every config."""
+    kept = ((k, v) for k, v in env.items() if k != "PYTEST_CURRENT_TEST" and not k.startswith("_"))
+    return config, tuple(sorted(kept))
 
 
 def available_memory() -> int:

@@ -6,6 +6,18 @@ from __future__ import annotations
 
 import pytest
 from helpers import REPO, TWO_PROCESSES, WARM_LAUNCHES, assert_same_run, job_args, launch
+from launch_pool import launch_key
+
+
+def test_a_variable_the_test_process_sets_for_itself_keeps_the_launch_and_any_other_starts_one():
+    env = {"HF_HUB_OFFLINE": "1", "PYTEST_CURRENT_TEST": "a (call)"}
+    key = launch_key(TWO_PROCESSES, env)
+    assert key == (TWO_PROCESSES, (("HF_HUB_OFFLINE", "1"),))
+    same = {**env, "PYTEST_CURRENT_TEST": "b (call)", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR": "140272"}
+    assert launch_key(TWO_PROCESSES, same) == key
+    assert launch_key(TWO_PROCESSES, {**env, "OMP_NUM_THREADS": "1"}) != key
+    assert launch_key(TWO_PROCESSES, {**env, "HF_HUB_OFFLINE": "0"}) != key
+    assert launch_key("accelerate_configs/ds_zero3.yaml", env) != key
 
 
 @pytest.mark.slow
